@@ -1,0 +1,233 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; nothing happens at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.auth import KeyStore, Principal
+from gateway.costs import PriceBook
+from gateway.errors import BodyTooLarge, GatewayError, error_body
+from gateway.ledger import Ledger, LedgerWriter
+from gateway.protocol import CHAT_SCHEMA, parse_json_body
+from gateway.routing import RouteTable
+from gateway.serving import ChatService, Reply
+from gateway.settings import Settings
+from gateway.teacher import TeacherClient
+
+log = logging.getLogger(__name__)
+
+__all__ = ["create_app", "GatewayState"]
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    ledger: Ledger
+    writer: LedgerWriter
+    keys: KeyStore
+    routes: RouteTable
+    teacher: TeacherClient
+    prices: PriceBook
+    chat: ChatService
+    students: Any = None
+    metrics: Any = None
+    distiller: Any = None
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing it as soon as it passes ``limit`` bytes (chunked bodies included)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"The request body is {declared} bytes; the limit is {limit} (max_body_bytes).")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes (max_body_bytes).")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reply(reply: Reply) -> Response:
+    if reply.stream is not None:
+        return StreamingResponse(
+            reply.stream,
+            status_code=reply.status,
+            media_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **reply.headers},
+        )
+    return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the gateway. Clients, the ledger writer and the students start in the lifespan."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = build_state(settings)
+        app.state.kdgate = state
+        state.writer.start()
+        await state.teacher.start()
+        if state.students is not None:
+            await state.students.start()
+        if state.distiller is not None:
+            state.distiller.start()
+        log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
+        try:
+            yield
+        finally:
+            if state.distiller is not None:
+                state.distiller.stop()
+            if state.students is not None:
+                await state.students.close()
+            await state.teacher.close()
+            state.writer.close()
+            state.ledger.close()
+
+    app = FastAPI(
+        title="kdgate",
+        version="0.1.0",
+        description="OpenAI-compatible gateway that distils the teacher into students and routes by confidence.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return _json(exc.status, exc.body(), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return _json(400, error_body(f"Invalid request: {first.get('msg', 'bad input')}", type="invalid_request_error", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "api_error"
+        message = {404: f"Unknown path {request.url.path}.", 405: f"Method {request.method} is not allowed on {request.url.path}."}.get(
+            exc.status_code, str(exc.detail)
+        )
+        return _json(exc.status_code, error_body(message, type=kind), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _json(500, error_body("The gateway hit an internal error; it has been logged.", type="api_error"))
+
+    def state_of(request: Request) -> GatewayState:
+        return request.app.state.kdgate
+
+    def principal_of(request: Request) -> Principal:
+        return state_of(request).keys.gateway_principal(request.headers.get("authorization"))
+
+    @app.post(
+        "/v1/chat/completions",
+        tags=["openai"],
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}},
+    )
+    async def chat_completions(request: Request) -> Response:
+        """OpenAI's chat completions (streaming and not), answered by a student or the teacher."""
+        state = state_of(request)
+        principal = principal_of(request)
+        body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+        reply = await state.chat.chat(body, principal=principal, headers=_lower_headers(request))
+        return _reply(reply)
+
+    @app.post(
+        "/v1/embeddings",
+        tags=["openai"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "required": ["model", "input"]}}},
+            }
+        },
+    )
+    async def embeddings(request: Request) -> Response:
+        """OpenAI's embeddings, passed through to the provider and logged for cost."""
+        state = state_of(request)
+        principal = principal_of(request)
+        body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+        return _reply(await state.chat.embeddings(body, principal=principal, headers=_lower_headers(request)))
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models(request: Request) -> Response:
+        """The models a client may ask for: the default teacher, each route and each alias."""
+        state = state_of(request)
+        principal_of(request)
+        names = {settings.teacher.split("/", 1)[-1]: "kdgate"}
+        for route in state.routes.all():
+            names.setdefault(route.name, "kdgate")
+        for name, cfg in settings.routes.items():
+            for alias in cfg.aliases:
+                names.setdefault(alias, "kdgate")
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": owner} for n, owner in sorted(names.items())]
+        return _json(200, {"object": "list", "data": data})
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Response:
+        """The process is up."""
+        return _json(200, {"status": "ok"})
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz(request: Request) -> Response:
+        """Ready to serve: the ledger writer runs and its queue is not backed up."""
+        state = state_of(request)
+        writer = state.writer
+        alive = writer._thread is not None and writer._thread.is_alive()
+        checks = {"ledger_writer": alive, "ledger_queue_depth": writer.depth}
+        ok = alive and writer.depth < 100_000
+        return _json(200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks})
+
+    from gateway.admin import build_admin_router
+
+    app.include_router(build_admin_router())
+    return app
+
+
+def _lower_headers(request: Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-kdgate-")}
+
+
+def build_state(settings: Settings) -> GatewayState:
+    ledger = Ledger(settings.db)
+    writer = LedgerWriter(settings.db, flush_ms=settings.ledger_flush_ms, batch_size=settings.ledger_batch)
+    keys = KeyStore(
+        ledger,
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        enabled=settings.auth,
+    )
+    routes = RouteTable(settings, ledger, writer)
+    teacher = TeacherClient(
+        api_key=settings.teacher_api_key.get_secret_value() if settings.teacher_api_key else None,
+        timeout_s=settings.teacher_timeout_s,
+        retries=settings.teacher_retries,
+        backoff_s=settings.retry_backoff_s,
+        direct_http=settings.direct_http,
+    )
+    prices = PriceBook(settings.price_overrides)
+    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer)
+    state = GatewayState(
+        settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat
+    )
+    return state

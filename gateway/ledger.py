@@ -1,0 +1,517 @@
+"""The ledger: every exchange the gateway handles, in one SQLite database.
+
+This module imports no web code. The gateway writes through :class:`LedgerWriter` (a thread that owns
+its own connection and commits in batches, so the event loop never waits on the disk); the distiller,
+the admin API and the CLI read through :class:`Ledger` (the narrow store API).
+
+Schema changes are named migrations, applied in order and recorded in ``_migrations``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Ledger", "LedgerWriter", "MIGRATIONS", "connect", "EXCHANGE_COLUMNS"]
+
+# Columns of the ``exchanges`` table, in order. JSON columns hold text written with json.dumps.
+EXCHANGE_COLUMNS: dict[str, type] = {
+    "id": int,
+    "uid": str,  # the response id returned to the client (also x-request-id)
+    "ts": float,  # unix time the request arrived
+    "route": str,
+    "key_id": str,  # id of the gateway key used ("" without auth); never the key itself
+    "endpoint": str,  # "chat.completions" | "embeddings"
+    "model": str,  # what the client asked for
+    "teacher_model": str,  # the litellm model string of the route's teacher
+    "request": str,  # JSON: messages and parameters, as sent (no credentials)
+    "response": str,  # JSON: the full OpenAI response body (streams are reassembled)
+    "answer": str,  # the first choice's text content (what the distiller learns from)
+    "finish_reason": str,
+    "prompt_tokens": int,
+    "completion_tokens": int,
+    "cached_tokens": int,
+    "reasoning_tokens": int,
+    "cost_usd": float,  # what this exchange actually cost
+    "counterfactual_usd": float,  # what the teacher alone would have cost
+    "latency_ms": float,
+    "status": int,  # HTTP status returned to the client
+    "error": str,
+    "served_by": str,  # "teacher" | "student"
+    "student_version": int,
+    "confidence": float,
+    "teacher_logprobs": str,  # JSON: choices[0].logprobs.content as returned by the teacher
+    "stream": int,
+}
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["exchanges"].create(EXCHANGE_COLUMNS, pk="id", not_null={"uid", "ts", "route"})
+    db["exchanges"].create_index(["uid"], unique=True)
+    db["exchanges"].create_index(["route", "ts"])
+    db["exchanges"].create_index(["ts"])
+    db["routes"].create(
+        {
+            "name": str,
+            "teacher_model": str,
+            "settings": str,  # JSON: mode, threshold, target_agreement, shadow_rate, ...
+            "template": str,  # JSON: the static template learned for automatic routes
+            "origin": str,  # "config" | "auto" | "admin"
+            "created": float,
+            "updated": float,
+        },
+        pk="name",
+    )
+    db["api_keys"].create(
+        {"id": str, "name": str, "hash": str, "created": float, "revoked": float},
+        pk="id",
+    )
+    db["api_keys"].create_index(["hash"], unique=True)
+
+
+def _m002_students(db: sqlite_utils.Database) -> None:
+    db["embeddings"].create(
+        {"exchange_id": int, "model": str, "dim": int, "vector": bytes},
+        pk=("exchange_id", "model"),
+    )
+    db["students"].create(
+        {
+            "id": int,
+            "route": str,
+            "version": int,
+            "kind": str,  # "label" | "structured" | "lm"
+            "created": float,
+            "train_pairs": int,
+            "val_pairs": int,
+            "metrics": str,  # JSON
+            "curve": str,  # JSON: [{"threshold", "coverage", "agreement"}]
+            "calibration": str,  # JSON
+            "artifact_path": str,
+            "checksum": str,
+            "status": str,  # "candidate" | "live" | "retired"
+        },
+        pk="id",
+    )
+    db["students"].create_index(["route", "version"], unique=True)
+    db["route_events"].create(
+        {"id": int, "ts": float, "route": str, "kind": str, "actor": str, "detail": str},
+        pk="id",
+    )
+    db["route_events"].create_index(["route", "ts"])
+    db["shadow_checks"].create(
+        {
+            "id": int,
+            "ts": float,
+            "route": str,
+            "exchange_uid": str,
+            "student_version": int,
+            "student_answer": str,
+            "teacher_answer": str,
+            "agree": int,
+            "cost_usd": float,
+        },
+        pk="id",
+    )
+    db["shadow_checks"].create_index(["route", "ts"])
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+    ("002_students", _m002_students),
+]
+
+
+def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the ledger with the pragmas every connection needs (WAL, busy timeout)."""
+    path = str(path)
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout=30000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply the migrations this database has not seen yet; returns their names."""
+    db = sqlite_utils.Database(conn)
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied_at": float}, pk="name")
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        with conn:
+            conn.execute("BEGIN")
+            fn(db)
+            db["_migrations"].insert({"name": name, "applied_at": time.time()})
+        applied.append(name)
+        log.info("ledger migration applied: %s", name)
+    return applied
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One logged teacher exchange, as the distiller sees it."""
+
+    id: int
+    ts: float
+    route: str
+    messages: list[dict[str, Any]]
+    answer: str
+    finish_reason: str | None
+    teacher_logprobs: list[dict[str, Any]] | None
+    served_by: str
+
+
+class Ledger:
+    """Read access to the ledger, plus the few writes that are not on the request path.
+
+    Safe to share between threads: each thread gets its own connection.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._local = threading.local()
+        conn = connect(self.path)
+        migrate(conn)
+        conn.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        return sqlite_utils.Database(self.conn)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- generic ----------------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    def scalar(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # -- exchanges --------------------------------------------------------------------------
+    def exchange(self, uid: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM exchanges WHERE uid = ?", (uid,))
+        return rows[0] if rows else None
+
+    def count_exchanges(self, route: str | None = None) -> int:
+        if route is None:
+            return int(self.scalar("SELECT count(*) FROM exchanges"))
+        return int(self.scalar("SELECT count(*) FROM exchanges WHERE route = ?", (route,)))
+
+    def teacher_pairs(
+        self, route: str, *, since_id: int = 0, limit: int | None = None
+    ) -> Iterator[Pair]:
+        """Successful teacher answers of a route, oldest first.
+
+        Only exchanges the teacher answered with status 200 and a text answer; the caller filters
+        refusals and truncations (it knows the route's task).
+        """
+        sql = (
+            "SELECT id, ts, route, request, answer, finish_reason, teacher_logprobs, served_by "
+            "FROM exchanges WHERE route = ? AND id > ? AND status = 200 AND served_by = 'teacher' "
+            "AND endpoint = 'chat.completions' AND answer IS NOT NULL ORDER BY id"
+        )
+        params: list[Any] = [route, since_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        for row in self.conn.execute(sql, params):
+            request = json.loads(row["request"])
+            yield Pair(
+                id=row["id"],
+                ts=row["ts"],
+                route=row["route"],
+                messages=request.get("messages", []),
+                answer=row["answer"],
+                finish_reason=row["finish_reason"],
+                teacher_logprobs=json.loads(row["teacher_logprobs"])
+                if row["teacher_logprobs"]
+                else None,
+                served_by=row["served_by"],
+            )
+
+    def max_exchange_id(self, route: str | None = None) -> int:
+        if route is None:
+            return int(self.scalar("SELECT coalesce(max(id), 0) FROM exchanges"))
+        return int(
+            self.scalar("SELECT coalesce(max(id), 0) FROM exchanges WHERE route = ?", (route,))
+        )
+
+    # -- embeddings -------------------------------------------------------------------------
+    def embeddings(self, ids: Iterable[int], model: str) -> dict[int, bytes]:
+        ids = list(ids)
+        out: dict[int, bytes] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT exchange_id, vector FROM embeddings WHERE model = ? AND exchange_id IN ({marks})",
+                [model, *chunk],
+            ):
+                out[row[0]] = row[1]
+        return out
+
+    def put_embeddings(self, model: str, vectors: dict[int, bytes], dim: int) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO embeddings (exchange_id, model, dim, vector) VALUES (?, ?, ?, ?)",
+                [(i, model, dim, v) for i, v in vectors.items()],
+            )
+
+    # -- routes -----------------------------------------------------------------------------
+    def routes(self) -> list[dict[str, Any]]:
+        rows = self.query("SELECT * FROM routes ORDER BY name")
+        for r in rows:
+            r["settings"] = json.loads(r["settings"] or "{}")
+            r["template"] = json.loads(r["template"]) if r["template"] else None
+        return rows
+
+    def route(self, name: str) -> dict[str, Any] | None:
+        rows = [r for r in self.query("SELECT * FROM routes WHERE name = ?", (name,))]
+        if not rows:
+            return None
+        r = rows[0]
+        r["settings"] = json.loads(r["settings"] or "{}")
+        r["template"] = json.loads(r["template"]) if r["template"] else None
+        return r
+
+    def upsert_route(
+        self,
+        name: str,
+        *,
+        teacher_model: str,
+        settings: dict[str, Any] | None = None,
+        template: Any = None,
+        origin: str = "auto",
+    ) -> None:
+        now = time.time()
+        existing = self.route(name)
+        with self.conn:
+            if existing is None:
+                self.conn.execute(
+                    "INSERT INTO routes (name, teacher_model, settings, template, origin, created, updated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        teacher_model,
+                        json.dumps(settings or {}),
+                        json.dumps(template) if template is not None else None,
+                        origin,
+                        now,
+                        now,
+                    ),
+                )
+            else:
+                merged = {**existing["settings"], **(settings or {})}
+                self.conn.execute(
+                    "UPDATE routes SET teacher_model = ?, settings = ?, template = coalesce(?, template),"
+                    " updated = ? WHERE name = ?",
+                    (
+                        teacher_model,
+                        json.dumps(merged),
+                        json.dumps(template) if template is not None else None,
+                        now,
+                        name,
+                    ),
+                )
+
+    def rename_route(self, old: str, new: str) -> None:
+        with self.conn:
+            self.conn.execute("UPDATE routes SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
+            for table in ("exchanges", "students", "route_events", "shadow_checks"):
+                self.conn.execute(f"UPDATE {table} SET route = ? WHERE route = ?", (new, old))
+
+    def record_event(self, route: str, kind: str, *, actor: str = "system", detail: Any = None) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO route_events (ts, route, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), route, kind, actor, json.dumps(detail) if detail is not None else None),
+            )
+
+    def events(self, route: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT * FROM route_events WHERE route = ? ORDER BY id DESC LIMIT ?", (route, limit)
+        )
+        for r in rows:
+            r["detail"] = json.loads(r["detail"]) if r["detail"] else None
+        return rows
+
+    # -- keys -------------------------------------------------------------------------------
+    def add_key(self, key_id: str, name: str, key_hash: str) -> None:
+        with self.conn:
+            self.conn.execute(
+                "INSERT INTO api_keys (id, name, hash, created, revoked) VALUES (?, ?, ?, ?, NULL)",
+                (key_id, name, key_hash, time.time()),
+            )
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self.query("SELECT id, name, created, revoked FROM api_keys ORDER BY created")
+
+    def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT id, name, revoked FROM api_keys WHERE hash = ?", (key_hash,))
+        return rows[0] if rows else None
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.conn:
+            cur = self.conn.execute(
+                "UPDATE api_keys SET revoked = ? WHERE (id = ? OR name = ?) AND revoked IS NULL",
+                (time.time(), key_id, key_id),
+            )
+        return cur.rowcount > 0
+
+
+class LedgerWriter:
+    """Writes exchanges off the event loop, in batches.
+
+    ``submit`` only puts a row on a queue. A thread drains it every ``flush_ms`` (or as soon as
+    ``batch_size`` rows wait) and commits them in one transaction, so after a crash at most the last
+    window is lost. ``close`` drains everything: on a clean shutdown every submitted row is written.
+    """
+
+    def __init__(self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512):
+        self.path = str(path)
+        self.flush_s = flush_ms / 1000.0
+        self.batch_size = batch_size
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.written = 0
+        self.failed_batches = 0
+        self.last_flush = 0.0
+        self._flushed = threading.Condition()
+
+    def start(self) -> None:
+        conn = connect(self.path)
+        migrate(conn)
+        conn.close()
+        self._thread = threading.Thread(target=self._run, name="kdgate-ledger-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, row: dict[str, Any]) -> None:
+        """Queue one exchange row (keys: a subset of EXCHANGE_COLUMNS)."""
+        self._queue.put(("exchange", row))
+
+    def submit_sql(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """Queue a statement to run in the writer's transaction order (after earlier rows)."""
+        self._queue.put(("sql", (sql, tuple(params))))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued before this call is committed."""
+        marker = threading.Event()
+        self._queue.put(("marker", marker))
+        return marker.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        conn = connect(self.path)
+        stop = False
+        while not stop:
+            batch: list[tuple[str, Any]] = []
+            try:
+                item = self._queue.get(timeout=self.flush_s)
+            except queue.Empty:
+                continue
+            if item is None:
+                stop = True
+            else:
+                batch.append(item)
+            deadline = time.monotonic() + self.flush_s
+            while not stop and len(batch) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    batch.append(item)
+            if stop:  # drain what is left
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        batch.append(item)
+            self._write(conn, batch)
+        conn.close()
+
+    def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, Any]]) -> None:
+        markers = [payload for kind, payload in batch if kind == "marker"]
+        work = [(kind, payload) for kind, payload in batch if kind != "marker"]
+        attempt = 0
+        while work:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for kind, payload in work:
+                    if kind == "exchange":
+                        cols = list(payload)
+                        conn.execute(
+                            f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                            [payload[c] for c in cols],
+                        )
+                    else:
+                        conn.execute(*payload)
+                conn.execute("COMMIT")
+                self.written += sum(1 for k, _ in work if k == "exchange")
+                self.last_flush = time.time()
+                break
+            except sqlite3.Error as exc:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                attempt += 1
+                self.failed_batches += 1
+                log.warning("ledger write failed (attempt %d, %d rows): %s", attempt, len(work), exc)
+                if attempt >= 5 and self._closed:
+                    log.error("ledger write abandoned at shutdown: %d rows", len(work))
+                    break
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+        for marker in markers:
+            marker.set()

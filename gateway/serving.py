@@ -1,0 +1,289 @@
+"""The logic of the model endpoints, free of the web framework (vLLM's serving/protocol split).
+
+``ChatService.handle`` takes the parsed body and the caller, asks the router whether a student may
+answer, calls the teacher otherwise, and writes one ledger row per exchange (failures included).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.auth import Principal
+from gateway.costs import PriceBook, Usage
+from gateway.errors import GatewayError, UpstreamError
+from gateway.ledger import LedgerWriter
+from gateway.protocol import answer_of, assemble_stream, validate_chat, validate_embeddings
+from gateway.routing import Route, RouteTable
+from gateway.teacher import TeacherClient, TeacherTarget
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChatService", "Reply", "new_uid"]
+
+
+def new_uid() -> str:
+    return "kdg-" + secrets.token_hex(12)
+
+
+@dataclass
+class Reply:
+    """What the web layer sends: a JSON body or an SSE event stream, plus headers."""
+
+    status: int = 200
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt_usd(value: float) -> str:
+    return f"{value:.10f}".rstrip("0").rstrip(".") if value else "0"
+
+
+def _teacher_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The body the teacher gets: the client's, less what only the gateway reads."""
+    out = {k: v for k, v in body.items() if k not in ("api_key", "api_base")}
+    meta = out.get("metadata")
+    if isinstance(meta, dict) and "route" in meta:
+        rest = {k: v for k, v in meta.items() if k != "route"}
+        if rest:
+            out["metadata"] = rest
+        else:
+            out.pop("metadata")
+    return out
+
+
+def _logged_request(body: dict[str, Any]) -> str:
+    return orjson.dumps({k: v for k, v in body.items() if k not in ("api_key", "api_base")}).decode()
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        routes: RouteTable,
+        teacher: TeacherClient,
+        prices: PriceBook,
+        writer: LedgerWriter,
+        metrics: Any = None,
+        students: Any = None,
+    ):
+        self.routes = routes
+        self.teacher = teacher
+        self.prices = prices
+        self.writer = writer
+        self.metrics = metrics
+        self.students = students  # router hook (gateway.students.StudentRouter) when enabled
+
+    # -- chat completions -----------------------------------------------------------------
+    async def chat(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str]) -> Reply:
+        t0 = time.perf_counter()
+        ts = time.time()
+        uid = new_uid()
+        route: Route | None = None
+        try:
+            validate_chat(body)
+            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
+            if self.students is not None:
+                reply = await self.students.try_student(
+                    route=route, body=body, principal=principal, headers=headers, uid=uid, ts=ts, t0=t0
+                )
+                if reply is not None:
+                    return reply
+            return await self.teacher_chat(route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0)
+        except GatewayError as exc:
+            self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="chat.completions")
+            raise
+
+    async def teacher_chat(
+        self,
+        *,
+        route: Route,
+        body: dict[str, Any],
+        principal: Principal,
+        uid: str,
+        ts: float,
+        t0: float,
+        extra_row: dict[str, Any] | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Reply:
+        """Answer from the teacher and log the exchange (the student path escalates through here)."""
+        upstream = _teacher_body(body)
+        headers = {
+            "x-kdgate-route": route.name,
+            "x-kdgate-served-by": "teacher",
+            "x-request-id": uid,
+            **(extra_headers or {}),
+        }
+        if body.get("stream"):
+            return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row)
+        resp = await self.teacher.chat(route.teacher, upstream)
+        usage = Usage.from_openai(resp.body.get("usage"))
+        cost = self.prices.cost(route.teacher.model, usage)
+        headers["x-kdgate-cost-usd"] = _fmt_usd(cost)
+        headers.update(resp.headers)
+        self._log_teacher(
+            uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=resp.body,
+            usage=usage, cost=cost, stream=False, extra=extra_row,
+        )
+        if self.metrics is not None:
+            self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
+        return Reply(body=resp.raw if resp.raw is not None else orjson.dumps(resp.body), headers=headers)
+
+    async def _teacher_stream(
+        self,
+        route: Route,
+        body: dict[str, Any],
+        upstream: dict[str, Any],
+        principal: Principal,
+        uid: str,
+        ts: float,
+        t0: float,
+        headers: dict[str, str],
+        extra_row: dict[str, Any] | None,
+    ) -> Reply:
+        so = body.get("stream_options") or {}
+        client_wants_usage = bool(so.get("include_usage"))
+        # The ledger needs usage to price the answer, so ask for it and drop it again if the client did not.
+        upstream["stream_options"] = {**so, "include_usage": True}
+        stream = await self.teacher.chat_stream(route.teacher, upstream)
+
+        async def events() -> AsyncIterator[bytes]:
+            chunks: list[dict[str, Any]] = []
+            error: GatewayError | None = None
+            try:
+                async for event in stream:
+                    payload = event[6:].strip() if event.startswith(b"data: ") else None
+                    if payload and payload != b"[DONE]":
+                        try:
+                            chunk = orjson.loads(payload)
+                        except orjson.JSONDecodeError:
+                            raise UpstreamError("The teacher sent a malformed stream event.") from None
+                        if isinstance(chunk, dict) and chunk.get("error"):
+                            raise UpstreamError(f"The teacher's stream failed: {str(chunk['error'])[:200]}")
+                        chunks.append(chunk)
+                        if not client_wants_usage and chunk.get("usage") and not chunk.get("choices"):
+                            continue
+                        if not client_wants_usage and chunk.get("usage"):
+                            chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                            event = b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    yield event
+            except GatewayError as exc:
+                error = exc
+                # the status line is gone: tell the client in-band, as OpenAI does
+                yield b"data: " + orjson.dumps(exc.body()) + b"\n\n"
+            finally:
+                await stream.aclose()
+                response = assemble_stream(chunks)
+                usage = Usage.from_openai(response.get("usage"))
+                cost = self.prices.cost(route.teacher.model, usage)
+                if error is None and not response["choices"]:
+                    error = UpstreamError("The teacher's stream ended without an answer.")
+                self._log_teacher(
+                    uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
+                    usage=usage, cost=cost, stream=True, extra=extra_row, error=error,
+                )
+                if self.metrics is not None:
+                    self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
+
+        return Reply(stream=events(), headers=headers)
+
+    # -- embeddings -----------------------------------------------------------------------
+    async def embeddings(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str]) -> Reply:
+        t0 = time.perf_counter()
+        ts = time.time()
+        uid = new_uid()
+        route: Route | None = None
+        try:
+            validate_embeddings(body)
+            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
+            target = TeacherTarget(model=self.routes._teacher_for(body["model"]), api_base=route.teacher.api_base)
+            resp = await self.teacher.embeddings(target, _teacher_body(body))
+        except GatewayError as exc:
+            self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="embeddings")
+            raise
+        usage = Usage.from_openai(resp.body.get("usage"))
+        cost = self.prices.cost(target.model, usage)
+        summary = {k: v for k, v in resp.body.items() if k != "data"}
+        summary["data_count"] = len(resp.body.get("data") or [])
+        self.writer.submit(
+            {
+                "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "embeddings",
+                "model": body.get("model"), "teacher_model": target.model, "request": _logged_request(body),
+                "response": orjson.dumps(summary).decode(), "prompt_tokens": usage.prompt_tokens,
+                "cost_usd": cost, "counterfactual_usd": cost, "latency_ms": (time.perf_counter() - t0) * 1000,
+                "status": 200, "served_by": "teacher", "stream": 0,
+            }
+        )
+        return Reply(
+            body=resp.raw if resp.raw is not None else orjson.dumps(resp.body),
+            headers={"x-kdgate-route": route.name, "x-kdgate-served-by": "teacher", "x-kdgate-cost-usd": _fmt_usd(cost), "x-request-id": uid},
+        )
+
+    # -- ledger rows ----------------------------------------------------------------------
+    def _log_teacher(
+        self,
+        *,
+        uid: str,
+        ts: float,
+        t0: float,
+        route: Route,
+        body: dict[str, Any],
+        principal: Principal,
+        response: dict[str, Any],
+        usage: Usage,
+        cost: float,
+        stream: bool,
+        extra: dict[str, Any] | None = None,
+        error: GatewayError | None = None,
+    ) -> None:
+        answer, finish, logprobs = answer_of(response)
+        row = {
+            "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
+            "model": body.get("model"), "teacher_model": route.teacher.model, "request": _logged_request(body),
+            "response": orjson.dumps(response).decode(), "answer": answer, "finish_reason": finish,
+            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "cached_tokens": usage.cached_tokens, "reasoning_tokens": usage.reasoning_tokens,
+            "cost_usd": cost, "counterfactual_usd": cost, "latency_ms": (time.perf_counter() - t0) * 1000,
+            "status": error.status if error else 200, "error": error.message if error else None,
+            "served_by": "teacher", "teacher_logprobs": orjson.dumps(logprobs).decode() if logprobs else None,
+            "stream": int(stream),
+        }
+        if extra:
+            row.update(extra)
+        self.writer.submit(row)
+
+    def _log_failure(
+        self,
+        *,
+        uid: str,
+        ts: float,
+        t0: float,
+        route: Route | None,
+        body: Any,
+        principal: Principal,
+        exc: GatewayError,
+        endpoint: str,
+    ) -> None:
+        try:
+            request = _logged_request(body) if isinstance(body, dict) else None
+        except TypeError:
+            request = None
+        self.writer.submit(
+            {
+                "uid": uid, "ts": ts, "route": route.name if route else "(unrouted)", "key_id": principal.key_id,
+                "endpoint": endpoint, "model": body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None,
+                "teacher_model": route.teacher.model if route else None, "request": request,
+                "latency_ms": (time.perf_counter() - t0) * 1000, "status": exc.status, "error": exc.message,
+                "served_by": "teacher" if route else "gateway", "cost_usd": 0.0, "counterfactual_usd": 0.0,
+                "stream": int(bool(isinstance(body, dict) and body.get("stream"))),
+            }
+        )
+        if self.metrics is not None:
+            self.metrics.observe_error(route.name if route else "(unrouted)", exc.status)

@@ -1,0 +1,186 @@
+"""All of kdgate's settings, declared once with their defaults and help text.
+
+Sources, strongest first: explicit arguments (the CLI's flags), ``KDGATE_*`` environment variables,
+a TOML file (``--config`` or ``KDGATE_CONFIG``), the defaults below. Unknown keys in any source are
+errors with a message that names them.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["Settings", "RouteSettings", "PriceOverride", "SettingsError", "load_settings", "ROUTE_NAME_PATTERN"]
+
+ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+Mode = Literal["off", "shadow", "cascade"]
+
+
+class SettingsError(Exception):
+    """The configuration is invalid; the message says which key and why."""
+
+
+class PriceOverride(BaseModel):
+    """USD prices per token for one model, overriding litellm's price map."""
+
+    model_config = ConfigDict(extra="forbid")
+    input_per_token: float = Field(ge=0)
+    output_per_token: float = Field(ge=0)
+    cached_input_per_token: float | None = Field(default=None, ge=0)
+    reasoning_per_token: float | None = Field(default=None, ge=0)
+
+
+class RouteSettings(BaseModel):
+    """One route: a task with one teacher model and its own routing settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    teacher: str | None = Field(default=None, description="litellm model string; default: the gateway's teacher")
+    teacher_api_base: str | None = None
+    aliases: list[str] = Field(default_factory=list, description="`model` names that select this route")
+    mode: Mode | None = Field(default=None, description="off | shadow | cascade; default: the gateway's default_mode")
+    threshold: float | None = Field(default=None, ge=0, le=1, description="escalate below this confidence")
+    target_agreement: float | None = Field(default=None, gt=0, le=1, description="derive the threshold from this")
+    shadow_rate: float | None = Field(default=None, ge=0, le=1)
+    auto_cascade: bool | None = Field(default=None, description="move shadow -> cascade when the student is good enough")
+    allow_student_when_teacher_down: bool | None = None
+    pii_scrub: bool | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KDGATE_", extra="forbid", validate_default=True)
+
+    # serving
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535)
+    db: str = Field(default="kdgate.db", description="path of the SQLite ledger")
+    artifacts_dir: str | None = Field(default=None, description="student artifacts; default <db dir>/artifacts")
+    log_level: str = "info"
+
+    # the teacher
+    teacher: str = Field(default="openai/gpt-4o-mini", description="default teacher, a litellm model string")
+    teacher_api_base: str | None = Field(default=None, description="base URL of an OpenAI-compatible teacher")
+    teacher_api_key: SecretStr | None = Field(default=None, description="provider key; else the provider's env var")
+    teacher_timeout_s: float = Field(default=120.0, gt=0)
+    teacher_retries: int = Field(default=2, ge=0, le=10, description="retries on 429/5xx/connection errors")
+    retry_backoff_s: float = Field(default=0.5, ge=0, description="first backoff; doubles, with jitter")
+    direct_http: bool = Field(
+        default=True, description="call OpenAI-compatible teachers over HTTP directly (litellm for the rest)"
+    )
+
+    # auth
+    auth: bool = Field(default=True, description="require gateway keys (disable only for local use)")
+    admin_key: SecretStr | None = Field(default=None, description="key for the admin API and dashboard")
+
+    # limits
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+
+    # the ledger
+    ledger_flush_ms: float = Field(default=50.0, gt=0, description="the most a crash can lose")
+    ledger_batch: int = Field(default=512, gt=0)
+
+    # routes and routing
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    allow_new_routes: bool = Field(
+        default=False, description="accept route names (header/metadata) that are not configured yet"
+    )
+    default_mode: Mode = "shadow"
+    default_target_agreement: float = Field(default=0.98, gt=0, le=1)
+    default_shadow_rate: float = Field(default=0.05, ge=0, le=1)
+    auto_cascade: bool = True
+    price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+
+    # students
+    embedded_distiller: bool = Field(default=True, description="run the distiller worker beside the gateway")
+    distiller: dict[str, Any] = Field(default_factory=dict, description="distiller settings (see distiller.config)")
+    student_backend: Literal["embedded", "vllm"] = "embedded"
+    vllm_base_url: str | None = None
+    student_timeout_s: float = Field(default=5.0, gt=0)
+    student_price_per_1k_tokens: float = Field(default=0.0, ge=0, description="what a student answer costs")
+    student_price_per_gpu_hour: float = Field(default=0.0, ge=0)
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, routes: dict[str, RouteSettings]) -> dict[str, RouteSettings]:
+        import re
+
+        for name in routes:
+            if not re.match(ROUTE_NAME_PATTERN, name):
+                raise ValueError(f"route name {name!r} must match {ROUTE_NAME_PATTERN}")
+        return routes
+
+    @field_validator("admin_key")
+    @classmethod
+    def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip().lower() in {"", "changeme", "change-me", "secret", "admin"}:
+            raise ValueError("admin_key is a placeholder; set a real secret (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @property
+    def artifacts_path(self) -> Path:
+        if self.artifacts_dir:
+            return Path(self.artifacts_dir)
+        return Path(self.db).resolve().parent / "artifacts"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Values from the TOML file named by ``_toml_path`` (set by :func:`load_settings`)."""
+
+    path: Path | None = None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if _TomlSource.path is None:
+            return {}
+        with open(_TomlSource.path, "rb") as fh:
+            return tomllib.load(fh)
+
+
+def _check_env() -> None:
+    known = {f"KDGATE_{name.upper()}" for name in Settings.model_fields} | {"KDGATE_CONFIG"}
+    unknown = sorted(k for k in os.environ if k.upper().startswith("KDGATE_") and k.upper() not in known)
+    if unknown:
+        raise SettingsError(
+            f"Unknown kdgate environment variable(s): {', '.join(unknown)}. "
+            f"Known: {', '.join(sorted(known))}."
+        )
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from a TOML file, the environment and explicit overrides (None = not given)."""
+    _check_env()
+    path = config or os.environ.get("KDGATE_CONFIG")
+    if path is not None and not Path(path).is_file():
+        raise SettingsError(f"Config file {path} does not exist.")
+    _TomlSource.path = Path(path) if path else None
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(settings)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{where}: {msg}")
+        source = f" (config file {path})" if path else ""
+        raise SettingsError("Invalid kdgate settings" + source + ":\n  " + "\n  ".join(problems)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"Config file {path} is not valid TOML: {exc}") from None
+    finally:
+        _TomlSource.path = None

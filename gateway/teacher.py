@@ -1,0 +1,368 @@
+"""Calls to the teacher model.
+
+OpenAI-compatible upstreams (``openai/...``, ``hosted_vllm/...``, any model with an ``api_base``) are
+called over HTTP directly with a pooled aiohttp session: litellm's SDK costs about 3 ms a call, more
+than the whole budget of the gateway's hot path, and these upstreams need no translation. Every other
+provider (``anthropic/...``, ``azure/...``, ``bedrock/...``) goes through ``litellm.acompletion``,
+which translates to and from OpenAI's format. Both paths retry 429/5xx/connection errors with
+exponential backoff and jitter inside the request's deadline, and raise :mod:`gateway.errors` types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.costs import load_litellm
+from gateway.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TeacherClient", "TeacherTarget", "TeacherResponse", "TeacherStream"]
+
+# Providers that speak OpenAI's wire format as they are, and their default base URL and key variable.
+_DIRECT_PROVIDERS: dict[str, tuple[str | None, str]] = {
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "hosted_vllm": (None, "HOSTED_VLLM_API_KEY"),
+    "openai_like": (None, "OPENAI_LIKE_API_KEY"),
+}
+_RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class TeacherTarget:
+    """Where a route's teacher lives: a litellm model string and, optionally, a base URL."""
+
+    model: str
+    api_base: str | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.model.split("/", 1)[0] if "/" in self.model else "openai"
+
+    @property
+    def upstream_model(self) -> str:
+        return self.model.split("/", 1)[1] if "/" in self.model else self.model
+
+
+@dataclass
+class TeacherResponse:
+    body: dict[str, Any]
+    raw: bytes | None = None  # the upstream's bytes, when they can be passed on unchanged
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class TeacherStream:
+    """An open streaming answer: iterate for SSE event bytes; ``chunks`` keeps the parsed chunks."""
+
+    def __init__(self, events: AsyncIterator[bytes], closer: Any = None):
+        self._events = events
+        self._closer = closer
+        self.chunks: list[dict[str, Any]] = []
+        self.first: bytes | None = None
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        if self.first is not None:
+            first, self.first = self.first, None
+            yield first
+        async for event in self._events:
+            yield event
+
+    async def aclose(self) -> None:
+        if self._closer is not None:
+            closer, self._closer = self._closer, None
+            res = closer()
+            if asyncio.iscoroutine(res):
+                await res
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        retries: int = 2,
+        backoff_s: float = 0.5,
+        direct_http: bool = True,
+    ):
+        self._api_key = api_key
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.direct_http = direct_http
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            auto_decompress=True,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- public ---------------------------------------------------------------------------
+    def is_direct(self, target: TeacherTarget) -> bool:
+        return self.direct_http and (target.provider in _DIRECT_PROVIDERS)
+
+    async def chat(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
+        """A non-streaming chat completion from the teacher."""
+        deadline = deadline or time.monotonic() + self.timeout_s
+        if self.is_direct(target):
+            return await self._retrying(lambda: self._direct_json(target, "/chat/completions", body, deadline), deadline)
+        return await self._retrying(lambda: self._litellm_chat(target, body, deadline), deadline)
+
+    async def chat_stream(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherStream:
+        """Open a streaming chat completion. Retries happen only before the first event."""
+        deadline = deadline or time.monotonic() + self.timeout_s
+        if self.is_direct(target):
+            return await self._retrying(lambda: self._direct_stream(target, body, deadline), deadline)
+        return await self._retrying(lambda: self._litellm_stream(target, body, deadline), deadline)
+
+    async def embeddings(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
+        deadline = deadline or time.monotonic() + self.timeout_s
+        if self.is_direct(target):
+            return await self._retrying(lambda: self._direct_json(target, "/embeddings", body, deadline), deadline)
+        return await self._retrying(lambda: self._litellm_embeddings(target, body, deadline), deadline)
+
+    # -- retry loop -----------------------------------------------------------------------
+    async def _retrying(self, call: Any, deadline: float) -> Any:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except (UpstreamRateLimited, UpstreamStatus, UpstreamError) as exc:
+                retryable = isinstance(exc, UpstreamRateLimited) or exc.status in _RETRY_STATUSES or type(exc) is UpstreamError
+                if isinstance(exc, UpstreamTimeout) or not retryable or attempt >= self.retries:
+                    raise
+                delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+                retry_after = exc.headers.get("retry-after")
+                if retry_after:
+                    try:
+                        delay = max(delay, float(retry_after))
+                    except ValueError:
+                        pass
+                if time.monotonic() + delay >= deadline:
+                    raise
+                attempt += 1
+                log.info("teacher call failed (%s), retry %d in %.2fs", exc.status, attempt, delay)
+                await asyncio.sleep(delay)
+
+    # -- direct HTTP ----------------------------------------------------------------------
+    def _url_and_headers(self, target: TeacherTarget, path: str) -> tuple[str, dict[str, str]]:
+        default_base, key_var = _DIRECT_PROVIDERS.get(target.provider, (None, "OPENAI_API_KEY"))
+        base = target.api_base or (os.environ.get("OPENAI_BASE_URL") if target.provider == "openai" else None) or default_base
+        if not base:
+            raise UpstreamError(
+                f"The teacher {target.model!r} needs an api_base (set teacher_api_base for the route or gateway)."
+            )
+        headers = {"content-type": "application/json"}
+        key = self._api_key or os.environ.get(key_var)
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return base.rstrip("/") + path, headers
+
+    async def _post(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float) -> aiohttp.ClientResponse:
+        assert self._session is not None, "TeacherClient.start() was not called"
+        url, headers = self._url_and_headers(target, path)
+        payload = dict(body)
+        payload["model"] = target.upstream_model
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout(f"The teacher did not answer within {self.timeout_s:g}s.")
+        try:
+            resp = await self._session.post(
+                url, data=orjson.dumps(payload), headers=headers, timeout=aiohttp.ClientTimeout(total=remaining)
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"The teacher did not answer within {self.timeout_s:g}s.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"Could not reach the teacher ({type(exc).__name__}).") from None
+        if resp.status >= 400:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            raise _status_error(resp.status, raw, dict(resp.headers))
+        return resp
+
+    async def _direct_json(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float) -> TeacherResponse:
+        resp = await self._post(target, path, body, deadline)
+        try:
+            raw = await resp.read()
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"The teacher did not answer within {self.timeout_s:g}s.") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"The teacher's answer was cut off ({type(exc).__name__}).") from None
+        finally:
+            resp.release()
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("The teacher's answer was not valid JSON.") from None
+        if not isinstance(parsed, dict) or ("choices" not in parsed and "data" not in parsed):
+            raise UpstreamError("The teacher's answer was not an OpenAI response.")
+        return TeacherResponse(body=parsed, raw=raw, headers=_pass_headers(resp.headers))
+
+    async def _direct_stream(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> TeacherStream:
+        resp = await self._post(target, "/chat/completions", body, deadline)
+        stream = TeacherStream(_sse_events(resp, self.timeout_s), closer=resp.release)
+        # Read the first event now, so that a failure before any byte reaches the client is retried
+        # and reported with a proper status instead of an empty 200 stream.
+        iterator = stream._events.__aiter__()
+        try:
+            stream.first = await iterator.__anext__()
+        except StopAsyncIteration:
+            resp.release()
+            raise UpstreamError("The teacher closed the stream before sending anything.") from None
+        except GatewayError:
+            resp.release()
+            raise
+        stream._events = iterator
+        return stream
+
+    # -- litellm --------------------------------------------------------------------------
+    def _litellm_kwargs(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> dict[str, Any]:
+        kwargs = {k: v for k, v in body.items() if k not in ("model",)}
+        kwargs["model"] = target.model
+        if target.api_base:
+            kwargs["api_base"] = target.api_base
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        kwargs["timeout"] = max(0.1, deadline - time.monotonic())
+        kwargs["num_retries"] = 0  # our own retry loop owns retries
+        return kwargs
+
+    async def _litellm_chat(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> TeacherResponse:
+        litellm = load_litellm()
+        try:
+            resp = await litellm.acompletion(**self._litellm_kwargs(target, body, deadline))
+        except Exception as exc:  # litellm raises its own hierarchy; map by status
+            raise _litellm_error(exc) from None
+        return TeacherResponse(body=resp.model_dump(exclude_none=True))
+
+    async def _litellm_stream(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> TeacherStream:
+        litellm = load_litellm()
+        try:
+            resp = await litellm.acompletion(**self._litellm_kwargs(target, body, deadline))
+        except Exception as exc:
+            raise _litellm_error(exc) from None
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp:
+                    yield b"data: " + orjson.dumps(chunk.model_dump(exclude_none=True)) + b"\n\n"
+            except Exception as exc:
+                raise _litellm_error(exc) from None
+            yield b"data: [DONE]\n\n"
+
+        return TeacherStream(events())
+
+    async def _litellm_embeddings(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> TeacherResponse:
+        litellm = load_litellm()
+        try:
+            resp = await litellm.aembedding(**self._litellm_kwargs(target, body, deadline))
+        except Exception as exc:
+            raise _litellm_error(exc) from None
+        return TeacherResponse(body=resp.model_dump(exclude_none=True))
+
+
+async def _sse_events(resp: aiohttp.ClientResponse, timeout_s: float) -> AsyncIterator[bytes]:
+    """Yield each complete SSE event (ending in a blank line) as the upstream sent it."""
+    buffer = b""
+    try:
+        async for piece in resp.content.iter_any():
+            buffer += piece
+            while True:
+                cut = buffer.find(b"\n\n")
+                if cut < 0:
+                    break
+                event, buffer = buffer[: cut + 2], buffer[cut + 2 :]
+                if event.strip():
+                    yield event
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout(f"The teacher's stream stalled past {timeout_s:g}s.") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"The teacher's stream was cut off ({type(exc).__name__}).") from None
+    finally:
+        resp.release()
+    if buffer.strip():
+        yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+
+
+def _pass_headers(headers: Any) -> dict[str, str]:
+    out = {}
+    for name in ("retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"):
+        if name in headers:
+            out[name] = headers[name]
+    return out
+
+
+def _status_error(status: int, raw: bytes, headers: dict[str, str]) -> GatewayError:
+    message = None
+    try:
+        parsed = orjson.loads(raw)
+        err = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(err, dict):
+            message = err.get("message")
+        elif isinstance(parsed, dict) and parsed.get("message"):  # vLLM's older ErrorResponse
+            message = parsed["message"]
+    except orjson.JSONDecodeError:
+        pass
+    message = f"The teacher answered {status}: {message or raw[:200].decode('utf-8', 'replace') or 'no details'}"
+    passed = _pass_headers({k.lower(): v for k, v in headers.items()})
+    if status == 429:
+        return UpstreamRateLimited(message, headers=passed)
+    if status in (408, 504):
+        return UpstreamTimeout(message, headers=passed)
+    err_type = "invalid_request_error" if 400 <= status < 500 else "api_error"
+    exc = UpstreamStatus(message, status=status, headers=passed)
+    exc.type = err_type
+    exc.code = "upstream_" + str(status)
+    return exc
+
+
+def _litellm_error(exc: Exception) -> GatewayError:
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    message = str(getattr(exc, "message", "") or exc)
+    # litellm messages can echo request details; keep them short and never include headers
+    message = message.splitlines()[0][:300] if message else name
+    if "Timeout" in name:
+        return UpstreamTimeout(f"The teacher timed out: {message}")
+    if status == 429 or "RateLimit" in name:
+        return UpstreamRateLimited(f"The teacher is rate limited: {message}")
+    if isinstance(status, int) and status >= 400:
+        err = UpstreamStatus(f"The teacher answered {status}: {message}", status=status)
+        if status < 500:
+            err.type = "invalid_request_error"
+        return err
+    if "Connection" in name:
+        return UpstreamError(f"Could not reach the teacher: {message}")
+    return UpstreamError(f"The teacher call failed ({name}): {message}")

@@ -1,0 +1,1 @@
+"""kdgate router package."""
