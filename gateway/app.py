@@ -230,4 +230,46 @@ def build_state(settings: Settings) -> GatewayState:
     state = GatewayState(
         settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat
     )
+    from gateway.students import StudentRouter
+
+    state.students = chat.students = StudentRouter(
+        settings=settings, ledger=ledger, writer=writer, routes=routes, chat=chat, prices=prices
+    )
+    if settings.embedded_distiller:
+        state.distiller = DistillerProcess(settings)
     return state
+
+
+class DistillerProcess:
+    """The embedded distiller: ``python -m distiller.worker`` as a niced child of the gateway.
+
+    A separate process rather than a thread, so training never holds the GIL the event loop needs.
+    The gateway talks to it only through the ledger (it promotes; the gateway polls the registry).
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.proc: Any = None
+
+    def start(self) -> None:
+        import json
+        import subprocess
+        import sys
+
+        cmd = [sys.executable, "-m", "distiller.worker", "--db", str(self.settings.db),
+               "--artifacts", str(self.settings.artifacts_path), "--nice", "10"]
+        if self.settings.distiller:
+            cmd += ["--config-json", json.dumps(self.settings.distiller)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        log.info("embedded distiller started (pid %d)", self.proc.pid)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()  # the worker stops between steps on SIGTERM
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -54,6 +54,7 @@ EXCHANGE_COLUMNS: dict[str, type] = {
     "confidence": float,
     "teacher_logprobs": str,  # JSON: choices[0].logprobs.content as returned by the teacher
     "stream": int,
+    "student_answer": str,  # what the student said (served, escalated or shadowed requests)
 }
 
 
@@ -127,9 +128,16 @@ def _m002_students(db: sqlite_utils.Database) -> None:
     db["shadow_checks"].create_index(["route", "ts"])
 
 
+def _m003_student_answer(db: sqlite_utils.Database) -> None:
+    if "student_answer" not in db["exchanges"].columns_dict:
+        db["exchanges"].add_column("student_answer", str)
+    db["exchanges"].create_index(["route", "served_by"], if_not_exists=True)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_students", _m002_students),
+    ("003_student_answer", _m003_student_answer),
 ]
 
 

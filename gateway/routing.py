@@ -158,8 +158,13 @@ class RouteTable:
         aliases: dict[str, str] = {}
         stored = {r["name"]: r for r in self.ledger.routes()}
         for name, cfg in self.settings.routes.items():
-            if name not in stored:
-                self.ledger.upsert_route(name, teacher_model=cfg.teacher or self.settings.teacher, origin="config")
+            configured = cfg.model_dump(exclude={"teacher", "teacher_api_base", "aliases"}, exclude_none=True)
+            current = (stored.get(name) or {}).get("settings") or {}
+            missing = {k: v for k, v in configured.items() if k not in current}
+            if name not in stored or missing:
+                # the distiller reads a route's settings from the ledger: give it the configured ones,
+                # without overwriting what an admin has changed since
+                self.ledger.upsert_route(name, teacher_model=cfg.teacher or self.settings.teacher, settings=missing, origin="config")
                 stored[name] = self.ledger.route(name) or {}
             aliases[name] = name
             for alias in cfg.aliases:

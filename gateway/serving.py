@@ -112,8 +112,13 @@ class ChatService:
         t0: float,
         extra_row: dict[str, Any] | None = None,
         extra_headers: dict[str, str] | None = None,
+        on_answer: Any = None,
     ) -> Reply:
-        """Answer from the teacher and log the exchange (the student path escalates through here)."""
+        """Answer from the teacher and log the exchange (the student path escalates through here).
+
+        ``on_answer(answer_text)``, if given, is awaited once the teacher's answer is known and may
+        return more columns for the ledger row (the shadow student's answer and confidence).
+        """
         upstream = _teacher_body(body)
         headers = {
             "x-kdgate-route": route.name,
@@ -122,8 +127,10 @@ class ChatService:
             **(extra_headers or {}),
         }
         if body.get("stream"):
-            return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row)
+            return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row, on_answer)
         resp = await self.teacher.chat(route.teacher, upstream)
+        if on_answer is not None:
+            extra_row = {**(extra_row or {}), **(await on_answer(answer_of(resp.body)[0]) or {})}
         usage = Usage.from_openai(resp.body.get("usage"))
         cost = self.prices.cost(route.teacher.model, usage)
         headers["x-kdgate-cost-usd"] = _fmt_usd(cost)
@@ -147,6 +154,7 @@ class ChatService:
         t0: float,
         headers: dict[str, str],
         extra_row: dict[str, Any] | None,
+        on_answer: Any = None,
     ) -> Reply:
         so = body.get("stream_options") or {}
         client_wants_usage = bool(so.get("include_usage"))
@@ -185,6 +193,8 @@ class ChatService:
                 cost = self.prices.cost(route.teacher.model, usage)
                 if error is None and not response["choices"]:
                     error = UpstreamError("The teacher's stream ended without an answer.")
+                if on_answer is not None and error is None:
+                    extra_row = {**(extra_row or {}), **(await on_answer(answer_of(response)[0]) or {})}
                 self._log_teacher(
                     uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
                     usage=usage, cost=cost, stream=True, extra=extra_row, error=error,

@@ -1,0 +1,516 @@
+"""Students in the gateway: loading live versions, asking them first, shadow checks, drift, savings.
+
+``StudentRouter.try_student`` is the hook :class:`gateway.serving.ChatService` calls before the
+teacher. It returns a reply when the student answers, or escalates through
+``ChatService.teacher_chat`` (so an escalation is logged as a teacher pair: the hardest examples are
+the next version's training data). Any failure of the router or the student escalates with a warning;
+it never becomes an error for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.auth import Principal
+from gateway.costs import PriceBook, Usage
+from gateway.errors import GatewayError
+from gateway.ledger import Ledger, LedgerWriter
+from gateway.routing import Route, RouteTable, message_text
+from gateway.serving import ChatService, Reply, _fmt_usd, _logged_request
+from gateway.settings import Settings
+from gateway.standin import count_tokens
+from router.policy import (
+    NEVER,
+    LiveAgreement,
+    answers_agree,
+    decide,
+    effective_threshold,
+    expected_at,
+    ready_for_cascade,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StudentRouter", "LiveStudent"]
+
+REGISTRY_POLL_S = 2.0
+
+
+@dataclass
+class LiveStudent:
+    route: str
+    version: int
+    kind: str
+    checksum: str
+    student: Any
+    metrics: dict[str, Any]
+    curve: list[dict[str, float]]
+    # tokens per character of the route's teacher traffic, to price what the teacher would have charged
+    prompt_tokens_per_char: float = 0.25
+    completion_tokens_per_char: float = 0.25
+    batcher: "_Batcher | None" = None
+
+
+@dataclass
+class _RouteState:
+    live_agreement: LiveAgreement = field(default_factory=LiveAgreement)
+    threshold: float = NEVER
+
+
+class _Batcher:
+    """Gathers concurrent requests for one student into ``predict_batch`` calls (off the loop)."""
+
+    def __init__(self, student: Any, *, max_batch: int = 32, max_wait_s: float = 0.002):
+        self.student = student
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: asyncio.Queue[tuple[list[dict[str, Any]], asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def predict(self, messages: list[dict[str, Any]]) -> Any:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        await self._queue.put((messages, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                outs = await asyncio.to_thread(self.student.predict_batch, [m for m, _ in batch])
+                for (_, fut), out in zip(batch, outs):
+                    if not fut.done():
+                        fut.set_result(out)
+            except Exception as exc:  # every waiter escalates
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+
+
+class StudentRouter:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        ledger: Ledger,
+        writer: LedgerWriter,
+        routes: RouteTable,
+        chat: ChatService,
+        prices: PriceBook,
+        metrics: Any = None,
+    ):
+        self.settings = settings
+        self.ledger = ledger
+        self.writer = writer
+        self.routes = routes
+        self.chat = chat
+        self.prices = prices
+        self.metrics = metrics
+        self.live: dict[str, LiveStudent] = {}
+        self.state: dict[str, _RouteState] = {}
+        self.load_errors: dict[str, str] = {}
+        self._poll_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._shadow_slots = asyncio.Semaphore(16)
+        self._seen: dict[str, tuple[int, str]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._poll_task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        for task in list(self._background):
+            task.cancel()
+        for live in self.live.values():
+            if live.batcher is not None:
+                await live.batcher.close()
+            try:
+                live.student.close()
+            except Exception:
+                pass
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("student registry refresh failed; serving continues with the loaded versions")
+
+    async def refresh(self) -> None:
+        """Load newly promoted versions (hot swap); the old version serves until the new one is ready."""
+        rows = await asyncio.to_thread(
+            self.ledger.query,
+            "SELECT route, version, kind, checksum, artifact_path, metrics, curve FROM students WHERE status = 'live'",
+        )
+        wanted = {r["route"]: r for r in rows}
+        for route_name, row in wanted.items():
+            key = (row["version"], row["checksum"])
+            if self._seen.get(route_name) == key:
+                continue
+            self._seen[route_name] = key
+            try:
+                live = await asyncio.to_thread(self._load, row)
+            except Exception as exc:
+                # a version that fails to load leaves the previous one live
+                self.load_errors[route_name] = f"version {row['version']}: {exc}"
+                log.warning("route %s: student v%s failed to load (%s); keeping the previous version", route_name, row["version"], exc)
+                self.ledger.record_event(route_name, "student.load_failed", detail={"version": row["version"], "error": str(exc)[:500]})
+                continue
+            old = self.live.get(route_name)
+            if hasattr(live.student, "predict_batch"):
+                live.batcher = _Batcher(live.student)
+                live.batcher.start()
+            self.live[route_name] = live
+            self.load_errors.pop(route_name, None)
+            st = self.state.setdefault(route_name, _RouteState())
+            st.live_agreement.reset()
+            self._apply_settings(route_name)
+            self._maybe_cascade(route_name)
+            log.info("route %s: student v%d (%s) is serving", route_name, live.version, live.kind)
+            if old is not None:
+                if old.batcher is not None:
+                    await old.batcher.close()
+                try:
+                    old.student.close()
+                except Exception:
+                    pass
+        for route_name in list(self.live):
+            if route_name not in wanted:  # rolled back to nothing or retired
+                old = self.live.pop(route_name)
+                self._seen.pop(route_name, None)
+                if old.batcher is not None:
+                    await old.batcher.close()
+
+    def _load(self, row: dict[str, Any]) -> LiveStudent:
+        from router.student import load_student
+
+        options: dict[str, Any] = {}
+        if row["kind"] == "lm":
+            options["backend"] = self.settings.student_backend
+            if self.settings.vllm_base_url:
+                options["vllm_base_url"] = self.settings.vllm_base_url
+        student = load_student(row["artifact_path"], expected_checksum=row["checksum"], **options)
+        if hasattr(student, "warm"):
+            student.warm()
+        ratios = self.ledger.query(
+            "SELECT sum(prompt_tokens) AS pt, sum(length(request)) AS pc, sum(completion_tokens) AS ct, sum(length(answer)) AS cc "
+            "FROM (SELECT prompt_tokens, request, completion_tokens, answer FROM exchanges "
+            "WHERE route = ? AND served_by = 'teacher' AND status = 200 ORDER BY id DESC LIMIT 2000)",
+            (row["route"],),
+        )[0]
+        return LiveStudent(
+            route=row["route"],
+            version=int(row["version"]),
+            kind=row["kind"],
+            checksum=row["checksum"],
+            student=student,
+            metrics=orjson.loads(row["metrics"] or "{}"),
+            curve=orjson.loads(row["curve"] or "[]"),
+            prompt_tokens_per_char=(ratios["pt"] / ratios["pc"]) if ratios["pc"] else 0.25,
+            completion_tokens_per_char=(ratios["ct"] / ratios["cc"]) if ratios["cc"] else 0.25,
+        )
+
+    def _apply_settings(self, route_name: str) -> None:
+        route = self.routes.get(route_name)
+        live = self.live.get(route_name)
+        st = self.state.setdefault(route_name, _RouteState())
+        st.threshold = effective_threshold(route.settings if route else {}, live.curve if live else None)
+
+    def _maybe_cascade(self, route_name: str) -> None:
+        route = self.routes.get(route_name)
+        live = self.live.get(route_name)
+        if route is None or live is None:
+            return
+        s = route.settings
+        if s.get("mode") == "shadow" and s.get("auto_cascade") and not s.get("paused_by_drift"):
+            target = float(s.get("target_agreement") or self.settings.default_target_agreement)
+            if ready_for_cascade(live.metrics, live.curve, target):
+                self.routes.update_settings(route_name, {"mode": "cascade"}, actor="router")
+                self.ledger.record_event(route_name, "mode.auto_cascade", detail={"version": live.version, "target": target})
+
+    def settings_changed(self, route_name: str) -> None:
+        """The admin changed a route: re-derive its threshold now (takes effect on the next request)."""
+        route = self.routes.get(route_name)
+        if route is not None and route.settings.get("mode") == "cascade" and route.settings.get("paused_by_drift"):
+            self.routes.update_settings(route_name, {"paused_by_drift": False}, actor="router")
+            self.state.setdefault(route_name, _RouteState()).live_agreement.reset()
+        self._apply_settings(route_name)
+
+    def describe(self, route_name: str) -> dict[str, Any]:
+        live = self.live.get(route_name)
+        st = self.state.get(route_name)
+        out: dict[str, Any] = {"student": None, "threshold_effective": None, "live_agreement": None, "live_checks": 0}
+        if live is not None:
+            out["student"] = {"version": live.version, "kind": live.kind, "metrics": live.metrics}
+            out["curve"] = live.curve
+        if st is not None:
+            out["threshold_effective"] = None if math.isinf(st.threshold) else st.threshold
+            out["live_agreement"] = st.live_agreement.agreement
+            out["live_checks"] = st.live_agreement.n
+            if live is not None and not math.isinf(st.threshold):
+                out["expected"] = expected_at(live.curve, st.threshold)
+        if route_name in self.load_errors:
+            out["load_error"] = self.load_errors[route_name]
+        return out
+
+    # -- the request path -----------------------------------------------------------------
+    async def _ask(self, live: LiveStudent, body: dict[str, Any]) -> Any:
+        if live.batcher is not None:
+            coro = live.batcher.predict(body["messages"])
+        elif hasattr(live.student, "apredict"):
+            coro = live.student.apredict(body["messages"], body)
+        else:
+            coro = asyncio.to_thread(live.student.predict, body["messages"], body)
+        return await asyncio.wait_for(coro, self.settings.student_timeout_s)
+
+    async def try_student(
+        self,
+        *,
+        route: Route,
+        body: dict[str, Any],
+        principal: Principal,
+        headers: dict[str, str],
+        uid: str,
+        ts: float,
+        t0: float,
+    ) -> Reply | None:
+        """Answer from the student, escalate, or return None to let the teacher answer plainly."""
+        mode = route.settings.get("mode", "shadow")
+        live = self.live.get(route.name)
+        if live is None or mode == "off" or _unsupported(body):
+            return None
+        escalate = headers.get("x-kdgate-escalate", "").strip().lower()
+        force_teacher = escalate in ("1", "true", "yes", "always")
+        forbid = escalate in ("0", "false", "no", "never")
+        if mode == "shadow" or force_teacher:
+            task = asyncio.get_running_loop().create_task(self._ask(live, body))
+            return await self.chat.teacher_chat(
+                route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0,
+                on_answer=lambda answer: self._score_shadow(route, live, task, answer, uid, in_cascade=False),
+            )
+        # cascade: the student first
+        st = self.state.setdefault(route.name, _RouteState())
+        try:
+            out = await self._ask(live, body)
+        except Exception as exc:
+            log.warning("route %s: student v%d failed (%s: %s); escalating", route.name, live.version, type(exc).__name__, exc)
+            return await self._escalate(route, body, principal, uid, ts, t0, reason="student_error")
+        decision = decide(mode=mode, confidence=out.confidence, threshold=st.threshold, forbid_escalation=forbid)
+        if not decision.use_student:
+            return await self._escalate(
+                route, body, principal, uid, ts, t0, reason=decision.reason,
+                extra_row={"confidence": out.confidence, "student_version": live.version, "student_answer": out.text},
+                extra_headers={"x-kdgate-confidence": f"{out.confidence:.4f}", "x-kdgate-student-version": str(live.version)},
+            )
+        return self._student_reply(route, live, body, principal, uid, ts, t0, out)
+
+    async def _escalate(
+        self,
+        route: Route,
+        body: dict[str, Any],
+        principal: Principal,
+        uid: str,
+        ts: float,
+        t0: float,
+        *,
+        reason: str,
+        extra_row: dict[str, Any] | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> Reply:
+        if self.metrics is not None:
+            self.metrics.observe_escalation(route.name)
+        headers = {"x-kdgate-escalation": reason, **(extra_headers or {})}
+        return await self.chat.teacher_chat(
+            route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0, extra_row=extra_row, extra_headers=headers
+        )
+
+    def _student_reply(
+        self,
+        route: Route,
+        live: LiveStudent,
+        body: dict[str, Any],
+        principal: Principal,
+        uid: str,
+        ts: float,
+        t0: float,
+        out: Any,
+    ) -> Reply:
+        n = int(body.get("n") or 1)
+        prompt_chars = sum(len(message_text(m)) for m in body["messages"] if isinstance(m, dict))
+        # the teacher's counts are estimated from the route's own tokens-per-character ratio
+        est_prompt = max(1, round(prompt_chars * live.prompt_tokens_per_char)) if not out.prompt_tokens else out.prompt_tokens
+        est_completion = max(1, round(len(out.text) * live.completion_tokens_per_char)) if not out.completion_tokens else out.completion_tokens
+        counterfactual = self.prices.cost(route.teacher.model, Usage(prompt_tokens=est_prompt, completion_tokens=est_completion * n))
+        latency_s = time.perf_counter() - t0
+        cost = (
+            self.settings.student_price_per_1k_tokens * (est_prompt + est_completion * n) / 1000.0
+            + self.settings.student_price_per_gpu_hour * latency_s / 3600.0
+        )
+        usage = {
+            "prompt_tokens": est_prompt,
+            "completion_tokens": est_completion * n,
+            "total_tokens": est_prompt + est_completion * n,
+        }
+        logprobs = None
+        if body.get("logprobs"):
+            logprobs = {"content": out.logprobs or [
+                {"token": out.text, "logprob": math.log(max(out.confidence, 1e-12)), "bytes": list(out.text.encode()), "top_logprobs": []}
+            ]}
+        created = int(ts)
+        response_id = "chatcmpl-" + uid[4:]
+        model = body["model"]
+        fingerprint = f"kdgate-student-v{live.version}"
+        headers = {
+            "x-kdgate-route": route.name,
+            "x-kdgate-served-by": "student",
+            "x-kdgate-confidence": f"{out.confidence:.4f}",
+            "x-kdgate-student-version": str(live.version),
+            "x-kdgate-cost-usd": _fmt_usd(cost),
+            "x-kdgate-saved-usd": _fmt_usd(counterfactual - cost),
+            "x-request-id": uid,
+        }
+        response = {
+            "id": response_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": out.text, "refusal": None}, "logprobs": logprobs, "finish_reason": "stop"}
+                for i in range(n)
+            ],
+            "usage": usage,
+        }
+        self.writer.submit(
+            {
+                "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
+                "model": model, "teacher_model": route.teacher.model, "request": _logged_request(body),
+                "response": orjson.dumps(response).decode(), "answer": out.text, "finish_reason": "stop",
+                "prompt_tokens": est_prompt, "completion_tokens": est_completion * n, "cost_usd": cost,
+                "counterfactual_usd": counterfactual, "latency_ms": latency_s * 1000, "status": 200,
+                "served_by": "student", "student_version": live.version, "confidence": out.confidence,
+                "student_answer": out.text, "stream": int(bool(body.get("stream"))),
+            }
+        )
+        if self.metrics is not None:
+            self.metrics.observe_exchange(route.name, "student", latency_s, cost, counterfactual, Usage(est_prompt, est_completion * n))
+        rate = float(route.settings.get("shadow_rate") or 0.0)
+        if rate > 0 and random.random() < rate:
+            self._spawn(self._shadow_check(route, live, body, out.text, uid))
+        if not body.get("stream"):
+            return Reply(body=orjson.dumps(response), headers=headers)
+        return Reply(stream=_student_stream(response, body, logprobs), headers=headers)
+
+    # -- shadow checks and drift ----------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _score_shadow(self, route: Route, live: LiveStudent, task: asyncio.Task, answer: str | None, uid: str, *, in_cascade: bool) -> dict[str, Any]:
+        """The student's side answer in shadow mode, scored against the teacher's."""
+        try:
+            out = await asyncio.wait_for(task, self.settings.student_timeout_s)
+        except Exception as exc:
+            log.warning("route %s: shadow student failed (%s)", route.name, type(exc).__name__)
+            return {}
+        agree = answers_agree(out.text, answer)
+        self._record_check(route, live, uid, out.text, answer, agree, cost=0.0, in_cascade=in_cascade)
+        return {"confidence": out.confidence, "student_version": live.version, "student_answer": out.text}
+
+    async def _shadow_check(self, route: Route, live: LiveStudent, body: dict[str, Any], student_answer: str, uid: str) -> None:
+        """Also ask the teacher about a student-served request, in the background, and score the student."""
+        if self._shadow_slots.locked():
+            return  # never queue unbounded background spend; the sample just gets smaller under load
+        async with self._shadow_slots:
+            from gateway.serving import _teacher_body
+
+            try:
+                upstream = _teacher_body(body)
+                upstream.pop("stream", None)
+                upstream.pop("stream_options", None)
+                resp = await self.chat.teacher.chat(route.teacher, upstream)
+            except GatewayError as exc:
+                log.info("route %s: shadow teacher call failed (%s)", route.name, exc.status)
+                return
+            from gateway.protocol import answer_of
+
+            teacher_answer = answer_of(resp.body)[0]
+            cost = self.prices.cost(route.teacher.model, Usage.from_openai(resp.body.get("usage")))
+            self.writer.submit_sql("UPDATE exchanges SET cost_usd = cost_usd + ? WHERE uid = ?", (cost, uid))
+            self._record_check(route, live, uid, student_answer, teacher_answer, answers_agree(student_answer, teacher_answer), cost=cost, in_cascade=True)
+
+    def _record_check(self, route: Route, live: LiveStudent, uid: str, student_answer: str | None, teacher_answer: str | None, agree: bool, *, cost: float, in_cascade: bool) -> None:
+        self.writer.submit_sql(
+            "INSERT INTO shadow_checks (ts, route, exchange_uid, student_version, student_answer, teacher_answer, agree, cost_usd)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), route.name, uid, live.version, student_answer, teacher_answer, int(agree), cost),
+        )
+        if not in_cascade:
+            return
+        st = self.state.setdefault(route.name, _RouteState())
+        st.live_agreement.add(agree)
+        target = float(route.settings.get("target_agreement") or self.settings.default_target_agreement)
+        if route.settings.get("mode") == "cascade" and st.live_agreement.drifted(target):
+            agreement = st.live_agreement.agreement
+            log.warning("route %s: live agreement %.3f under target %.3f; back to shadow", route.name, agreement, target)
+            self.routes.update_settings(route.name, {"mode": "shadow", "paused_by_drift": True}, actor="drift-monitor")
+            self.ledger.record_event(
+                route.name, "drift.paused", actor="drift-monitor",
+                detail={"live_agreement": agreement, "checks": st.live_agreement.n, "target": target, "version": live.version},
+            )
+            st.live_agreement.reset()
+
+
+def _unsupported(body: dict[str, Any]) -> bool:
+    """Requests a label/LM student cannot answer faithfully go to the teacher."""
+    return bool(body.get("tools") or body.get("functions") or body.get("audio") or body.get("modalities"))
+
+
+async def _student_stream(response: dict[str, Any], body: dict[str, Any], logprobs: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    """A student answer as OpenAI's chunks: role, content, finish, optional usage, [DONE]."""
+    base = {k: response[k] for k in ("id", "created", "model", "system_fingerprint")}
+    base["object"] = "chat.completion.chunk"
+    for choice in response["choices"]:
+        i = choice["index"]
+        text = choice["message"]["content"]
+        yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        yield _sse({**base, "choices": [{"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}]})
+        yield _sse({**base, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "stop"}]})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        yield _sse({**base, "choices": [], "usage": response["usage"]})
+    yield b"data: [DONE]\n\n"
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"

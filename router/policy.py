@@ -1,0 +1,128 @@
+"""Per-route routing policy: pure decisions, no I/O.
+
+Modes
+    off      the teacher answers everything (still logged: the training data keeps coming)
+    shadow   the teacher answers; the student answers on the side and is scored
+    cascade  the student answers when its calibrated confidence >= the route's threshold;
+             otherwise the request escalates to the teacher
+
+A threshold is set directly, or derived from a target agreement on the live version's validation
+curve (the lowest threshold whose served share still agrees with the teacher at the target).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.curve import coverage_at, threshold_for_target
+
+__all__ = [
+    "Decision",
+    "effective_threshold",
+    "decide",
+    "ready_for_cascade",
+    "LiveAgreement",
+    "answers_agree",
+    "normalize_answer",
+    "NEVER",
+]
+
+NEVER = math.inf  # a threshold no confidence reaches: no point of the curve meets the target
+
+
+@dataclass(frozen=True)
+class Decision:
+    use_student: bool
+    reason: str  # "confident" | "below_threshold" | "forced_teacher" | "no_escalation" | "mode_off" | ...
+
+
+def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None) -> float:
+    """The confidence a student answer needs: the route's own threshold, else its target on the curve."""
+    if settings.get("threshold") is not None:
+        return float(settings["threshold"])
+    target = settings.get("target_agreement")
+    if target is None or not curve:
+        return NEVER
+    threshold = threshold_for_target(curve, float(target))
+    return NEVER if threshold is None else float(threshold)
+
+
+def expected_at(curve: Sequence[dict[str, float]], threshold: float) -> dict[str, float]:
+    """What the validation curve predicts at a threshold: the share served and its agreement."""
+    served = [p for p in curve if p["threshold"] >= threshold]
+    if not served:
+        return {"coverage": 0.0, "agreement": 1.0}
+    best = max(served, key=lambda p: p["coverage"])
+    return {"coverage": float(best["coverage"]), "agreement": float(best["agreement"])}
+
+
+def decide(*, mode: str, confidence: float, threshold: float, force_teacher: bool = False, forbid_escalation: bool = False) -> Decision:
+    """Whether a cascade request is answered by the student (``confidence`` is calibrated)."""
+    if mode != "cascade":
+        return Decision(False, f"mode_{mode}")
+    if force_teacher:
+        return Decision(False, "forced_teacher")
+    if forbid_escalation:
+        return Decision(True, "no_escalation")
+    if confidence >= threshold:
+        return Decision(True, "confident")
+    return Decision(False, "below_threshold")
+
+
+def ready_for_cascade(metrics: dict[str, Any], curve: Sequence[dict[str, float]] | None, target: float, *, min_coverage: float = 0.01) -> bool:
+    """A live student earns cascade when, on validation, it meets the target on a useful share."""
+    if curve:
+        return coverage_at(curve, target) >= min_coverage
+    return float(metrics.get("coverage_at_target") or 0.0) >= min_coverage
+
+
+class LiveAgreement:
+    """Agreement of served student answers with the teacher over the last ``window`` shadow checks."""
+
+    def __init__(self, window: int = 200):
+        self.checks: deque[int] = deque(maxlen=window)
+
+    def add(self, agree: bool) -> None:
+        self.checks.append(1 if agree else 0)
+
+    @property
+    def n(self) -> int:
+        return len(self.checks)
+
+    @property
+    def agreement(self) -> float | None:
+        return sum(self.checks) / len(self.checks) if self.checks else None
+
+    def drifted(self, target: float, *, min_checks: int = 30, margin: float = 0.02) -> bool:
+        """True when enough checks show agreement clearly under the target (``margin`` absorbs noise)."""
+        agreement = self.agreement
+        return self.n >= min_checks and agreement is not None and agreement < target - margin
+
+    def reset(self) -> None:
+        self.checks.clear()
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_answer(text: str | None) -> str:
+    """Answers compared the way the distiller compares them: whitespace and case folded, JSON canonical."""
+    if text is None:
+        return ""
+    stripped = text.strip()
+    if stripped.startswith("{") and stripped.endswith("}"):
+        try:
+            return json.dumps(json.loads(stripped), sort_keys=True)
+        except ValueError:
+            pass
+    return _WS.sub(" ", stripped).casefold()
+
+
+def answers_agree(student: str | None, teacher: str | None) -> bool:
+    return student is not None and teacher is not None and normalize_answer(student) == normalize_answer(teacher)
