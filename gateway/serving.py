@@ -193,11 +193,12 @@ class ChatService:
                 cost = self.prices.cost(route.teacher.model, usage)
                 if error is None and not response["choices"]:
                     error = UpstreamError("The teacher's stream ended without an answer.")
+                extra = dict(extra_row or {})
                 if on_answer is not None and error is None:
-                    extra_row = {**(extra_row or {}), **(await on_answer(answer_of(response)[0]) or {})}
+                    extra.update(await on_answer(answer_of(response)[0]) or {})
                 self._log_teacher(
                     uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
-                    usage=usage, cost=cost, stream=True, extra=extra_row, error=error,
+                    usage=usage, cost=cost, stream=True, extra=extra, error=error,
                 )
                 if self.metrics is not None:
                     self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
