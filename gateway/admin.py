@@ -32,8 +32,17 @@ class RouteCreate(BaseModel):
     teacher: str | None = None
 
 
-class KeyCreate(BaseModel):
+class KeyLimits(BaseModel):
+    """Per-key limits; null clears one (unlimited)."""
+
     model_config = ConfigDict(extra="forbid")
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
+    budget_day_usd: float | None = Field(default=None, ge=0, description="spend per UTC day")
+    budget_month_usd: float | None = Field(default=None, ge=0, description="spend per UTC month")
+
+
+class KeyCreate(KeyLimits):
     name: str = Field(min_length=1, max_length=100)
 
 
@@ -118,7 +127,22 @@ def build_admin_router() -> APIRouter:
         admin_principal(request)
         state = request.app.state.kdgate
         key_id, key = create_key(state.ledger, body.name)
-        return {"id": key_id, "name": body.name, "key": key}
+        limits = body.model_dump(exclude={"name"}, exclude_none=True)
+        if limits:
+            state.ledger.set_key_limits(key_id, limits)
+        return {"id": key_id, "name": body.name, "key": key, **limits}
+
+    @router.patch("/keys/{key_id}")
+    async def set_key_limits(request: Request, key_id: str, body: KeyLimits) -> dict[str, Any]:
+        """Set a key's limits (fields sent as null are cleared); enforced from the next request."""
+        admin_principal(request)
+        state = request.app.state.kdgate
+        if not state.ledger.set_key_limits(key_id, body.model_dump(exclude_unset=True)):
+            raise NotFound(f"No key {key_id!r}.")
+        state.keys.invalidate()
+        if state.chat.limiter is not None:
+            state.chat.limiter.forget(key_id)
+        return next(k for k in state.ledger.keys() if k["id"] == key_id or k["name"] == key_id)
 
     @router.delete("/keys/{key_id}")
     async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:

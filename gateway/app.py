@@ -191,12 +191,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> Response:
-        """Ready to serve: the ledger writer runs and its queue is not backed up."""
+        """Ready to serve: the ledger writer runs and its queue is not full (rows would be dropped)."""
         state = state_of(request)
         writer = state.writer
-        alive = writer._thread is not None and writer._thread.is_alive()
-        checks = {"ledger_writer": alive, "ledger_queue_depth": writer.depth}
-        ok = alive and writer.depth < 100_000
+        ok = writer.alive and not writer.saturated
+        checks = {
+            "ledger_writer": writer.alive,
+            "ledger_queue_depth": writer.depth,
+            "ledger_queue_max": writer.max_queue,
+            "ledger_dropped": writer.dropped + writer.rejected,
+            "ledger_failing_since": writer.failing_since,
+            "teacher_circuits": {f"{k[0]}@{k[1] or 'default'}": b.state for k, b in state.teacher.breakers.items()},
+        }
         return _json(200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks})
 
     from gateway.admin import build_admin_router
@@ -211,7 +217,7 @@ def _lower_headers(request: Request) -> dict[str, str]:
 
 def build_state(settings: Settings) -> GatewayState:
     ledger = Ledger(settings.db)
-    writer = LedgerWriter(settings.db, flush_ms=settings.ledger_flush_ms, batch_size=settings.ledger_batch)
+    writer = LedgerWriter(settings.db, flush_ms=settings.ledger_flush_ms, batch_size=settings.ledger_batch, max_queue=settings.ledger_max_queue)
     keys = KeyStore(
         ledger,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
@@ -224,9 +230,13 @@ def build_state(settings: Settings) -> GatewayState:
         retries=settings.teacher_retries,
         backoff_s=settings.retry_backoff_s,
         direct_http=settings.direct_http,
+        breaker_failures=settings.breaker_failures,
+        breaker_reset_s=settings.breaker_reset_s,
     )
     prices = PriceBook(settings.price_overrides)
-    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer)
+    from gateway.limits import Limiter
+
+    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger))
     state = GatewayState(
         settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat
     )

@@ -47,6 +47,7 @@ class Principal:
     key_id: str
     name: str
     admin: bool = False
+    limits: dict | None = None  # rpm, tpm, budget_day_usd, budget_month_usd (None: unlimited)
 
 
 ANONYMOUS = Principal(key_id="", name="anonymous")
@@ -89,7 +90,11 @@ class KeyStore:
         hit = self._cache.get(digest)
         if hit is None or now - hit[0] > self.ttl_s:
             row = self.ledger.key_by_hash(digest)
-            principal = None if row is None or row["revoked"] else Principal(key_id=row["id"], name=row["name"])
+            if row is None or row["revoked"]:
+                principal = None
+            else:
+                limits = {k: row[k] for k in ("rpm", "tpm", "budget_day_usd", "budget_month_usd") if row.get(k) is not None}
+                principal = Principal(key_id=row["id"], name=row["name"], limits=limits or None)
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()

@@ -80,6 +80,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(json.dumps(rows))
         else:
             _print_table(rows, ["id", "name", "created", "revoked"])
+    elif args.action == "limit":
+        limits = {}
+        for flag, col in (("rpm", "rpm"), ("tpm", "tpm"), ("budget_day", "budget_day_usd"), ("budget_month", "budget_month_usd")):
+            value = getattr(args, flag)
+            if value is not None:
+                limits[col] = None if value < 0 else value
+        if not ledger.set_key_limits(args.name, limits):
+            print(f"no key {args.name!r}", file=sys.stderr)
+            return 1
+        row = next(k for k in ledger.keys() if args.name in (k["id"], k["name"]))
+        print(json.dumps(row) if args.json else f"{row['id']} ({row['name']}): rpm={row['rpm']} tpm={row['tpm']} "
+              f"budget_day_usd={row['budget_day_usd']} budget_month_usd={row['budget_month_usd']}")
     elif args.action == "revoke":
         if not ledger.revoke_key(args.name):
             print(f"no active key {args.name!r}", file=sys.stderr)
@@ -189,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(kc)
     kl = ks.add_parser("list")
     common(kl)
+    kli = ks.add_parser("limit", help="set a key's limits (a negative value clears one); applies within seconds")
+    kli.add_argument("name", help="key id or name")
+    kli.add_argument("--rpm", type=int, help="requests per minute")
+    kli.add_argument("--tpm", type=int, help="tokens per minute")
+    kli.add_argument("--budget-day", type=float, help="USD per UTC day")
+    kli.add_argument("--budget-month", type=float, help="USD per UTC month")
+    common(kli)
     kr = ks.add_parser("revoke")
     kr.add_argument("name", help="key id or name")
     common(kr)
@@ -220,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.bench_overhead import register as register_overhead
 
     register_overhead(bsub)
-    for module in ("distiller.cli", "distiller.lm.cli", "gateway.bench"):
+    for module in ("gateway.replay", "distiller.cli", "distiller.lm.cli", "gateway.stats_cli"):
         _register(module, sub, bsub)
     return parser
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
+import json
 import logging
 import secrets
 import threading
@@ -57,7 +58,7 @@ _CSP = (
 _PAGE_HEADERS = {
     "content-security-policy": _CSP,
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # "no-referrer" would make form posts send Origin: null
     "x-frame-options": "DENY",
     "cache-control": "no-store",
 }
@@ -579,20 +580,60 @@ def _attach(app: FastAPI, refresh_every_s: float) -> asyncio.Task | None:
     if not isinstance(state.metrics, Metrics):
         if state.metrics is None:
             state.metrics = metrics
-    if getattr(state.chat, "metrics", None) is None:
-        state.chat.metrics = state.metrics
+    for part in (state.chat, state.students):  # the serving path and the student router report here
+        if part is not None and getattr(part, "metrics", None) is None:
+            part.metrics = state.metrics
     writer = state.writer
     metrics_of(app).set_queue_depth(lambda: writer.depth)
     stats = app.state.stats = Stats(state.ledger)
+    runs = DistillerRunTail(state.ledger, metrics_of(app))
     if refresh_every_s <= 0:
         return None
+
+    def tick() -> None:
+        stats.refresh()
+        runs.poll()
 
     async def refresh_forever() -> None:
         while True:
             try:
-                await asyncio.to_thread(stats.refresh)
+                await asyncio.to_thread(tick)
             except Exception:
                 log.warning("stats rollup refresh failed; will retry", exc_info=True)
             await asyncio.sleep(refresh_every_s)
 
     return asyncio.get_running_loop().create_task(refresh_forever(), name="kdgate-stats-refresh")
+
+
+class DistillerRunTail:
+    """Feeds the distiller's runs into the gateway's metrics.
+
+    The distiller is another process, so it cannot touch this process's counters; it records each
+    run in the ledger as a ``distill.run`` route event (detail: ``seconds``, ``ok``), and this tail
+    reads the events written since the gateway started (counters start at zero with the process,
+    as Prometheus expects).
+    """
+
+    KIND = "distill.run"
+
+    def __init__(self, ledger: Any, metrics: Metrics):
+        self.ledger = ledger
+        self.metrics = metrics
+        self.last_id = int(ledger.scalar("SELECT coalesce(max(id), 0) FROM route_events") or 0)
+
+    def poll(self) -> int:
+        """Observe the runs recorded since the last poll; returns how many."""
+        rows = self.ledger.query(
+            "SELECT id, route, detail FROM route_events WHERE id > ? AND kind = ? ORDER BY id", (self.last_id, self.KIND)
+        )
+        for row in rows:
+            self.last_id = max(self.last_id, int(row["id"]))
+            try:
+                detail = json.loads(row["detail"] or "{}")
+                seconds = float(detail.get("seconds", 0.0))
+                ok = bool(detail.get("ok", detail.get("status") != "failed"))
+            except (ValueError, TypeError, AttributeError):
+                log.debug("unreadable distill.run event %s", row["id"])
+                continue
+            self.metrics.observe_distiller_run(row["route"], seconds, ok)
+        return len(rows)

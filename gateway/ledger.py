@@ -134,10 +134,19 @@ def _m003_student_answer(db: sqlite_utils.Database) -> None:
     db["exchanges"].create_index(["route", "served_by"], if_not_exists=True)
 
 
+def _m004_key_limits(db: sqlite_utils.Database) -> None:
+    cols = db["api_keys"].columns_dict
+    for name, typ in (("rpm", int), ("tpm", int), ("budget_day_usd", float), ("budget_month_usd", float)):
+        if name not in cols:
+            db["api_keys"].add_column(name, typ)
+    db["exchanges"].create_index(["key_id", "ts"], if_not_exists=True)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_students", _m002_students),
     ("003_student_answer", _m003_student_answer),
+    ("004_key_limits", _m004_key_limits),
 ]
 
 
@@ -384,11 +393,31 @@ class Ledger:
             )
 
     def keys(self) -> list[dict[str, Any]]:
-        return self.query("SELECT id, name, created, revoked FROM api_keys ORDER BY created")
+        return self.query(
+            "SELECT id, name, created, revoked, rpm, tpm, budget_day_usd, budget_month_usd FROM api_keys ORDER BY created"
+        )
 
     def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
-        rows = self.query("SELECT id, name, revoked FROM api_keys WHERE hash = ?", (key_hash,))
+        rows = self.query(
+            "SELECT id, name, revoked, rpm, tpm, budget_day_usd, budget_month_usd FROM api_keys WHERE hash = ?", (key_hash,)
+        )
         return rows[0] if rows else None
+
+    def set_key_limits(self, key_id: str, limits: dict[str, Any]) -> bool:
+        """Set (or clear, with None) a key's rpm, tpm, budget_day_usd, budget_month_usd."""
+        allowed = {"rpm", "tpm", "budget_day_usd", "budget_month_usd"}
+        unknown = set(limits) - allowed
+        if unknown:
+            raise ValueError(f"unknown key limit(s): {sorted(unknown)}; known: {sorted(allowed)}")
+        if not limits:
+            return True
+        sets = ", ".join(f"{k} = ?" for k in limits)
+        with self.conn:
+            cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*limits.values(), key_id, key_id])
+        return cur.rowcount > 0
+
+    def key_spend_since(self, key_id: str, since: float) -> float:
+        return float(self.scalar("SELECT coalesce(sum(cost_usd), 0) FROM exchanges WHERE key_id = ? AND ts >= ?", (key_id, since)))
 
     def revoke_key(self, key_id: str) -> bool:
         with self.conn:
@@ -405,19 +434,30 @@ class LedgerWriter:
     ``submit`` only puts a row on a queue. A thread drains it every ``flush_ms`` (or as soon as
     ``batch_size`` rows wait) and commits them in one transaction, so after a crash at most the last
     window is lost. ``close`` drains everything: on a clean shutdown every submitted row is written.
+
+    When the database cannot be written (disk full, locked, I/O error) the batch is retried with
+    backoff and new rows wait in the queue; the queue holds at most ``max_queue`` items, past which
+    rows are dropped and counted (``dropped``), and ``saturated`` tells ``/readyz`` and the metrics.
+    A row the database refuses outright (a constraint) is dropped alone, counted, and never blocks
+    the rows behind it.
     """
 
-    def __init__(self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512):
+    def __init__(self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512, max_queue: int = 100_000):
         self.path = str(path)
         self.flush_s = flush_ms / 1000.0
         self.batch_size = batch_size
+        self.max_queue = max_queue
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
         self.written = 0
+        self.dropped = 0
+        self.rejected = 0
         self.failed_batches = 0
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
         self.last_flush = 0.0
-        self._flushed = threading.Condition()
+        self._last_drop_log = 0.0
 
     def start(self) -> None:
         conn = connect(self.path)
@@ -430,13 +470,32 @@ class LedgerWriter:
     def depth(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, row: dict[str, Any]) -> None:
-        """Queue one exchange row (keys: a subset of EXCHANGE_COLUMNS)."""
-        self._queue.put(("exchange", row))
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
-    def submit_sql(self, sql: str, params: Sequence[Any] = ()) -> None:
+    @property
+    def saturated(self) -> bool:
+        return self.depth >= self.max_queue
+
+    def _put(self, item: tuple[str, Any]) -> bool:
+        if self._queue.qsize() >= self.max_queue:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log > 5:
+                self._last_drop_log = now
+                log.error("ledger queue full (%d): dropping rows (%d dropped so far)", self.max_queue, self.dropped)
+            return False
+        self._queue.put(item)
+        return True
+
+    def submit(self, row: dict[str, Any]) -> bool:
+        """Queue one exchange row (keys: a subset of EXCHANGE_COLUMNS); False if it had to be dropped."""
+        return self._put(("exchange", row))
+
+    def submit_sql(self, sql: str, params: Sequence[Any] = ()) -> bool:
         """Queue a statement to run in the writer's transaction order (after earlier rows)."""
-        self._queue.put(("sql", (sql, tuple(params))))
+        return self._put(("sql", (sql, tuple(params))))
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued before this call is committed."""
@@ -489,37 +548,64 @@ class LedgerWriter:
             self._write(conn, batch)
         conn.close()
 
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, kind: str, payload: Any) -> None:
+        if kind == "exchange":
+            cols = list(payload)
+            conn.execute(
+                f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [payload[c] for c in cols],
+            )
+        else:
+            conn.execute(*payload)
+
+    def _commit(self, conn: sqlite3.Connection, work: list[tuple[str, Any]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for kind, payload in work:
+                self._apply(conn, kind, payload)
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+
     def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, Any]]) -> None:
         markers = [payload for kind, payload in batch if kind == "marker"]
         work = [(kind, payload) for kind, payload in batch if kind != "marker"]
         attempt = 0
         while work:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                for kind, payload in work:
-                    if kind == "exchange":
-                        cols = list(payload)
-                        conn.execute(
-                            f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                            [payload[c] for c in cols],
-                        )
-                    else:
-                        conn.execute(*payload)
-                conn.execute("COMMIT")
+                self._commit(conn, work)
                 self.written += sum(1 for k, _ in work if k == "exchange")
                 self.last_flush = time.time()
+                self.failing_since = None
                 break
-            except sqlite3.Error as exc:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                # one bad row must not block the others: write them one by one, drop the bad ones
+                kept = []
+                for item in work:
+                    try:
+                        self._commit(conn, [item])
+                        kept.append(item)
+                    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+                        self.rejected += 1
+                        log.error("ledger refused a %s row (%s); dropped", item[0], exc)
+                self.written += sum(1 for k, _ in kept if k == "exchange")
+                break
+            except sqlite3.Error as exc:  # locked, disk full, I/O: wait and retry, rows stay queued
                 attempt += 1
                 self.failed_batches += 1
-                log.warning("ledger write failed (attempt %d, %d rows): %s", attempt, len(work), exc)
-                if attempt >= 5 and self._closed:
-                    log.error("ledger write abandoned at shutdown: %d rows", len(work))
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                log.warning("ledger write failed (attempt %d, %d rows waiting): %s", attempt, len(work) + self.depth, exc)
+                if attempt >= 20 and self._closed:
+                    log.error("ledger write abandoned at shutdown: %d rows lost", len(work))
+                    self.dropped += len(work)
                     break
-                time.sleep(min(2.0, 0.05 * 2**attempt))
+                time.sleep(min(5.0, 0.05 * 2**attempt))
         for marker in markers:
             marker.set()

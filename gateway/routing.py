@@ -119,6 +119,7 @@ class Route:
     teacher: TeacherTarget
     origin: str  # "config" | "auto" | "admin"
     settings: dict[str, Any] = field(default_factory=dict)
+    fallbacks: list[TeacherTarget] = field(default_factory=list)
 
 
 @dataclass
@@ -158,7 +159,7 @@ class RouteTable:
         aliases: dict[str, str] = {}
         stored = {r["name"]: r for r in self.ledger.routes()}
         for name, cfg in self.settings.routes.items():
-            configured = cfg.model_dump(exclude={"teacher", "teacher_api_base", "aliases"}, exclude_none=True)
+            configured = cfg.model_dump(exclude={"teacher", "teacher_api_base", "aliases", "fallback_teachers"}, exclude_none=True)
             current = (stored.get(name) or {}).get("settings") or {}
             missing = {k: v for k, v in configured.items() if k not in current}
             if name not in stored or missing:
@@ -173,13 +174,14 @@ class RouteTable:
         for name, row in stored.items():
             cfg = self.settings.routes.get(name, RouteSettings())
             merged = dict(defaults)
-            merged.update({k: v for k, v in cfg.model_dump(exclude={"teacher", "teacher_api_base", "aliases"}).items() if v is not None})
+            merged.update({k: v for k, v in cfg.model_dump(exclude={"teacher", "teacher_api_base", "aliases", "fallback_teachers"}).items() if v is not None})
             merged.update(row.get("settings") or {})
             teacher = TeacherTarget(
                 model=cfg.teacher or row.get("teacher_model") or self.settings.teacher,
                 api_base=cfg.teacher_api_base or merged.get("teacher_api_base") or self.settings.teacher_api_base,
             )
-            routes[name] = Route(name=name, teacher=teacher, origin=row.get("origin") or "config", settings=merged)
+            fallbacks = [TeacherTarget(model=f.model, api_base=f.api_base) for f in cfg.fallback_teachers]
+            routes[name] = Route(name=name, teacher=teacher, origin=row.get("origin") or "config", settings=merged, fallbacks=fallbacks)
             tpl = row.get("template")
             if tpl and tpl.get("kind") == "auto":
                 ctx = contexts.setdefault((tpl["model"], tpl["context"]), _Context())

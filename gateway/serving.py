@@ -73,7 +73,9 @@ class ChatService:
         writer: LedgerWriter,
         metrics: Any = None,
         students: Any = None,
+        limiter: Any = None,
     ):
+        self.limiter = limiter
         self.routes = routes
         self.teacher = teacher
         self.prices = prices
@@ -90,6 +92,7 @@ class ChatService:
         try:
             validate_chat(body)
             route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
+            self._check_limits(principal, body)
             if self.students is not None:
                 reply = await self.students.try_student(
                     route=route, body=body, principal=principal, headers=headers, uid=uid, ts=ts, t0=t0
@@ -128,16 +131,18 @@ class ChatService:
         }
         if body.get("stream"):
             return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row, on_answer)
-        resp = await self.teacher.chat(route.teacher, upstream)
+        target, resp = await self._with_fallbacks(route, lambda t: self.teacher.chat(t, upstream))
         if on_answer is not None:
             extra_row = {**(extra_row or {}), **(await on_answer(answer_of(resp.body)[0]) or {})}
         usage = Usage.from_openai(resp.body.get("usage"))
-        cost = self.prices.cost(route.teacher.model, usage)
+        cost = self.prices.cost(target.model, usage)
         headers["x-kdgate-cost-usd"] = _fmt_usd(cost)
         headers.update(resp.headers)
+        if target is not route.teacher:
+            headers["x-kdgate-teacher"] = target.model
         self._log_teacher(
             uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=resp.body,
-            usage=usage, cost=cost, stream=False, extra=extra_row,
+            usage=usage, cost=cost, stream=False, extra=extra_row, teacher_model=target.model,
         )
         if self.metrics is not None:
             self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
@@ -160,7 +165,9 @@ class ChatService:
         client_wants_usage = bool(so.get("include_usage"))
         # The ledger needs usage to price the answer, so ask for it and drop it again if the client did not.
         upstream["stream_options"] = {**so, "include_usage": True}
-        stream = await self.teacher.chat_stream(route.teacher, upstream)
+        target, stream = await self._with_fallbacks(route, lambda t: self.teacher.chat_stream(t, upstream))
+        if target is not route.teacher:
+            headers["x-kdgate-teacher"] = target.model
 
         async def events() -> AsyncIterator[bytes]:
             chunks: list[dict[str, Any]] = []
@@ -190,7 +197,7 @@ class ChatService:
                 await stream.aclose()
                 response = assemble_stream(chunks)
                 usage = Usage.from_openai(response.get("usage"))
-                cost = self.prices.cost(route.teacher.model, usage)
+                cost = self.prices.cost(target.model, usage)
                 if error is None and not response["choices"]:
                     error = UpstreamError("The teacher's stream ended without an answer.")
                 extra = dict(extra_row or {})
@@ -198,12 +205,44 @@ class ChatService:
                     extra.update(await on_answer(answer_of(response)[0]) or {})
                 self._log_teacher(
                     uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
-                    usage=usage, cost=cost, stream=True, extra=extra, error=error,
+                    usage=usage, cost=cost, stream=True, extra=extra, error=error, teacher_model=target.model,
                 )
                 if self.metrics is not None:
                     self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
 
         return Reply(stream=events(), headers=headers)
+
+    async def _with_fallbacks(self, route: Route, call: Any) -> tuple[TeacherTarget, Any]:
+        """Call the route's teacher, then its fallback teachers in order while the failure is an outage."""
+        from gateway.teacher import _is_outage
+
+        targets = [route.teacher, *route.fallbacks]
+        for i, target in enumerate(targets):
+            try:
+                return target, await call(target)
+            except GatewayError as exc:
+                if i == len(targets) - 1 or not _is_outage(exc):
+                    raise
+                log.warning("route %s: teacher %s failed (%s); trying fallback %s", route.name, target.model, exc.status, targets[i + 1].model)
+        raise AssertionError("unreachable")
+
+    def _check_limits(self, principal: Principal, body: dict[str, Any]) -> None:
+        if self.limiter is None or not principal.limits:
+            return
+        est = 0
+        if principal.limits.get("tpm"):
+            from gateway.standin import count_tokens
+
+            est = sum(count_tokens(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str))
+            inp = body.get("input")
+            est += count_tokens(inp) if isinstance(inp, str) else 0
+        self.limiter.check(principal, est_tokens=est)
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Every ledger row of an exchange goes through here: the key's usage is counted, then it is queued."""
+        if self.limiter is not None and row.get("key_id"):
+            self.limiter.record(row["key_id"], tokens=(row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0), cost=row.get("cost_usd") or 0.0)
+        self.writer.submit(row)
 
     # -- embeddings -----------------------------------------------------------------------
     async def embeddings(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str]) -> Reply:
@@ -214,6 +253,7 @@ class ChatService:
         try:
             validate_embeddings(body)
             route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
+            self._check_limits(principal, body)
             target = TeacherTarget(model=self.routes._teacher_for(body["model"]), api_base=route.teacher.api_base)
             resp = await self.teacher.embeddings(target, _teacher_body(body))
         except GatewayError as exc:
@@ -223,7 +263,7 @@ class ChatService:
         cost = self.prices.cost(target.model, usage)
         summary = {k: v for k, v in resp.body.items() if k != "data"}
         summary["data_count"] = len(resp.body.get("data") or [])
-        self.writer.submit(
+        self.record(
             {
                 "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "embeddings",
                 "model": body.get("model"), "teacher_model": target.model, "request": _logged_request(body),
@@ -253,11 +293,12 @@ class ChatService:
         stream: bool,
         extra: dict[str, Any] | None = None,
         error: GatewayError | None = None,
+        teacher_model: str | None = None,
     ) -> None:
         answer, finish, logprobs = answer_of(response)
         row = {
             "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
-            "model": body.get("model"), "teacher_model": route.teacher.model, "request": _logged_request(body),
+            "model": body.get("model"), "teacher_model": teacher_model or route.teacher.model, "request": _logged_request(body),
             "response": orjson.dumps(response).decode(), "answer": answer, "finish_reason": finish,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens, "reasoning_tokens": usage.reasoning_tokens,
@@ -268,7 +309,7 @@ class ChatService:
         }
         if extra:
             row.update(extra)
-        self.writer.submit(row)
+        self.record(row)
 
     def _log_failure(
         self,
@@ -286,7 +327,7 @@ class ChatService:
             request = _logged_request(body) if isinstance(body, dict) else None
         except TypeError:
             request = None
-        self.writer.submit(
+        self.record(
             {
                 "uid": uid, "ts": ts, "route": route.name if route else "(unrouted)", "key_id": principal.key_id,
                 "endpoint": endpoint, "model": body.get("model") if isinstance(body, dict) and isinstance(body.get("model"), str) else None,

@@ -35,6 +35,14 @@ class PriceOverride(BaseModel):
     reasoning_per_token: float | None = Field(default=None, ge=0)
 
 
+class FallbackTeacher(BaseModel):
+    """A teacher tried, in order, when the route's own teacher is down."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    api_base: str | None = None
+
+
 class RouteSettings(BaseModel):
     """One route: a task with one teacher model and its own routing settings."""
 
@@ -42,6 +50,7 @@ class RouteSettings(BaseModel):
     teacher: str | None = Field(default=None, description="litellm model string; default: the gateway's teacher")
     teacher_api_base: str | None = None
     aliases: list[str] = Field(default_factory=list, description="`model` names that select this route")
+    fallback_teachers: list[FallbackTeacher] = Field(default_factory=list, description="tried in order when the teacher is down")
     mode: Mode | None = Field(default=None, description="off | shadow | cascade; default: the gateway's default_mode")
     threshold: float | None = Field(default=None, ge=0, le=1, description="escalate below this confidence")
     target_agreement: float | None = Field(default=None, gt=0, le=1, description="derive the threshold from this")
@@ -68,6 +77,8 @@ class Settings(BaseSettings):
     teacher_timeout_s: float = Field(default=120.0, gt=0)
     teacher_retries: int = Field(default=2, ge=0, le=10, description="retries on 429/5xx/connection errors")
     retry_backoff_s: float = Field(default=0.5, ge=0, description="first backoff; doubles, with jitter")
+    breaker_failures: int = Field(default=5, ge=1, description="failed calls in a row that open a teacher's circuit")
+    breaker_reset_s: float = Field(default=30.0, gt=0, description="how long an open circuit fails fast")
     direct_http: bool = Field(
         default=True, description="call OpenAI-compatible teachers over HTTP directly (litellm for the rest)"
     )
@@ -82,6 +93,7 @@ class Settings(BaseSettings):
     # the ledger
     ledger_flush_ms: float = Field(default=50.0, gt=0, description="the most a crash can lose")
     ledger_batch: int = Field(default=512, gt=0)
+    ledger_max_queue: int = Field(default=100_000, gt=0, description="rows waiting for the disk before they are dropped (counted)")
 
     # routes and routing
     routes: dict[str, RouteSettings] = Field(default_factory=dict)

@@ -217,7 +217,7 @@ def _ratio(num: float, den: float) -> float | None:
 class Stats:
     """The dashboard's aggregates over one ledger. Thread-safe; cheap to keep for the app's lifetime."""
 
-    def __init__(self, ledger: Any, *, min_interval_s: float = 1.0):
+    def __init__(self, ledger: Any, *, min_interval_s: float = 0.0):
         self.ledger = ledger
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()

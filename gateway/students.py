@@ -55,6 +55,7 @@ class LiveStudent:
     metrics: dict[str, Any]
     curve: list[dict[str, float]]
     # tokens per character of the route's teacher traffic, to price what the teacher would have charged
+    val_pairs: int | None = None
     prompt_tokens_per_char: float = 0.25
     completion_tokens_per_char: float = 0.25
     batcher: "_Batcher | None" = None
@@ -173,7 +174,7 @@ class StudentRouter:
         """Load newly promoted versions (hot swap); the old version serves until the new one is ready."""
         rows = await asyncio.to_thread(
             self.ledger.query,
-            "SELECT route, version, kind, checksum, artifact_path, metrics, curve FROM students WHERE status = 'live'",
+            "SELECT route, version, kind, checksum, artifact_path, metrics, curve, val_pairs FROM students WHERE status = 'live'",
         )
         wanted = {r["route"]: r for r in rows}
         for route_name, row in wanted.items():
@@ -239,6 +240,7 @@ class StudentRouter:
             student=student,
             metrics=orjson.loads(row["metrics"] or "{}"),
             curve=orjson.loads(row["curve"] or "[]"),
+            val_pairs=row.get("val_pairs"),
             prompt_tokens_per_char=(ratios["pt"] / ratios["pc"]) if ratios["pc"] else 0.25,
             completion_tokens_per_char=(ratios["ct"] / ratios["cc"]) if ratios["cc"] else 0.25,
         )
@@ -247,7 +249,7 @@ class StudentRouter:
         route = self.routes.get(route_name)
         live = self.live.get(route_name)
         st = self.state.setdefault(route_name, _RouteState())
-        st.threshold = effective_threshold(route.settings if route else {}, live.curve if live else None)
+        st.threshold = effective_threshold(route.settings if route else {}, live.curve if live else None, live.val_pairs if live else None)
 
     def _maybe_cascade(self, route_name: str) -> None:
         route = self.routes.get(route_name)
@@ -257,7 +259,7 @@ class StudentRouter:
         s = route.settings
         if s.get("mode") == "shadow" and s.get("auto_cascade") and not s.get("paused_by_drift"):
             target = float(s.get("target_agreement") or self.settings.default_target_agreement)
-            if ready_for_cascade(live.metrics, live.curve, target):
+            if ready_for_cascade(live.metrics, live.curve, target, n_val=live.val_pairs):
                 self.routes.update_settings(route_name, {"mode": "cascade"}, actor="router")
                 self.ledger.record_event(route_name, "mode.auto_cascade", detail={"version": live.version, "target": target})
 
@@ -317,10 +319,13 @@ class StudentRouter:
         forbid = escalate in ("0", "false", "no", "never")
         if mode == "shadow" or force_teacher:
             task = asyncio.get_running_loop().create_task(self._ask(live, body))
-            return await self.chat.teacher_chat(
-                route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0,
-                on_answer=lambda answer: self._score_shadow(route, live, task, answer, uid, in_cascade=False),
-            )
+            try:
+                return await self.chat.teacher_chat(
+                    route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0,
+                    on_answer=lambda answer: self._score_shadow(route, live, task, answer, uid, in_cascade=False),
+                )
+            except GatewayError as exc:
+                return await self._student_when_teacher_down(route, live, body, principal, uid, ts, t0, exc, task)
         # cascade: the student first
         st = self.state.setdefault(route.name, _RouteState())
         try:
@@ -353,9 +358,34 @@ class StudentRouter:
         if self.metrics is not None:
             self.metrics.observe_escalation(route.name)
         headers = {"x-kdgate-escalation": reason, **(extra_headers or {})}
-        return await self.chat.teacher_chat(
-            route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0, extra_row=extra_row, extra_headers=headers
-        )
+        try:
+            return await self.chat.teacher_chat(
+                route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0, extra_row=extra_row, extra_headers=headers
+            )
+        except GatewayError as exc:
+            live = self.live.get(route.name)
+            if live is None or reason == "student_error":
+                raise
+            return await self._student_when_teacher_down(route, live, body, principal, uid, ts, t0, exc, None)
+
+    async def _student_when_teacher_down(
+        self, route: Route, live: LiveStudent, body: dict[str, Any], principal: Principal, uid: str, ts: float, t0: float,
+        exc: GatewayError, task: asyncio.Task | None,
+    ) -> Reply:
+        """The teacher (and its fallbacks) failed: answer from the student whatever its confidence, if
+        the route allows it, marked as such; otherwise the client gets the teacher's error."""
+        from gateway.teacher import _is_outage
+
+        if not (route.settings.get("allow_student_when_teacher_down") and _is_outage(exc)):
+            raise exc
+        try:
+            out = await (task if task is not None else self._ask(live, body))
+        except Exception:
+            raise exc from None
+        log.warning("route %s: teacher unavailable (%s); answered by student v%d at confidence %.3f", route.name, exc.status, live.version, out.confidence)
+        reply = self._student_reply(route, live, body, principal, uid, ts, t0, out, degraded=f"teacher unavailable ({exc.status})")
+        reply.headers["x-kdgate-degraded"] = "teacher-unavailable"
+        return reply
 
     def _student_reply(
         self,
@@ -367,6 +397,7 @@ class StudentRouter:
         ts: float,
         t0: float,
         out: Any,
+        degraded: str | None = None,
     ) -> Reply:
         n = int(body.get("n") or 1)
         prompt_chars = sum(len(message_text(m)) for m in body["messages"] if isinstance(m, dict))
@@ -411,7 +442,7 @@ class StudentRouter:
             ],
             "usage": usage,
         }
-        self.writer.submit(
+        self.chat.record(
             {
                 "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
                 "model": model, "teacher_model": route.teacher.model, "request": _logged_request(body),
@@ -420,6 +451,7 @@ class StudentRouter:
                 "counterfactual_usd": counterfactual, "latency_ms": latency_s * 1000, "status": 200,
                 "served_by": "student", "student_version": live.version, "confidence": out.confidence,
                 "student_answer": out.text, "stream": int(bool(body.get("stream"))),
+                "error": f"degraded: {degraded}" if degraded else None,
             }
         )
         if self.metrics is not None:

@@ -33,7 +33,57 @@ from gateway.errors import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TeacherClient", "TeacherTarget", "TeacherResponse", "TeacherStream"]
+__all__ = ["TeacherClient", "TeacherTarget", "TeacherResponse", "TeacherStream", "CircuitBreaker", "TeacherUnavailable"]
+
+
+class TeacherUnavailable(UpstreamError):
+    """The teacher endpoint's circuit is open: it failed repeatedly and is left alone for a while."""
+
+    status = 503
+    code = "teacher_unavailable"
+
+
+class CircuitBreaker:
+    """Per teacher endpoint: after ``failures`` failed calls in a row, calls fail fast for ``reset_s``;
+    then one probe is let through (half-open) and its outcome closes or re-opens the circuit."""
+
+    def __init__(self, *, failures: int = 5, reset_s: float = 30.0):
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+        self._probing = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self._probing = False
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+def _is_outage(exc: GatewayError) -> bool:
+    """Failures that say the endpoint is down (not that this request was wrong)."""
+    return exc.status >= 500 or exc.status in (408, 429)
 
 # Providers that speak OpenAI's wire format as they are, and their default base URL and key variable.
 _DIRECT_PROVIDERS: dict[str, tuple[str | None, str]] = {
@@ -103,8 +153,13 @@ class TeacherClient:
         retries: int = 2,
         backoff_s: float = 0.5,
         direct_http: bool = True,
+        breaker_failures: int = 5,
+        breaker_reset_s: float = 30.0,
     ):
         self._api_key = api_key
+        self.breaker_failures = breaker_failures
+        self.breaker_reset_s = breaker_reset_s
+        self.breakers: dict[tuple[str, str | None], CircuitBreaker] = {}
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -129,25 +184,53 @@ class TeacherClient:
     def is_direct(self, target: TeacherTarget) -> bool:
         return self.direct_http and (target.provider in _DIRECT_PROVIDERS)
 
+    def breaker(self, target: TeacherTarget) -> CircuitBreaker:
+        key = (target.model if not self.is_direct(target) else target.provider, target.api_base)
+        b = self.breakers.get(key)
+        if b is None:
+            b = self.breakers[key] = CircuitBreaker(failures=self.breaker_failures, reset_s=self.breaker_reset_s)
+        return b
+
+    async def _guarded(self, target: TeacherTarget, call: Any, deadline: float) -> Any:
+        breaker = self.breaker(target)
+        if not breaker.allow():
+            raise TeacherUnavailable(
+                f"The teacher {target.model} failed {breaker.failures} times in a row; "
+                f"calls are paused for up to {breaker.reset_s:g}s (circuit breaker)."
+            )
+        try:
+            result = await self._retrying(call, deadline)
+        except GatewayError as exc:
+            if _is_outage(exc):
+                breaker.failure()
+            else:
+                breaker.success()  # the endpoint answered; the request was the problem
+            raise
+        except BaseException:
+            breaker._probing = False
+            raise
+        breaker.success()
+        return result
+
     async def chat(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
         """A non-streaming chat completion from the teacher."""
         deadline = deadline or time.monotonic() + self.timeout_s
         if self.is_direct(target):
-            return await self._retrying(lambda: self._direct_json(target, "/chat/completions", body, deadline), deadline)
-        return await self._retrying(lambda: self._litellm_chat(target, body, deadline), deadline)
+            return await self._guarded(target, lambda: self._direct_json(target, "/chat/completions", body, deadline), deadline)
+        return await self._guarded(target, lambda: self._litellm_chat(target, body, deadline), deadline)
 
     async def chat_stream(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherStream:
         """Open a streaming chat completion. Retries happen only before the first event."""
         deadline = deadline or time.monotonic() + self.timeout_s
         if self.is_direct(target):
-            return await self._retrying(lambda: self._direct_stream(target, body, deadline), deadline)
-        return await self._retrying(lambda: self._litellm_stream(target, body, deadline), deadline)
+            return await self._guarded(target, lambda: self._direct_stream(target, body, deadline), deadline)
+        return await self._guarded(target, lambda: self._litellm_stream(target, body, deadline), deadline)
 
     async def embeddings(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
         deadline = deadline or time.monotonic() + self.timeout_s
         if self.is_direct(target):
-            return await self._retrying(lambda: self._direct_json(target, "/embeddings", body, deadline), deadline)
-        return await self._retrying(lambda: self._litellm_embeddings(target, body, deadline), deadline)
+            return await self._guarded(target, lambda: self._direct_json(target, "/embeddings", body, deadline), deadline)
+        return await self._guarded(target, lambda: self._litellm_embeddings(target, body, deadline), deadline)
 
     # -- retry loop -----------------------------------------------------------------------
     async def _retrying(self, call: Any, deadline: float) -> Any:

@@ -42,14 +42,37 @@ class Decision:
     reason: str  # "confident" | "below_threshold" | "forced_teacher" | "no_escalation" | "mode_off" | ...
 
 
-def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None) -> float:
-    """The confidence a student answer needs: the route's own threshold, else its target on the curve."""
+def wilson_lower(agreement: float, n: float, z: float = 1.645) -> float:
+    """One-sided lower confidence bound (95% by default) of an agreement measured on ``n`` pairs."""
+    if n <= 0:
+        return 0.0
+    denom = 1 + z * z / n
+    centre = agreement + z * z / (2 * n)
+    spread = z * math.sqrt(max(agreement * (1 - agreement), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / denom)
+
+
+def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: float = 1.645) -> list[dict[str, float]]:
+    """The curve with each point's agreement replaced by its lower confidence bound.
+
+    A threshold chosen on the raw curve of a small validation split is optimistic: 28 pairs all
+    right at the top says little about the next 10,000 requests. With the bound, a target is met only
+    where the evidence supports it, so young students serve less, and the share grows with the data.
+    """
+    if not n_val:
+        return list(curve)
+    return [{**p, "agreement": wilson_lower(p["agreement"], p["coverage"] * n_val, z)} for p in curve]
+
+
+def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None, n_val: int | None = None) -> float:
+    """The confidence a student answer needs: the route's own threshold, else the lowest threshold at
+    which the live version's validation curve meets the target agreement with 95% confidence."""
     if settings.get("threshold") is not None:
         return float(settings["threshold"])
     target = settings.get("target_agreement")
     if target is None or not curve:
         return NEVER
-    threshold = threshold_for_target(curve, float(target))
+    threshold = threshold_for_target(conservative_curve(curve, n_val), float(target))
     return NEVER if threshold is None else float(threshold)
 
 
@@ -75,10 +98,13 @@ def decide(*, mode: str, confidence: float, threshold: float, force_teacher: boo
     return Decision(False, "below_threshold")
 
 
-def ready_for_cascade(metrics: dict[str, Any], curve: Sequence[dict[str, float]] | None, target: float, *, min_coverage: float = 0.01) -> bool:
-    """A live student earns cascade when, on validation, it meets the target on a useful share."""
+def ready_for_cascade(
+    metrics: dict[str, Any], curve: Sequence[dict[str, float]] | None, target: float, *, n_val: int | None = None, min_coverage: float = 0.01
+) -> bool:
+    """A live student earns cascade when, on validation, it meets the target (with 95% confidence)
+    on a useful share of requests."""
     if curve:
-        return coverage_at(curve, target) >= min_coverage
+        return coverage_at(conservative_curve(curve, n_val), target) >= min_coverage
     return float(metrics.get("coverage_at_target") or 0.0) >= min_coverage
 
 

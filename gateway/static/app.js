@@ -54,6 +54,7 @@
     return el("div", { class: "card " + (cls || "") }, el("div", { class: "label" }, label),
       el("div", { class: "value", id: id, "data-value": raw === null || raw === undefined ? "" : raw }, value));
   }
+  const clip = (text, n) => text.length > n ? text.slice(0, n - 1) + "…" : text;
   function failure(err) { return el("p", { class: "error" }, String(err.message || err)); }
 
   // -- charts (server data, hand-drawn SVG) ---------------------------------------------------
@@ -317,7 +318,7 @@
     // history of changes
     const eventsBox = el("div", { class: "panel" }, el("h2", {}, "Changes"),
       events.length ? el("table", { id: "events-table" }, el("tbody", {}, events.slice(0, 15).map((e) => el("tr", {},
-        el("td", {}, when(e.ts)), el("td", {}, e.kind), el("td", {}, e.actor), el("td", { class: "text" }, e.detail ? JSON.stringify(e.detail) : ""))))) :
+        el("td", {}, when(e.ts)), el("td", {}, e.kind), el("td", {}, e.actor), el("td", { class: "text detail" }, e.detail ? clip(JSON.stringify(e.detail), 240) : ""))))) :
         el("p", { class: "muted" }, "No changes recorded."));
 
     // recent exchanges, student and teacher side by side when shadowed
@@ -339,7 +340,8 @@
       el("div", { class: "grid2" },
         el("div", { class: "panel" }, el("h2", {}, "Coverage / agreement of the live version"), chartHolder),
         el("div", {}, control, modeBox)),
-      el("div", { class: "grid2" }, versionsBox, el("div", {}, facts, eventsBox)),
+      el("div", { class: "grid2" }, versionsBox, facts),
+      eventsBox,
       exBox);
     drawCurve(null);
     preview();

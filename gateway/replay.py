@@ -1,0 +1,396 @@
+"""``kdgate bench replay`` and ``kdgate demo``: a request stream through the live gateway.
+
+The teacher is the stand-in replay server (``gateway.standin``), which answers each request with the
+stream's ``answer`` and reports usage, so the gateway prices it at a real model's rates (gpt-4o by
+default). The gateway runs as it does in production (``kdgate serve`` with its embedded distiller, in
+their own processes); requests go through the official ``openai`` client. Agreement is with the
+stand-in teacher, i.e. with the stream's gold answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["run_replay", "replay_metrics", "register", "register_bench", "demo_stream"]
+
+
+def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                if "messages" not in row or "answer" not in row:
+                    raise ValueError(f"{path}: every line needs 'messages' and 'answer'")
+                rows.append(row)
+                if limit and len(rows) >= limit:
+                    break
+    if not rows:
+        raise ValueError(f"{path} holds no requests")
+    return rows
+
+
+def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
+    """The bundled banking77 stream (CC BY 4.0), prompts built on the fly."""
+    data = resources.files("gateway") / "data"
+    system = (data / "banking77_system_prompt.txt").read_text()
+    rows = []
+    with gzip.open(str(data / "banking77.csv.gz"), "rt", newline="") as fh:
+        for rec in csv.DictReader(fh):
+            rows.append({"messages": [{"role": "system", "content": system}, {"role": "user", "content": rec["text"]}], "answer": rec["intent"]})
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a server exited during start-up (code {proc.returncode}); see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.25)
+    raise TimeoutError(f"{url} did not come up in {timeout:.0f}s")
+
+
+class ReplayStack:
+    """The stand-in teacher and ``kdgate serve`` (with its embedded distiller) as child processes."""
+
+    def __init__(self, stream_path: Path, workdir: Path, *, teacher_model: str, port: int | None, distiller: dict[str, Any], admin_key: str | None, route_settings: dict[str, Any]):
+        from gateway.standin import free_port
+
+        self.workdir = workdir
+        self.teacher_port = free_port()
+        self.port = port or free_port()
+        self.db = workdir / "kdgate.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
+        env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OPENAI_API_KEY": "sk-stand-in"})
+        self.env = env
+        config = workdir / "kdgate.toml"
+        lines = [f'db = "{self.db}"', f'teacher = "openai/{teacher_model}"', f'teacher_api_base = "http://127.0.0.1:{self.teacher_port}/v1"',
+                 f"port = {self.port}", "auth = false", "default_shadow_rate = 0.02"]
+        if admin_key:
+            lines.append(f'admin_key = "{admin_key}"')
+        if distiller:
+            lines.append("distiller = " + _toml_inline(distiller))
+        lines.append("[routes.replay]")
+        lines.append(f'aliases = ["{teacher_model}"]')
+        for k, v in route_settings.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        config.write_text("\n".join(lines) + "\n")
+        self.config = config
+        self.stream_path = stream_path
+        self.teacher_model = teacher_model
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        log_t = open(self.workdir / "teacher.log", "wb")
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--dataset", str(self.stream_path), "--model", self.teacher_model],
+                                           env=self.env, stdout=log_t, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait(f"http://127.0.0.1:{self.teacher_port}/v1/models", self.procs[-1])
+        log_g = open(self.workdir / "gateway.log", "wb")
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"],
+                                           env=self.env, stdout=log_g, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait(f"http://127.0.0.1:{self.port}/readyz", self.procs[-1])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)  # the gateway drains its ledger queue and stops the distiller
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.procs.clear()
+
+
+def _toml_inline(d: dict[str, Any]) -> str:
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
+
+
+def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: float, concurrency: int, progress: bool = True) -> list[dict[str, Any]]:
+    """Send every request in order (``rate`` per second at most, 0 = as fast as answered)."""
+    import openai
+    from tqdm import tqdm
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=2, timeout=120)
+    results: list[dict[str, Any] | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), desc="replay", unit="req", disable=not progress)
+    lock = threading.Lock()
+    start = time.monotonic()
+
+    def one(i: int) -> None:
+        if rate > 0:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=rows[i]["messages"])
+        resp = raw.parse()
+        results[i] = {"uid": raw.headers.get("x-request-id"), "served_by": raw.headers.get("x-kdgate-served-by"),
+                      "answer": resp.choices[0].message.content}
+        with lock:
+            bar.update(1)
+            if bar.n % 200 == 0:
+                served = sum(1 for r in results[max(0, i - 500): i + 1] if r and r["served_by"] == "student")
+                bar.set_postfix(student_recent=f"{served / max(1, min(500, i + 1)):.0%}")
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        for fut in [pool.submit(one, i) for i in range(len(rows))]:
+            fut.result()
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledger_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Saving and quality over the stream, its last quarter, a threshold sweep and baselines."""
+    import numpy as np
+
+    from router.policy import answers_agree
+
+    n = len(sent)
+    served = np.array([s["served_by"] == "student" for s in sent])
+    correct = np.array([answers_agree(s["answer"], r["answer"]) for s, r in zip(sent, rows)])
+    cost = np.array([ledger_rows.get(s["uid"], {}).get("cost_usd") or 0.0 for s in sent])
+    counter = np.array([ledger_rows.get(s["uid"], {}).get("counterfactual_usd") or 0.0 for s in sent])
+    conf = np.array([(ledger_rows.get(s["uid"], {}).get("confidence")) for s in sent], dtype=object)
+    student_ans = [ledger_rows.get(s["uid"], {}).get("student_answer") for s in sent]
+    has_student = np.array([c is not None and a is not None for c, a in zip(conf, student_ans)])
+    conf_f = np.array([float(c) if c is not None else -1.0 for c in conf])
+    student_correct = np.array([answers_agree(a, r["answer"]) if a is not None else False for a, r in zip(student_ans, rows)])
+
+    def block(sl: slice) -> dict[str, float]:
+        cf = counter[sl].sum()
+        return {
+            "requests": int(len(served[sl])),
+            "student_share": round(float(served[sl].mean()), 4),
+            "agreement": round(float(correct[sl].mean()), 4),
+            "saved_fraction": round(float(1 - cost[sl].sum() / cf), 4) if cf > 0 else 0.0,
+            "teacher_spend_usd": round(float(cf), 6),
+            "actual_spend_usd": round(float(cost[sl].sum()), 6),
+        }
+
+    q = n - n // 4
+    # teacher price of each request, for the sweep: the counterfactual where the student answered,
+    # the actual teacher cost where it escalated
+    teacher_cost = np.where(counter > 0, counter, cost)
+    total = teacher_cost.sum() or 1.0
+    q_weak = float(np.where(has_student, student_correct, True).mean())
+    thresholds = np.unique(np.r_[conf_f[has_student], 0.0, 1.01])
+    sweep = []
+    for t in thresholds:
+        use = has_student & (conf_f >= t)
+        quality = float(np.where(use, student_correct, True).mean())
+        sweep.append({"threshold": round(float(t), 6), "teacher_calls": round(float(1 - use.mean()), 5),
+                      "teacher_cost_share": round(float(teacher_cost[~use].sum() / total), 5), "agreement": round(quality, 5)})
+    sweep.sort(key=lambda p: p["teacher_calls"])
+    gap = 1.0 - q_weak
+    pgr = [(p["teacher_calls"], (p["agreement"] - q_weak) / gap if gap > 0 else 1.0) for p in sweep]
+    xs = np.array([x for x, _ in pgr])
+    ys = np.clip(np.array([y for _, y in pgr]), 0, 1)
+    lo = float(xs.min()) if len(xs) else 0.0
+    apgr = float(np.trapezoid(ys, xs) / (1 - lo)) if len(xs) > 1 and lo < 1 else 1.0
+    cpt = {}
+    for level in (50, 80, 95):
+        ok = [x for x, y in pgr if y >= level / 100]
+        cpt[str(level)] = round(float(min(ok)), 4) if ok else 1.0
+    avail = has_student.sum()
+    share = float(served.mean())
+    acc_avail = float(student_correct[has_student].mean()) if avail else 0.0
+    baselines = {
+        "always_teacher": {"student_share": 0.0, "agreement": 1.0, "saved_fraction": 0.0},
+        "random_equal_cost": {"student_share": round(share, 4), "agreement": round(1 - share * (1 - acc_avail), 4),
+                               "saved_fraction": block(slice(0, n))["saved_fraction"]},
+        "oracle": {"student_share": round(float((has_student & student_correct).mean()), 4), "agreement": 1.0,
+                   "saved_fraction": round(float(counter[has_student & student_correct].sum() / total), 4)},
+    }
+    return {"overall": block(slice(0, n)), "last_quarter": block(slice(q, n)), "apgr": round(apgr, 4), "cpt": cpt,
+            "student_alone_agreement": round(q_weak, 4), "baselines": baselines, "sweep": sweep}
+
+
+def plot(metrics: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    sw = metrics["sweep"]
+    ax.plot([p["teacher_cost_share"] for p in sw], [p["agreement"] for p in sw], "-", color="#2b6cb0", label="kdgate threshold sweep")
+    o = metrics["overall"]
+    ax.plot([1 - o["saved_fraction"]], [o["agreement"]], "o", color="#2b6cb0", label="kdgate (as run)")
+    ax.plot([1.0], [1.0], "s", color="#444", label="always teacher")
+    q = metrics["student_alone_agreement"]
+    ax.plot([0, 1], [q, 1.0], "--", color="#999", label="random routing")
+    b = metrics["baselines"]["oracle"]
+    ax.plot([1 - b["saved_fraction"]], [1.0], "*", color="#c05621", markersize=11, label="oracle")
+    ax.set_xlabel("teacher spend (share of always-teacher)")
+    ax.set_ylabel("agreement with teacher")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_replay(
+    rows: list[dict[str, Any]],
+    *,
+    name: str,
+    out: Path | None = None,
+    teacher_model: str = "gpt-4o",
+    rate: float = 25.0,
+    concurrency: int = 4,
+    port: int | None = None,
+    workdir: Path | None = None,
+    distiller: dict[str, Any] | None = None,
+    route_settings: dict[str, Any] | None = None,
+    keep_running: bool = False,
+    admin_key: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], "ReplayStack | None"]:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stream_path = workdir / "stream.jsonl"
+    with open(stream_path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
+    distiller = {"poll_seconds": 2.0, "retrain_after_pairs": 500, "retrain_after_minutes": 2.0, **(distiller or {})}
+    stack = ReplayStack(stream_path, workdir, teacher_model=teacher_model, port=port, distiller=distiller,
+                        admin_key=admin_key, route_settings=route_settings or {})
+    t0 = time.monotonic()
+    stack.start()
+    try:
+        sent = send_stream(rows, stack.base_url, model=teacher_model, rate=rate, concurrency=concurrency, progress=progress)
+    except BaseException:
+        stack.stop()
+        raise
+    elapsed = time.monotonic() - t0
+    if not keep_running:
+        stack.stop()
+    else:
+        import urllib.request
+
+        time.sleep(0.5)  # one ledger flush window
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/healthz").read()
+    from gateway.ledger import Ledger
+
+    ledger = Ledger(stack.db)
+    deadline = time.monotonic() + 30
+    uids = [s["uid"] for s in sent]
+    while True:  # a running gateway writes within its flush window
+        found = ledger.scalar("SELECT count(*) FROM exchanges WHERE route = 'replay' AND endpoint = 'chat.completions' AND status = 200")
+        if found >= len(uids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    by_uid = {r["uid"]: r for r in ledger.query("SELECT uid, cost_usd, counterfactual_usd, confidence, student_answer, served_by FROM exchanges WHERE route = 'replay'")}
+    versions = ledger.query("SELECT version, status, train_pairs, metrics FROM students WHERE route = 'replay' ORDER BY version")
+    metrics = replay_metrics(rows, sent, by_uid)
+    metrics.update({
+        "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
+        "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
+        "teacher": f"stand-in replay teacher priced as {teacher_model}",
+        "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
+                              "coverage_at_target": json.loads(v["metrics"] or "{}").get("coverage_at_target")} for v in versions],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    results_dir = Path("bench/results")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"replay-{name}.json").write_text(json.dumps(metrics, indent=2))
+    plot(metrics, results_dir / f"replay-{name}.png", f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2))
+    return metrics, (stack if keep_running else None)
+
+
+def print_table(m: dict[str, Any]) -> None:
+    print(f"\n{'':<22}{'student share':>14}{'agreement':>11}{'saved':>8}")
+    for label, key in (("whole stream", "overall"), ("last 25%", "last_quarter")):
+        b = m[key]
+        print(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
+    for label, b in m["baselines"].items():
+        print(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
+    o = m["overall"]
+    print(f"\nteacher spend without kdgate ${o['teacher_spend_usd']:.4f}, with kdgate ${o['actual_spend_usd']:.4f}"
+          f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
+
+
+def register_bench(bench_sub: Any) -> None:
+    p = bench_sub.add_parser("replay", help="replay a request stream through the live gateway with a stand-in teacher")
+    p.add_argument("--dataset", required=True, type=Path, help="JSONL stream: {messages, answer} per line")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--teacher-model", default="gpt-4o", help="whose prices the stand-in teacher charges (default gpt-4o)")
+    p.add_argument("--rate", type=float, default=25.0, help="requests per second (0: as fast as answered)")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument("--target-agreement", type=float, default=0.99, help="the route's target agreement")
+    p.add_argument("--name", help="results name (default: from the path)")
+
+    def run(args: Any) -> int:
+        rows = load_stream(args.dataset, args.limit)
+        name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
+        m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
+                          concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement})
+        print_table(m)
+        print(f"\nresults: bench/results/replay-{name}.json and .png")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("demo", help="replay the bundled banking77 stream through a local gateway, then leave it running")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--limit", type=int, help="replay only the first N requests")
+    p.add_argument("--rate", type=float, default=40.0, help="requests per second")
+    p.add_argument("--no-wait", action="store_true", help="stop the gateway after the table instead of leaving it running")
+    p.add_argument("--dir", type=Path, default=Path("kdgate-demo"), help="where the demo's ledger and students go")
+
+    def run(args: Any) -> int:
+        import secrets
+
+        rows = demo_stream(args.limit)
+        admin_key = secrets.token_hex(16)
+        print(f"kdgate demo: {len(rows)} banking77 requests through a local gateway; the teacher is a stand-in "
+              "that replays the data set's answers at gpt-4o prices.")
+        m, stack = run_replay(rows, name="demo-banking77", rate=args.rate, port=args.port, workdir=args.dir.resolve(),
+                              keep_running=not args.no_wait, admin_key=admin_key, route_settings={"target_agreement": 0.99})
+        print_table(m)
+        if stack is None:
+            return 0
+        print(f"\nThe gateway is still running at http://127.0.0.1:{stack.port}/v1 (OpenAI-compatible, no key needed).")
+        print(f"Dashboard: http://127.0.0.1:{stack.port}/dashboard  (admin key for this demo: {admin_key})")
+        print("Ctrl-C stops it.")
+        try:
+            while all(p.poll() is None for p in stack.procs):
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stack.stop()
+        return 0
+
+    p.set_defaults(func=run)
