@@ -208,6 +208,9 @@ def create_app(settings: Settings) -> FastAPI:
     from gateway.admin import build_admin_router
 
     app.include_router(build_admin_router())
+    from gateway.dashboard import install_dashboard
+
+    install_dashboard(app)
     return app
 
 
@@ -235,15 +238,18 @@ def build_state(settings: Settings) -> GatewayState:
     )
     prices = PriceBook(settings.price_overrides)
     from gateway.limits import Limiter
+    from gateway.metrics import Metrics
 
-    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger))
+    metrics = Metrics(queue_depth=lambda: writer.depth)
+    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger), metrics=metrics)
     state = GatewayState(
-        settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat
+        settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat,
+        metrics=metrics,
     )
     from gateway.students import StudentRouter
 
     state.students = chat.students = StudentRouter(
-        settings=settings, ledger=ledger, writer=writer, routes=routes, chat=chat, prices=prices
+        settings=settings, ledger=ledger, writer=writer, routes=routes, chat=chat, prices=prices, metrics=metrics
     )
     if settings.embedded_distiller:
         state.distiller = DistillerProcess(settings)

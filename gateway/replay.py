@@ -307,11 +307,17 @@ def run_replay(
         time.sleep(0.2)
     by_uid = {r["uid"]: r for r in ledger.query("SELECT uid, cost_usd, counterfactual_usd, confidence, student_answer, served_by FROM exchanges WHERE route = 'replay'")}
     versions = ledger.query("SELECT version, status, train_pairs, metrics FROM students WHERE route = 'replay' ORDER BY version")
+    latency = {}
+    for who in ("student", "teacher"):
+        vals = sorted(r["latency_ms"] for r in ledger.query("SELECT latency_ms FROM exchanges WHERE route = 'replay' AND served_by = ? AND status = 200", (who,)))
+        latency[f"{who}_p50_ms"] = round(vals[len(vals) // 2], 2) if vals else None
+        latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
     metrics = replay_metrics(rows, sent, by_uid)
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
+        "latency_in_gateway": latency,
         "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
                               "coverage_at_target": json.loads(v["metrics"] or "{}").get("coverage_at_target")} for v in versions],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -131,7 +131,9 @@ class ChatService:
         }
         if body.get("stream"):
             return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row, on_answer)
+        t_up = time.perf_counter()
         target, resp = await self._with_fallbacks(route, lambda t: self.teacher.chat(t, upstream))
+        upstream_s = time.perf_counter() - t_up
         if on_answer is not None:
             extra_row = {**(extra_row or {}), **(await on_answer(answer_of(resp.body)[0]) or {})}
         usage = Usage.from_openai(resp.body.get("usage"))
@@ -145,7 +147,10 @@ class ChatService:
             usage=usage, cost=cost, stream=False, extra=extra_row, teacher_model=target.model,
         )
         if self.metrics is not None:
-            self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
+            total_s = time.perf_counter() - t0
+            self.metrics.observe_exchange(route.name, "teacher", total_s, cost, cost, usage)
+            if on_answer is None and extra_row is None:  # plain proxying: no student time inside
+                self.metrics.observe_overhead(total_s - upstream_s)
         return Reply(body=resp.raw if resp.raw is not None else orjson.dumps(resp.body), headers=headers)
 
     async def _teacher_stream(

@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     db: str = Field(default="kdgate.db", description="path of the SQLite ledger")
     artifacts_dir: str | None = Field(default=None, description="student artifacts; default <db dir>/artifacts")
     log_level: str = "info"
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="in-flight requests (streams too) get this long to finish")
 
     # the teacher
     teacher: str = Field(default="openai/gpt-4o-mini", description="default teacher, a litellm model string")

@@ -308,11 +308,11 @@
         el("td", { class: "num" }, pct(m.agreement)), el("td", { class: "num" }, pct(m.coverage_at_target)),
         el("td", { class: "num" }, fixed(m.threshold_at_target, 3)), el("td", { class: "num" }, fixed(m.ece, 3)),
         el("td", { class: "num" }, pct(v.live_agreement) + (v.shadow_checks ? " (" + num(v.shadow_checks) + ")" : "")),
-        el("td", { class: "num" }, num(v.train_pairs)), el("td", {}, v.created ? when(v.created) : "–"), el("td", {}, action));
+        el("td", {}, v.created ? when(v.created).slice(0, 16) : "–"), el("td", {}, action));
     });
     const versionsBox = el("div", { class: "panel" }, el("h2", {}, "Versions"),
       versions.length ? el("table", { id: "versions-table" }, el("thead", {}, el("tr", {},
-        ["Version", "Kind", "Status", "Val. agreement", "Coverage @ target", "Threshold @ target", "ECE", "Live agreement", "Train pairs", "Created", ""].map((h) => el("th", {}, h)))),
+        ["Version", "Kind", "Status", "Val. agreement", "Coverage @ target", "Threshold @ target", "ECE", "Live agreement", "Created (UTC)", ""].map((h) => el("th", {}, h)))),
         el("tbody", {}, versionRows)) : el("p", { class: "muted" }, "No student versions yet."), vstatus);
 
     // history of changes
