@@ -149,7 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
         """OpenAI's chat completions (streaming and not), answered by a student or the teacher."""
         state = state_of(request)
         principal = principal_of(request)
-        body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+        body = await _read_json(state, request, principal, "chat.completions")
         reply = await state.chat.chat(body, principal=principal, headers=_lower_headers(request))
         return _reply(reply)
 
@@ -167,7 +167,7 @@ def create_app(settings: Settings) -> FastAPI:
         """OpenAI's embeddings, passed through to the provider and logged for cost."""
         state = state_of(request)
         principal = principal_of(request)
-        body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
+        body = await _read_json(state, request, principal, "embeddings")
         return _reply(await state.chat.embeddings(body, principal=principal, headers=_lower_headers(request)))
 
     @app.get("/v1/models", tags=["openai"])
@@ -212,6 +212,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     install_dashboard(app)
     return app
+
+
+async def _read_json(state: GatewayState, request: Request, principal: Principal, endpoint: str) -> dict[str, Any]:
+    """The request's JSON body; an unreadable one is refused and logged as a failed exchange."""
+    import time
+
+    from gateway.serving import new_uid
+
+    t0 = time.perf_counter()
+    try:
+        return parse_json_body(await read_body(request, state.settings.max_body_bytes))
+    except GatewayError as exc:
+        state.chat._log_failure(uid=new_uid(), ts=time.time(), t0=t0, route=None, body=None, principal=principal, exc=exc, endpoint=endpoint)
+        raise
 
 
 def _lower_headers(request: Request) -> dict[str, str]:

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gateway.bench_overhead import register as register_overhead
 
     register_overhead(bsub)
-    for module in ("gateway.replay", "distiller.cli", "distiller.lm.cli", "gateway.stats_cli"):
+    for module in ("gateway.replay", "distiller.cli", "distiller.lm.cli", "gateway.stats_cli", "gateway.bench_robust"):
         _register(module, sub, bsub)
     return parser
 

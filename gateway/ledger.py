@@ -410,7 +410,7 @@ class Ledger:
         if unknown:
             raise ValueError(f"unknown key limit(s): {sorted(unknown)}; known: {sorted(allowed)}")
         if not limits:
-            return True
+            return self.scalar("SELECT count(*) FROM api_keys WHERE id = ? OR name = ?", (key_id, key_id)) > 0
         sets = ", ".join(f"{k} = ?" for k in limits)
         with self.conn:
             cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*limits.values(), key_id, key_id])
@@ -562,8 +562,24 @@ class LedgerWriter:
     def _commit(self, conn: sqlite3.Connection, work: list[tuple[str, Any]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for kind, payload in work:
-                self._apply(conn, kind, payload)
+            i = 0
+            while i < len(work):
+                kind, payload = work[i]
+                if kind != "exchange":
+                    self._apply(conn, kind, payload)
+                    i += 1
+                    continue
+                # consecutive rows with the same columns go in one executemany: the writer must keep
+                # up with the event loop, or a crash loses its backlog, not just one flush window
+                cols = tuple(payload)
+                j = i
+                while j < len(work) and work[j][0] == "exchange" and tuple(work[j][1]) == cols:
+                    j += 1
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    [[row[c] for c in cols] for _, row in work[i:j]],
+                )
+                i = j
             conn.execute("COMMIT")
         except BaseException:
             try:

@@ -28,7 +28,25 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"The request body is not valid JSON ({exc.msg} at position {exc.pos}).") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
+    _check_depth(body)
     return body
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _check_depth(body: Any) -> None:
+    """Refuse absurdly nested bodies: no OpenAI request nests deeper than a handful of levels, and
+    re-serialising one that does would fail further down (orjson stops at 255)."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
 
 
 def _check_int(body: dict[str, Any], name: str, lo: int, hi: int) -> None:

@@ -353,6 +353,13 @@ class RouteTable:
         return route
 
     def _add_route(self, name: str, *, teacher: str, origin: str, template: dict[str, Any] | None) -> Route:
+        if origin == "auto" and name not in self._routes:
+            autos = sum(1 for r in self._routes.values() if r.origin == "auto")
+            if autos >= self.settings.max_auto_routes:
+                # a client sending ever-new models or templates must not grow the table without bound
+                name, template = "auto-overflow", None
+                if name in self._routes:
+                    return self._routes[name]
         route = Route(
             name=name,
             teacher=TeacherTarget(model=teacher, api_base=self.settings.teacher_api_base),

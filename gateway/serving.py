@@ -179,7 +179,12 @@ class ChatService:
             error: GatewayError | None = None
             try:
                 async for event in stream:
-                    payload = event[6:].strip() if event.startswith(b"data: ") else None
+                    if not event.startswith(b"data:"):
+                        if event.startswith(b":"):  # an SSE comment (keep-alive): pass it on
+                            yield event
+                            continue
+                        raise UpstreamError("The teacher sent a malformed stream event.")
+                    payload = event[5:].strip()
                     if payload and payload != b"[DONE]":
                         try:
                             chunk = orjson.loads(payload)

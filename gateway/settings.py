@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     allow_new_routes: bool = Field(
         default=False, description="accept route names (header/metadata) that are not configured yet"
     )
+    max_auto_routes: int = Field(default=1000, ge=1, description="automatic routes kept apart; past this, new ones share 'auto-overflow'")
     default_mode: Mode = "shadow"
     default_target_agreement: float = Field(default=0.98, gt=0, le=1)
     default_shadow_rate: float = Field(default=0.05, ge=0, le=1)

@@ -221,6 +221,8 @@ class StudentRouter:
         options: dict[str, Any] = {}
         if row["kind"] == "lm":
             options["backend"] = self.settings.student_backend
+            if self.settings.student_backend == "vllm":
+                import gateway.vllm_backend  # noqa: F401  (registers the "vllm" backend with router.lm_student)
             if self.settings.vllm_base_url:
                 options["vllm_base_url"] = self.settings.vllm_base_url
         student = load_student(row["artifact_path"], expected_checksum=row["checksum"], **options)
@@ -229,7 +231,8 @@ class StudentRouter:
         ratios = self.ledger.query(
             "SELECT sum(prompt_tokens) AS pt, sum(length(request)) AS pc, sum(completion_tokens) AS ct, sum(length(answer)) AS cc "
             "FROM (SELECT prompt_tokens, request, completion_tokens, answer FROM exchanges "
-            "WHERE route = ? AND served_by = 'teacher' AND status = 200 ORDER BY id DESC LIMIT 2000)",
+            "WHERE route = ? AND served_by = 'teacher' AND status = 200 AND prompt_tokens > 0 AND completion_tokens > 0 "
+            "ORDER BY id DESC LIMIT 2000)",
             (row["route"],),
         )[0]
         return LiveStudent(

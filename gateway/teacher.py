@@ -327,6 +327,17 @@ class TeacherClient:
         except GatewayError:
             resp.release()
             raise
+        first = stream.first or b""
+        payload = first[5:].strip() if first.startswith(b"data:") else None
+        valid = payload == b"[DONE]"
+        if payload and not valid:
+            try:
+                valid = isinstance(orjson.loads(payload), dict)
+            except orjson.JSONDecodeError:
+                valid = False
+        if not valid:
+            resp.release()
+            raise UpstreamError("The teacher's stream is not OpenAI's server-sent events.")
         stream._events = iterator
         return stream
 

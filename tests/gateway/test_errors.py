@@ -110,3 +110,13 @@ def test_provider_key_never_leaks(make_gateway, teacher, tmp_path):
     assert not any(secret in t for t in texts)
     dump = "\n".join(str(r) for r in gw.state.ledger.query("SELECT * FROM exchanges"))
     assert secret not in dump
+
+
+def test_automatic_routes_are_bounded(make_gateway):
+    gw = make_gateway(auth=False, max_auto_routes=3)
+    names = set()
+    for i in range(6):
+        r = _post(gw, '{"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "task %d"}, {"role": "user", "content": "x"}]}' % i)
+        assert r.status_code == 200
+        names.add(r.headers["x-kdgate-route"])
+    assert len(names) == 4 and "auto-overflow" in names

@@ -1,0 +1,328 @@
+"""``kdgate bench soak`` and ``kdgate bench crash``: load held, memory over time, exchanges lost.
+
+Both spawn the stand-in teacher (``python -m gateway.standin``) and ``kdgate serve`` as child processes
+on loopback and drive the gateway with an aiohttp client in this process, one connection per worker,
+each worker looping requests. Every answered request's ``x-request-id`` is kept and looked up in the
+ledger afterwards.
+
+- soak: ``--connections`` workers for ``--minutes``; the gateway's RSS is sampled every few seconds;
+  then SIGTERM (a clean stop drains the ledger queue) and every answered exchange must be in the ledger.
+- crash: load for ``--seconds``, then SIGKILL. An exchange answered before the last flush window
+  (``ledger_flush_ms`` x 2 + a margin, see :data:`FLUSH_MARGIN_S`) must be in the ledger; one answered
+  within it may be lost. The database must pass ``PRAGMA integrity_check`` and the gateway must start
+  again on it.
+
+The teacher is a stand-in (no paid API here) and results say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["register_bench", "run_soak", "run_crash", "Stack"]
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Is this message positive or negative? I love it."}], "max_tokens": 5}
+# The writer waits up to flush_ms for a first row and up to flush_ms more to fill a batch, then commits:
+# an answered row is committed at most 2 x flush_ms (plus the commit itself) after it was queued.
+FLUSH_MARGIN_S = 0.25
+RSS_EVERY_S = 5.0
+
+
+def _progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+class Stack:
+    """The stand-in teacher and ``kdgate serve`` (no distiller) as child processes on loopback."""
+
+    def __init__(self, workdir: Path, *, flush_ms: float = 50.0):
+        from gateway.standin import free_port
+
+        self.workdir = workdir
+        self.db = workdir / "kdgate.db"
+        self.flush_ms = flush_ms
+        self.teacher_port = free_port()
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
+        env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "OPENAI_API_KEY": "sk-stand-in", "KDGATE_EMBEDDED_DISTILLER": "false",
+                    "KDGATE_LEDGER_FLUSH_MS": str(flush_ms), "KDGATE_LOG_LEVEL": "warning"})
+        self.env = env
+        self.teacher: subprocess.Popen | None = None
+        self.gateway: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_teacher(self) -> None:
+        from gateway.bench_overhead import _spawn, _wait_http
+
+        self.teacher = _spawn([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"],
+                              self.env, self.workdir / "teacher.log")
+        _wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
+
+    def start_gateway(self) -> None:
+        from gateway.bench_overhead import _spawn, _wait_http
+
+        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--teacher", "openai/gpt-4o-mini",
+               "--teacher-api-base", f"http://127.0.0.1:{self.teacher_port}/v1", "--db", str(self.db),
+               "--port", str(self.port), "--no-auth"]
+        self.gateway = _spawn(cmd, self.env, self.workdir / f"gateway-{int(time.time() * 1000)}.log")
+        _wait_http(self.url + "/readyz", proc=self.gateway)
+
+    def stop_gateway(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        proc = self.gateway
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        os.killpg(proc.pid, sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(10)
+
+    def stop(self) -> None:
+        self.stop_gateway()
+        if self.teacher is not None and self.teacher.poll() is None:
+            os.killpg(self.teacher.pid, signal.SIGTERM)
+            try:
+                self.teacher.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.teacher.pid, signal.SIGKILL)
+
+
+async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int | None = None,
+                answered: list[tuple[str, float]], errors: dict[str, int], rss: list[float]) -> int:
+    """``connections`` workers, each looping requests until ``seconds`` pass; returns requests sent."""
+    import aiohttp
+
+    payload = json.dumps(BODY).encode()
+    headers = {"content-type": "application/json"}
+    stop_at = time.monotonic() + seconds
+    sent = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal sent
+        while time.monotonic() < stop_at:
+            sent += 1
+            try:
+                async with session.post(url, data=payload, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        answered.append((resp.headers.get("x-request-id", ""), time.time()))
+                    else:
+                        errors[f"status {resp.status}"] = errors.get(f"status {resp.status}", 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                await asyncio.sleep(0.05)
+
+    async def sampler() -> None:
+        import psutil
+
+        proc = psutil.Process(gateway_pid)
+        last_report = time.monotonic()
+        while time.monotonic() < stop_at:
+            try:
+                rss.append(round(proc.memory_info().rss / 2**20, 1))
+            except psutil.Error:
+                return
+            if time.monotonic() - last_report >= 30:
+                last_report = time.monotonic()
+                _progress(f"{len(answered)} answered, {sum(errors.values())} errors, rss {rss[-1]} MB")
+            await asyncio.sleep(min(RSS_EVERY_S, max(0.0, stop_at - time.monotonic())))
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks = [worker(session) for _ in range(connections)]
+        if gateway_pid is not None:
+            tasks.append(sampler())
+        await asyncio.gather(*tasks)
+    return sent
+
+
+def _ledger_uids(db: Path) -> set[str]:
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        return {row[0] for row in conn.execute("SELECT uid FROM exchanges")}
+    finally:
+        conn.close()
+
+
+def _integrity(db: Path) -> tuple[bool, str]:
+    conn = sqlite3.connect(str(db), timeout=30)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        conn.close()
+    text = "; ".join(str(r[0]) for r in result)
+    return text == "ok", text
+
+
+def _write(results: dict[str, Any], name: str, out: Path | None) -> None:
+    text = json.dumps(results, indent=2)
+    Path("bench/results").mkdir(parents=True, exist_ok=True)
+    Path(f"bench/results/{name}.json").write_text(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
+def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None) -> dict[str, Any]:
+    """Hold ``connections`` concurrent connections for ``minutes``; report errors, RSS and lost exchanges."""
+    workdir = Path(tempfile.mkdtemp(prefix="kdgate-soak-"))
+    stack = Stack(workdir)
+    answered: list[tuple[str, float]] = []
+    errors: dict[str, int] = {}
+    rss: list[float] = []
+    try:
+        stack.start_teacher()
+        stack.start_gateway()
+        _progress(f"soak: {connections} connections for {minutes:g} min against {stack.url} (workdir {workdir})")
+        t0 = time.monotonic()
+        sent = asyncio.run(_load(stack.url + "/v1/chat/completions", connections=connections, seconds=minutes * 60,
+                                 gateway_pid=stack.gateway.pid, answered=answered, errors=errors, rss=rss))
+        elapsed = time.monotonic() - t0
+        _progress("load done; stopping the gateway with SIGTERM")
+        code = stack.stop_gateway(signal.SIGTERM)
+        in_ledger = _ledger_uids(stack.db)
+        ok, integrity = _integrity(stack.db)
+    finally:
+        stack.stop()
+    lost = [uid for uid, _ in answered if uid not in in_ledger]
+    results = {
+        "requests": sent,
+        "answered": len(answered),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "lost": len(lost),
+        "lost_sample": lost[:10],
+        "rss_start_mb": rss[0] if rss else None,
+        "rss_end_mb": rss[-1] if rss else None,
+        "rss_max_mb": max(rss) if rss else None,
+        "rss_samples_mb": rss,
+        "rss_every_s": RSS_EVERY_S,
+        "rps": round(len(answered) / max(elapsed, 1e-9), 1),
+        "minutes": minutes,
+        "connections": connections,
+        "student": False,
+        "student_note": "teacher-only: the soak does not distil a student first",
+        "gateway_exit_code": code,
+        "integrity_ok": ok,
+        "teacher": "stand-in OpenAI-compatible server (gateway.standin), loopback",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write(results, "soak", out)
+    return results
+
+
+def run_crash(*, seconds: float = 20.0, connections: int = 100, out: Path | None = None, flush_ms: float = 50.0) -> dict[str, Any]:
+    """Load, SIGKILL the gateway, then count answered exchanges missing from the ledger."""
+    workdir = Path(tempfile.mkdtemp(prefix="kdgate-crash-"))
+    stack = Stack(workdir, flush_ms=flush_ms)
+    answered: list[tuple[str, float]] = []
+    errors: dict[str, int] = {}
+    kill_at: list[float] = []
+
+    async def load_then_kill() -> None:
+        async def killer() -> None:
+            await asyncio.sleep(seconds)
+            kill_at.append(time.time())
+            os.killpg(stack.gateway.pid, signal.SIGKILL)
+            _progress("gateway killed with SIGKILL")
+
+        # the load runs a little past the kill so that requests are in flight when it lands
+        await asyncio.gather(
+            _load(stack.url + "/v1/chat/completions", connections=connections, seconds=seconds + 1.0,
+                  answered=answered, errors=errors, rss=[]),
+            killer(),
+        )
+
+    try:
+        stack.start_teacher()
+        stack.start_gateway()
+        _progress(f"crash: {connections} connections for {seconds:g}s, then SIGKILL (workdir {workdir})")
+        asyncio.run(load_then_kill())
+        stack.gateway.wait(30)
+        ok, integrity = _integrity(stack.db)
+        in_ledger = _ledger_uids(stack.db)
+        _progress("restarting the gateway on the same database")
+        stack.start_gateway()
+        restarted = True
+        stack.stop_gateway(signal.SIGTERM)
+    except (RuntimeError, TimeoutError) as exc:
+        restarted = False
+        log.warning("restart failed: %s", exc)
+        integrity, ok, in_ledger = locals().get("integrity", "not checked"), locals().get("ok", False), locals().get("in_ledger", set())
+    finally:
+        stack.stop()
+    t_kill = kill_at[0] if kill_at else time.time()
+    window_s = 2 * flush_ms / 1000 + FLUSH_MARGIN_S
+    before = [(u, t) for u, t in answered if t < t_kill - window_s]
+    within = [(u, t) for u, t in answered if t >= t_kill - window_s]
+    lost_before = [u for u, _ in before if u not in in_ledger]
+    lost_within = [u for u, _ in within if u not in in_ledger]
+    results = {
+        "answered": len(answered),
+        "in_ledger": sum(1 for u, _ in answered if u in in_ledger),
+        "lost_after_last_flush": len(lost_within),
+        "lost_before_last_flush": len(lost_before),
+        "answered_within_window": len(within),
+        "window_ms": round(window_s * 1000),
+        "window_rule": f"2 x ledger_flush_ms ({flush_ms:g} ms) + {FLUSH_MARGIN_S * 1000:.0f} ms margin before the SIGKILL",
+        "integrity_ok": ok,
+        "integrity_check": integrity,
+        "restarted_ok": restarted,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "seconds": seconds,
+        "connections": connections,
+        "lost_sample": lost_before[:10],
+        "lost_oldest_ms_before_kill": round(max((t_kill - t for u, t in answered if u not in in_ledger), default=0.0) * 1000),
+        "teacher": "stand-in OpenAI-compatible server (gateway.standin), loopback",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _write(results, "crash", out)
+    return results
+
+
+def register_bench(bench_sub: Any) -> None:
+    """Add ``soak`` and ``crash`` to ``kdgate bench``."""
+    p = bench_sub.add_parser("soak", help="hold many connections for minutes: errors, RSS over time, exchanges lost")
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--connections", type=int, default=500)
+    p.add_argument("--out", type=Path, help="also write the JSON here (always: bench/results/soak.json)")
+
+    def soak(args: Any) -> int:
+        res = run_soak(minutes=args.minutes, connections=args.connections, out=args.out)
+        print(json.dumps({k: v for k, v in res.items() if k != "rss_samples_mb"}, indent=2))
+        return 0 if res["errors"] == 0 and res["lost"] == 0 else 1
+
+    p.set_defaults(func=soak)
+
+    c = bench_sub.add_parser("crash", help="kill -9 the gateway under load, then count the ledger")
+    c.add_argument("--out", type=Path, help="also write the JSON here (always: bench/results/crash.json)")
+    c.add_argument("--seconds", type=float, default=20.0, help="load before the kill")
+    c.add_argument("--connections", type=int, default=100)
+    c.add_argument("--flush-ms", type=float, default=50.0, help="the gateway's ledger_flush_ms")
+
+    def crash(args: Any) -> int:
+        res = run_crash(seconds=args.seconds, connections=args.connections, out=args.out, flush_ms=args.flush_ms)
+        print(json.dumps(res, indent=2))
+        return 0 if res["integrity_ok"] and res["lost_before_last_flush"] == 0 else 1
+
+    c.set_defaults(func=crash)
