@@ -586,7 +586,7 @@ def _attach(app: FastAPI, refresh_every_s: float) -> asyncio.Task | None:
     writer = state.writer
     metrics_of(app).set_queue_depth(lambda: writer.depth)
     stats = app.state.stats = Stats(state.ledger)
-    runs = DistillerRunTail(state.ledger, metrics_of(app))
+    runs = app.state.distiller_runs = DistillerRunTail(state.ledger, metrics_of(app))
     if refresh_every_s <= 0:
         return None
 
@@ -620,9 +620,14 @@ class DistillerRunTail:
         self.ledger = ledger
         self.metrics = metrics
         self.last_id = int(ledger.scalar("SELECT coalesce(max(id), 0) FROM route_events") or 0)
+        self._lock = threading.Lock()
 
     def poll(self) -> int:
         """Observe the runs recorded since the last poll; returns how many."""
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> int:
         rows = self.ledger.query(
             "SELECT id, route, detail FROM route_events WHERE id > ? AND kind = ? ORDER BY id", (self.last_id, self.KIND)
         )

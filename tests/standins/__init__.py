@@ -1,0 +1,1 @@
+"""Stand-in servers for tests (named stand-ins wherever results are reported)."""

@@ -1,0 +1,168 @@
+"""A STAND-IN for vLLM's OpenAI-compatible server (no GPU inference server is reachable here).
+
+It speaks the documented parts of vLLM's HTTP API that kdgate uses, as a real HTTP server on
+127.0.0.1 (FastAPI + uvicorn in a thread):
+
+- ``GET /v1/models``: the base model and every loaded adapter (``parent`` = the base);
+- ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (only when runtime LoRA updating
+  is enabled, as with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; otherwise the routes do not exist and
+  FastAPI answers 404 ``{"detail": "Not Found"}``), with vLLM's answers: 200 text ``Success: ...``;
+  400 ``InvalidUserInput`` for a missing field or a duplicate name; 404 ``NotFoundError`` for an
+  unknown adapter or a path with no adapter;
+- ``POST /v1/chat/completions``: generation with the embedded runtime (:class:`router.lm_student.LMEngine`,
+  base model + the adapter merged) with OpenAI logprobs; 404 ``NotFoundError`` for an unknown model.
+
+Error bodies follow ``error_format``: ``"envelope"`` (recent vLLM: ``{"error": {...}}``) or
+``"legacy"`` (older vLLM: ``{"object": "error", "message", "type", "param", "code"}``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+__all__ = ["VLLMStandin", "create_vllm_standin"]
+
+
+class VLLMStandin:
+    """State of the stand-in: the base model path and the adapters loaded at runtime."""
+
+    def __init__(self, base_model: str, *, served_model_name: str | None = None, error_format: str = "envelope"):
+        self.base_model = base_model
+        self.served_model_name = served_model_name or base_model
+        self.error_format = error_format
+        self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "engine", "id"}
+        self.lock = threading.Lock()
+        self.requests: list[dict[str, Any]] = []  # chat bodies received (tests inspect them)
+        self._counter = 0
+
+    def error(self, message: str, err_type: str, status: int) -> JSONResponse:
+        info = {"message": message, "type": err_type, "param": None, "code": status}
+        body = {"error": info} if self.error_format == "envelope" else {"object": "error", **info}
+        return JSONResponse(body, status_code=status)
+
+    def load(self, name: str, path: str) -> Any:
+        from router.lm_student import LMEngine
+
+        with self.lock:
+            if name in self.adapters:
+                return self.error(f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400)
+        adapter_dir = Path(path)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            # vLLM's engine raises "Loading lora N failed: No adapter found for P", served as 404
+            return self.error(f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError", 404)
+        engine = LMEngine.from_parts(base_model=self.base_model, adapter_dir=adapter_dir, tokenizer_dir=self.base_model, device="cpu")
+        with self.lock:
+            if name in self.adapters:  # a concurrent load won the race
+                return self.error(f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400)
+            self._counter += 1
+            self.adapters[name] = {"path": path, "engine": engine, "id": self._counter}
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    def unload(self, name: str) -> Any:
+        with self.lock:
+            if name not in self.adapters:
+                return self.error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
+            del self.adapters[name]
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def chat(self, body: dict[str, Any]) -> Any:
+        self.requests.append(body)
+        model = body.get("model")
+        with self.lock:
+            entry = self.adapters.get(model)
+        if entry is None:
+            return self.error(f"The model `{model}` does not exist.", "NotFoundError", 404)
+        messages = body.get("messages") or []
+        if not messages:
+            return self.error("messages must not be empty", "BadRequestError", 400)
+        want_logprobs = bool(body.get("logprobs"))
+        top = int(body.get("top_logprobs") or 0)
+        gen = entry["engine"].generate(
+            [messages],
+            max_tokens=int(body.get("max_completion_tokens") or body.get("max_tokens") or 64),
+            temperature=float(body.get("temperature") if body.get("temperature") is not None else 1.0),
+            top_p=float(body.get("top_p") or 1.0),
+            top_logprobs=top if want_logprobs else 0,
+            seed=body.get("seed"),
+        )[0]
+        from router.lm_student import apply_stop
+
+        gen = apply_stop(gen, body.get("stop"))
+        return JSONResponse(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": gen.text, "tool_calls": []},
+                        "logprobs": {"content": gen.logprobs} if want_logprobs else None,
+                        "finish_reason": gen.finish_reason,
+                        "stop_reason": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": gen.prompt_tokens,
+                    "completion_tokens": gen.completion_tokens,
+                    "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                },
+            }
+        )
+
+
+def create_vllm_standin(
+    base_model: str,
+    *,
+    served_model_name: str | None = None,
+    error_format: str = "envelope",
+    runtime_lora_updating: bool = True,
+) -> tuple[FastAPI, VLLMStandin]:
+    """The stand-in app and its state. ``runtime_lora_updating=False`` omits the adapter routes."""
+    state = VLLMStandin(base_model, served_model_name=served_model_name, error_format=error_format)
+    app = FastAPI(title="vLLM stand-in")
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        now = int(time.time())
+        data = [{"id": state.served_model_name, "object": "model", "created": now, "owned_by": "vllm", "root": state.base_model, "parent": None}]
+        with state.lock:
+            for name, entry in state.adapters.items():
+                data.append({"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": entry["path"], "parent": state.served_model_name})
+        return {"object": "list", "data": data}
+
+    if runtime_lora_updating:
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> Any:
+            body = await request.json()
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not name or not path:
+                return state.error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+            import asyncio
+
+            return await asyncio.to_thread(state.load, name, path)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> Any:
+            body = await request.json()
+            if not body.get("lora_name") and not body.get("lora_int_id"):
+                return state.error("either 'lora_name' and 'lora_int_id' needs to be provided.", "InvalidUserInput", 400)
+            return state.unload(body.get("lora_name"))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        import asyncio
+
+        body = await request.json()
+        return await asyncio.to_thread(state.chat, body)
+
+    return app, state
