@@ -40,6 +40,7 @@ class RouteState:
     last_exchange_id: int = 0  # newest exchange the last run saw
     last_run: float = 0.0  # when it last ran (trained or not)
     last_status: str = ""
+    finetuned_pairs: int = 0  # training pairs at the last encoder fine-tuning
 
 
 @dataclass
@@ -108,13 +109,19 @@ class Worker:
                 continue
             log.info("distilling route %s: %s", route, why)
             st = self._state(route)
-            try:
-                report = distill_route(self.ledger, route, self.config, artifacts_root=self.artifacts_root,
-                                       stop=self.stop)
-            except Exception as exc:  # one route's failure must not stop the worker
-                log.exception("distilling route %s failed", route)
-                self.ledger.record_event(route, "distill.failed", actor="distiller", detail={"error": str(exc)})
-                report = DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
+            report = self._run(route, self.config.with_overrides({"finetune": "never"}))
+            cfg = self.config.for_route((self.ledger.route(route) or {}).get("settings"))
+            if report.status == "free_text" and cfg.lm_base_model:
+                report = self._run_lm(route, cfg)
+            elif report.status == "trained" and self._wants_finetune(cfg, st, report):
+                # the head is retrained (and served) first; the slow encoder fine-tuning comes second,
+                # only when the frozen student falls short and the data has grown enough since the last one
+                tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
+                if tuned.status == "trained":
+                    st.finetuned_pairs = self._train_pairs(route, report)
+                    report = tuned
+                elif tuned.status == "interrupted":
+                    report = tuned
             if report.status == "interrupted":
                 break  # stopping: the route is retried from the same point next time
             st.last_exchange_id = report.last_exchange_id
@@ -123,6 +130,55 @@ class Worker:
             out.append(report)
             self.reports.append(report)
         return out
+
+    def _run(self, route: str, config: DistillerConfig) -> DistillReport:
+        t0 = time.monotonic()
+        try:
+            report = distill_route(self.ledger, route, config, artifacts_root=self.artifacts_root, stop=self.stop)
+        except Exception as exc:  # one route's failure must not stop the worker
+            log.exception("distilling route %s failed", route)
+            self.ledger.record_event(route, "distill.failed", actor="distiller", detail={"error": str(exc)})
+            report = DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
+        if report.status in ("trained", "failed"):
+            # the gateway's /metrics reads these (the worker is another process)
+            self.ledger.record_event(route, "distill.run", actor="distiller", detail={
+                "seconds": round(time.monotonic() - t0, 3), "ok": report.status == "trained",
+                "version": report.version, "encoder": (report.metrics or {}).get("encoder")})
+        return report
+
+    def _train_pairs(self, route: str, report: DistillReport) -> int:
+        n = self.ledger.scalar("SELECT train_pairs FROM students WHERE route = ? AND version = ?", (route, report.version))
+        return int(n or 0)
+
+    def _wants_finetune(self, cfg: DistillerConfig, st: RouteState, report: DistillReport) -> bool:
+        if cfg.finetune == "never":
+            return False
+        metrics = report.metrics or {}
+        train_pairs = self._train_pairs(route=report.route, report=report)
+        if cfg.finetune == "auto" and float(metrics.get("coverage_at_target", 0.0)) >= cfg.finetune_below_coverage:
+            return False
+        if train_pairs < cfg.finetune_min_pairs:
+            return False
+        return st.finetuned_pairs == 0 or train_pairs >= cfg.finetune_growth * st.finetuned_pairs
+
+    def _run_lm(self, route: str, cfg: DistillerConfig) -> DistillReport:
+        """A free-text route with a base LM configured: distil an LM student."""
+        from distiller.lm.config import LMTrainConfig
+        from distiller.lm.train import distill_lm_route
+
+        t0 = time.monotonic()
+        last_id = self.ledger.max_exchange_id(route)
+        try:
+            lm_cfg = LMTrainConfig.from_dict({"base_model": cfg.lm_base_model}, preset_name=cfg.lm_preset)
+            out = distill_lm_route(self.db_path, route, lm_cfg, artifacts_dir=self.artifacts_root)
+            ok, message = True, f"lm student v{out.get('version')}: {out.get('status')}"
+        except Exception as exc:
+            log.exception("LM distillation of route %s failed", route)
+            ok, message, out = False, str(exc), {}
+        self.ledger.record_event(route, "distill.run", actor="distiller",
+                                 detail={"seconds": round(time.monotonic() - t0, 3), "ok": ok, "kind": "lm"})
+        return DistillReport(route, "trained" if ok else "failed", message, version=out.get("version"),
+                             metrics=out.get("metrics") or {}, last_exchange_id=last_id)
 
     def run(self) -> None:
         """Poll until ``stop`` is set."""

@@ -223,3 +223,26 @@ def test_worker_process_stops_cleanly_on_sigterm(tmp_path) -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out.decode()
     assert b"stopped" in out
+
+
+@pytest.mark.slow
+def test_worker_serves_the_head_first_then_fine_tunes_only_as_data_grows(ledger) -> None:
+    """The frozen student is registered (and promoted) before the slow encoder fine-tuning starts, and
+    fine-tuning is not repeated on every retrain: only once the data has grown by finetune_growth."""
+    from distiller.worker import Worker
+
+    rows = load_fixture("sst2_small.jsonl")
+    seed_exchanges(ledger, "sentiment", rows[:120])
+    config = DistillerConfig(finetune="auto", finetune_below_coverage=1.01, finetune_budget_s=8, finetune_min_pairs=50,
+                             finetune_epochs=1, finetune_max_tokens=48, retrain_after_pairs=40, retrain_after_minutes=1e6)
+    worker = Worker(ledger.path, config)
+    worker.step()
+    versions = registry.list_students(ledger, "sentiment")
+    encoders = sorted((v["version"], v["metrics"]["encoder"]) for v in versions)
+    assert encoders[0] == (1, "frozen") and len(encoders) == 2  # head first, then the fine-tuning run
+    runs = [e for e in ledger.events("sentiment") if e["kind"] == "distill.run"]
+    assert len(runs) == 2 and all(r["detail"]["ok"] for r in runs)
+    seed_exchanges(ledger, "sentiment", rows[120:170])  # 50 more: a retrain, but far from doubling
+    worker.step()
+    assert len(registry.list_students(ledger, "sentiment")) == 3
+    assert registry.get(ledger, "sentiment", 3)["metrics"]["encoder"] == "frozen"
