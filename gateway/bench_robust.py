@@ -173,10 +173,11 @@ def _integrity(db: Path) -> tuple[bool, str]:
     return text == "ok", text
 
 
-def _write(results: dict[str, Any], name: str, out: Path | None) -> None:
+def _write(results: dict[str, Any], name: str, out: Path | None, results_dir: Path | None = None) -> None:
     text = json.dumps(results, indent=2)
-    Path("bench/results").mkdir(parents=True, exist_ok=True)
-    Path(f"bench/results/{name}.json").write_text(text)
+    results_dir = Path("bench/results") if results_dir is None else results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
@@ -230,7 +231,9 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None)
     return results
 
 
-def run_crash(*, seconds: float = 20.0, connections: int = 100, out: Path | None = None, flush_ms: float = 50.0) -> dict[str, Any]:
+def run_crash(
+    *, seconds: float = 20.0, connections: int = 100, out: Path | None = None, flush_ms: float = 50.0, results_dir: Path | None = None
+) -> dict[str, Any]:
     """Load, SIGKILL the gateway, then count answered exchanges missing from the ledger."""
     workdir = Path(tempfile.mkdtemp(prefix="kdgate-crash-"))
     stack = Stack(workdir, flush_ms=flush_ms)
@@ -296,7 +299,7 @@ def run_crash(*, seconds: float = 20.0, connections: int = 100, out: Path | None
         "teacher": "stand-in OpenAI-compatible server (gateway.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write(results, "crash", out)
+    _write(results, "crash", out, results_dir)
     return results
 
 

@@ -270,6 +270,7 @@ def run_replay(
     keep_running: bool = False,
     admin_key: str | None = None,
     progress: bool = True,
+    results_dir: Path | None = None,
 ) -> tuple[dict[str, Any], "ReplayStack | None"]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +323,7 @@ def run_replay(
                               "coverage_at_target": json.loads(v["metrics"] or "{}").get("coverage_at_target")} for v in versions],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    results_dir = Path("bench/results")
+    results_dir = Path("bench/results") if results_dir is None else results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / f"replay-{name}.json").write_text(json.dumps(metrics, indent=2))
     plot(metrics, results_dir / f"replay-{name}.png", f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")

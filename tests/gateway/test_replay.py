@@ -52,7 +52,7 @@ def test_demo_stream_is_bundled():
 def test_short_replay_through_real_processes(tmp_path):
     rows = demo_stream(limit=120)
     out = tmp_path / "replay.json"
-    m, stack = run_replay(rows, name="pytest-short", out=out, rate=0, concurrency=2, workdir=tmp_path / "work", progress=False)
+    m, stack = run_replay(rows, name="pytest-short", out=out, rate=0, concurrency=2, workdir=tmp_path / "work", progress=False, results_dir=tmp_path / "results")
     assert stack is None
     saved = json.loads(out.read_text())
     for key in ("overall", "last_quarter"):
@@ -60,3 +60,4 @@ def test_short_replay_through_real_processes(tmp_path):
     assert set(saved["cpt"]) == {"50", "80", "95"} and "apgr" in saved
     assert saved["requests"] == 120 and saved["lost"] == 0
     assert saved["overall"]["agreement"] == 1.0  # no student this early: every answer is the teacher's
+    assert (tmp_path / "results" / "replay-pytest-short.png").stat().st_size > 1000
