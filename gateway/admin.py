@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.responses import Response
+
 
 from gateway.auth import Principal, bearer_token, create_key
 from gateway.errors import NotFound, UnknownRoute

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -13,7 +13,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import KeyStore, Principal
 from gateway.costs import PriceBook

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -24,35 +22,6 @@ from typing import Any
 __all__ = ["register", "run_overhead"]
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 5}
-
-
-def _wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except Exception:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not come up")
-
-
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    fh = open(log, "wb")
-    return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def _measure(url: str, *, requests_c1: int, seconds_c32: float, headers: dict[str, str]) -> dict[str, float]:
@@ -100,22 +69,23 @@ async def _measure(url: str, *, requests_c1: int, seconds_c32: float, headers: d
 def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float = 10.0, include_litellm: bool = True) -> dict[str, Any]:
     from gateway.standin import free_port
 
+    from gateway.procs import child_env, spawn as _spawn, stop as _stop, wait_http
+
     tmp = Path(tempfile.mkdtemp(prefix="kdgate-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
-    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "sk-stand-in"})
+    env = child_env()
     procs: list[subprocess.Popen] = []
     results: dict[str, Any] = {}
     try:
         up_port = free_port()
         procs.append(_spawn([sys.executable, "-m", "gateway.standin", "--port", str(up_port), "--model", "gpt-4o-mini"], env, tmp / "upstream.log"))
         upstream = f"http://127.0.0.1:{up_port}/v1"
-        _wait_http(upstream + "/models", proc=procs[-1])
+        wait_http(upstream + "/models", proc=procs[-1])
 
         kd_port = free_port()
         kd_env = {**env, "KDGATE_EMBEDDED_DISTILLER": "false"}
         procs.append(_spawn([sys.executable, "-m", "gateway.cli", "serve", "--teacher", "openai/gpt-4o-mini", "--teacher-api-base", upstream,
                              "--db", str(tmp / "bench.db"), "--port", str(kd_port), "--no-auth"], kd_env, tmp / "kdgate.log"))
-        _wait_http(f"http://127.0.0.1:{kd_port}/healthz", proc=procs[-1])
+        wait_http(f"http://127.0.0.1:{kd_port}/healthz", proc=procs[-1])
 
         targets = {"direct": upstream + "/chat/completions", "kdgate": f"http://127.0.0.1:{kd_port}/v1/chat/completions"}
         if include_litellm and shutil.which("litellm"):
@@ -127,7 +97,7 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
             )
             procs.append(_spawn(["litellm", "--config", str(cfg), "--port", str(ll_port), "--host", "127.0.0.1"], env, tmp / "litellm.log"))
             try:
-                _wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", timeout=180, proc=procs[-1])
+                wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", timeout=180, proc=procs[-1])
                 targets["litellm"] = f"http://127.0.0.1:{ll_port}/v1/chat/completions"
             except (RuntimeError, TimeoutError) as exc:
                 results["litellm_error"] = str(exc)
@@ -140,7 +110,7 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
             print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
     finally:
         for p in reversed(procs):
-            _stop(p)
+            _stop(p, timeout=15)
     d, k = results.get("direct"), results.get("kdgate")
     if d and k:
         results["kdgate_added_p50_ms_c1"] = round(k["p50_ms_c1"] - d["p50_ms_c1"], 3)

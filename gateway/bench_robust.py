@@ -56,11 +56,9 @@ class Stack:
         self.flush_ms = flush_ms
         self.teacher_port = free_port()
         self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KDGATE_")}
-        env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "OPENAI_API_KEY": "sk-stand-in", "KDGATE_EMBEDDED_DISTILLER": "false",
-                    "KDGATE_LEDGER_FLUSH_MS": str(flush_ms), "KDGATE_LOG_LEVEL": "warning"})
-        self.env = env
+        from gateway.procs import child_env
+
+        self.env = child_env(KDGATE_EMBEDDED_DISTILLER="false", KDGATE_LEDGER_FLUSH_MS=str(flush_ms), KDGATE_LOG_LEVEL="warning")
         self.teacher: subprocess.Popen | None = None
         self.gateway: subprocess.Popen | None = None
 
@@ -69,40 +67,32 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def start_teacher(self) -> None:
-        from gateway.bench_overhead import _spawn, _wait_http
+        from gateway.procs import spawn, wait_http
 
-        self.teacher = _spawn([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"],
+        self.teacher = spawn([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"],
                               self.env, self.workdir / "teacher.log")
-        _wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
+        wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
 
     def start_gateway(self) -> None:
-        from gateway.bench_overhead import _spawn, _wait_http
+        from gateway.procs import spawn, wait_http
 
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--teacher", "openai/gpt-4o-mini",
                "--teacher-api-base", f"http://127.0.0.1:{self.teacher_port}/v1", "--db", str(self.db),
                "--port", str(self.port), "--no-auth"]
-        self.gateway = _spawn(cmd, self.env, self.workdir / f"gateway-{int(time.time() * 1000)}.log")
-        _wait_http(self.url + "/readyz", proc=self.gateway)
+        self.gateway = spawn(cmd, self.env, self.workdir / f"gateway-{int(time.time() * 1000)}.log")
+        wait_http(self.url + "/readyz", proc=self.gateway)
 
     def stop_gateway(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        proc = self.gateway
-        if proc is None or proc.poll() is not None:
-            return proc.returncode if proc else None
-        os.killpg(proc.pid, sig)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return proc.wait(10)
+        from gateway.procs import stop
+
+        return None if self.gateway is None else stop(self.gateway, sig=sig, timeout=timeout)
 
     def stop(self) -> None:
+        from gateway.procs import stop
+
         self.stop_gateway()
-        if self.teacher is not None and self.teacher.poll() is None:
-            os.killpg(self.teacher.pid, signal.SIGTERM)
-            try:
-                self.teacher.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.teacher.pid, signal.SIGKILL)
+        if self.teacher is not None:
+            stop(self.teacher, timeout=15)
 
 
 async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int | None = None,

@@ -27,7 +27,6 @@ from gateway.ledger import Ledger, LedgerWriter
 from gateway.routing import Route, RouteTable, message_text
 from gateway.serving import ChatService, Reply, _fmt_usd, _logged_request
 from gateway.settings import Settings
-from gateway.standin import count_tokens
 from router.policy import (
     NEVER,
     LiveAgreement,

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.ledger import Ledger, LedgerWriter
 from gateway.standin import ReplayTeacher, ServerThread
-from tests.conftest import ADMIN_KEY, echo_answer
+from tests.conftest import ADMIN_KEY
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
