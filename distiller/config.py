@@ -44,7 +44,7 @@ class DistillerConfig:
     finetune: str = _f("auto", "Fine-tune the encoder: 'auto' (when the frozen student covers less than finetune_below_coverage at target), 'always' or 'never'.")
     finetune_below_coverage: float = _f(0.9, "In 'auto' mode, fine-tune when frozen coverage at the target agreement is below this.")
     finetune_budget_s: float = _f(600.0, "Wall-clock seconds the encoder fine-tuning may spend on this CPU (training stops when they run out).")
-    finetune_min_pairs: int = _f(200, "Fewest training pairs for encoder fine-tuning to be tried.")
+    finetune_min_pairs: int = _f(1000, "Fewest training pairs for encoder fine-tuning to be tried (below it the frozen head is retrained alone: fine-tuning blocks the worker for minutes and gains little on small data).")
     finetune_growth: float = _f(2.0, "Watch mode: fine-tune the encoder again only once the route's pairs have grown by this factor since the last fine-tuning (head retrains happen every run).")
     lm_base_model: str = _f("", "Base causal LM (Hugging Face id or local path) for free-text routes; empty: free-text routes get no student.")
     lm_preset: str = _f("lora-small", "Hyperparameter preset of LM students (see distiller.lm.config).")
