@@ -88,6 +88,7 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
         wait_http(f"http://127.0.0.1:{kd_port}/healthz", proc=procs[-1])
 
         targets = {"direct": upstream + "/chat/completions", "kdgate": f"http://127.0.0.1:{kd_port}/v1/chat/completions"}
+        headers: dict[str, dict[str, str]] = {}
         if include_litellm and shutil.which("litellm"):
             ll_port = free_port()
             cfg = tmp / "litellm.yaml"
@@ -95,7 +96,12 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
                 "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n"
                 f"      api_base: {upstream}\n      api_key: sk-stand-in\n"
             )
-            procs.append(_spawn(["litellm", "--config", str(cfg), "--port", str(ll_port), "--host", "127.0.0.1"], env, tmp / "litellm.log"))
+            import secrets
+
+            master = "sk-" + secrets.token_hex(24)  # LiteLLM's proxy refuses to start without one
+            headers["litellm"] = {"authorization": f"Bearer {master}"}
+            procs.append(_spawn(["litellm", "--config", str(cfg), "--port", str(ll_port), "--host", "127.0.0.1"],
+                                {**env, "LITELLM_MASTER_KEY": master}, tmp / "litellm.log"))
             try:
                 wait_http(f"http://127.0.0.1:{ll_port}/health/liveliness", timeout=180, proc=procs[-1])
                 targets["litellm"] = f"http://127.0.0.1:{ll_port}/v1/chat/completions"
@@ -106,7 +112,8 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
 
         for name, url in targets.items():
             print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            results[name] = asyncio.run(_measure(url, requests_c1=requests_c1, seconds_c32=seconds_c32, headers={"authorization": "Bearer sk-stand-in"}))
+            results[name] = asyncio.run(_measure(url, requests_c1=requests_c1, seconds_c32=seconds_c32,
+                                                 headers=headers.get(name, {"authorization": "Bearer sk-stand-in"})))
             print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
     finally:
         for p in reversed(procs):
