@@ -428,6 +428,9 @@ class Ledger:
         return cur.rowcount > 0
 
 
+_MAX_SQL_VARIABLES = 30_000  # SQLite's limit is 32,766 bound parameters per statement (since 3.32)
+
+
 class LedgerWriter:
     """Writes exchanges off the event loop, in batches.
 
@@ -569,16 +572,22 @@ class LedgerWriter:
                     self._apply(conn, kind, payload)
                     i += 1
                     continue
-                # consecutive rows with the same columns go in one executemany: the writer must keep
-                # up with the event loop, or a crash loses its backlog, not just one flush window
+                # Consecutive rows with the same columns go in multi-row INSERTs. Each sqlite3 call
+                # releases the GIL and must win it back from a busy event loop (up to the 5 ms switch
+                # interval): one call per row (executemany) lets the writer fall seconds behind under
+                # load, so a crash would lose the backlog, not just one flush window.
                 cols = tuple(payload)
                 j = i
                 while j < len(work) and work[j][0] == "exchange" and tuple(work[j][1]) == cols:
                     j += 1
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    [[row[c] for c in cols] for _, row in work[i:j]],
-                )
+                per = max(1, _MAX_SQL_VARIABLES // len(cols))
+                one = "(" + ", ".join("?" * len(cols)) + ")"
+                for k in range(i, j, per):
+                    chunk = work[k : min(j, k + per)]
+                    conn.execute(
+                        f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES " + ", ".join([one] * len(chunk)),
+                        [row[c] for _, row in chunk for c in cols],
+                    )
                 i = j
             conn.execute("COMMIT")
         except BaseException:
