@@ -48,8 +48,11 @@ def _progress(msg: str) -> None:
 class Stack:
     """The stand-in teacher and ``kdgate serve`` (no distiller) as child processes on loopback."""
 
-    def __init__(self, workdir: Path, *, flush_ms: float = 50.0):
+    def __init__(self, workdir: Path, *, flush_ms: float = 50.0, dataset: Path | None = None, student: bool = False):
         from gateway.standin import free_port
+
+        self.dataset = dataset
+        self.student = student
 
         self.workdir = workdir
         self.db = workdir / "kdgate.db"
@@ -58,7 +61,11 @@ class Stack:
         self.port = free_port()
         from gateway.procs import child_env
 
-        self.env = child_env(KDGATE_EMBEDDED_DISTILLER="false", KDGATE_LEDGER_FLUSH_MS=str(flush_ms), KDGATE_LOG_LEVEL="warning")
+        extra = {"KDGATE_EMBEDDED_DISTILLER": "true" if student else "false"}
+        if student:  # a load test, not a quality test: let the student take over quickly
+            extra.update(KDGATE_DEFAULT_TARGET_AGREEMENT="0.9",
+                         KDGATE_DISTILLER=json.dumps({"poll_seconds": 1.0, "finetune": "never"}))
+        self.env = child_env(KDGATE_LEDGER_FLUSH_MS=str(flush_ms), KDGATE_LOG_LEVEL="warning", **extra)
         self.teacher: subprocess.Popen | None = None
         self.gateway: subprocess.Popen | None = None
 
@@ -69,8 +76,10 @@ class Stack:
     def start_teacher(self) -> None:
         from gateway.procs import spawn, wait_http
 
-        self.teacher = spawn([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"],
-                              self.env, self.workdir / "teacher.log")
+        cmd = [sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"]
+        if self.dataset is not None:
+            cmd += ["--dataset", str(self.dataset)]
+        self.teacher = spawn(cmd, self.env, self.workdir / "teacher.log")
         wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
 
     def start_gateway(self) -> None:
@@ -96,11 +105,12 @@ class Stack:
 
 
 async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int | None = None,
-                answered: list[tuple[str, float]], errors: dict[str, int], rss: list[float]) -> int:
+                answered: list[tuple[str, float]], errors: dict[str, int], rss: list[float],
+                payloads: list[bytes] | None = None, served: dict[str, int] | None = None) -> int:
     """``connections`` workers, each looping requests until ``seconds`` pass; returns requests sent."""
     import aiohttp
 
-    payload = json.dumps(BODY).encode()
+    payloads = payloads or [json.dumps(BODY).encode()]
     headers = {"content-type": "application/json"}
     stop_at = time.monotonic() + seconds
     sent = 0
@@ -108,12 +118,16 @@ async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal sent
         while time.monotonic() < stop_at:
+            payload = payloads[sent % len(payloads)]
             sent += 1
             try:
                 async with session.post(url, data=payload, headers=headers) as resp:
                     await resp.read()
                     if resp.status == 200:
                         answered.append((resp.headers.get("x-request-id", ""), time.time()))
+                        if served is not None:
+                            who = resp.headers.get("x-kdgate-served-by", "?")
+                            served[who] = served.get(who, 0) + 1
                     else:
                         errors[f"status {resp.status}"] = errors.get(f"status {resp.status}", 0) + 1
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -173,20 +187,58 @@ def _write(results: dict[str, Any], name: str, out: Path | None, results_dir: Pa
         out.write_text(text)
 
 
-def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None) -> dict[str, Any]:
-    """Hold ``connections`` concurrent connections for ``minutes``; report errors, RSS and lost exchanges."""
+def _warm_student(stack: Stack, rows: list[dict[str, Any]], *, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Send teacher traffic until the embedded distiller has a live student and the route cascades."""
+    import httpx
+
+    with httpx.Client(timeout=60) as client:
+        for row in rows:
+            client.post(stack.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": row["messages"]})
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            routes = client.get(stack.url + "/admin/routes").json()
+            ready = [r for r in routes if r.get("student") and r["settings"].get("mode") == "cascade"]
+            if ready:
+                return {"route": ready[0]["name"], "version": ready[0]["student"]["version"]}
+            time.sleep(2)
+    raise TimeoutError("no student reached cascade mode during the warm-up")
+
+
+def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None, student: bool = True,
+             warmup: int = 1500) -> dict[str, Any]:
+    """Hold ``connections`` concurrent connections for ``minutes``; report errors, RSS and lost exchanges.
+
+    With ``student`` (the default) the stream is the bundled banking77 one: a warm-up of ``warmup``
+    teacher requests lets the embedded distiller train a student, and the load then runs against a
+    route in cascade mode (student answers and escalations to the stand-in teacher).
+    """
+    from gateway.replay import demo_stream
+
     workdir = Path(tempfile.mkdtemp(prefix="kdgate-soak-"))
-    stack = Stack(workdir)
+    rows = demo_stream() if student else []
+    dataset = None
+    if student:
+        dataset = workdir / "stream.jsonl"
+        dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stack = Stack(workdir, dataset=dataset, student=student)
     answered: list[tuple[str, float]] = []
     errors: dict[str, int] = {}
+    served: dict[str, int] = {}
     rss: list[float] = []
+    live: dict[str, Any] = {}
     try:
         stack.start_teacher()
         stack.start_gateway()
+        if student:
+            _progress(f"warm-up: {warmup} teacher requests, then waiting for a student in cascade mode")
+            live = _warm_student(stack, rows[:warmup])
+            _progress(f"student v{live['version']} serves route {live['route']} in cascade mode")
+        payloads = [json.dumps({"model": "gpt-4o-mini", "messages": r["messages"]}).encode() for r in rows[warmup:]] or None
         _progress(f"soak: {connections} connections for {minutes:g} min against {stack.url} (workdir {workdir})")
         t0 = time.monotonic()
         sent = asyncio.run(_load(stack.url + "/v1/chat/completions", connections=connections, seconds=minutes * 60,
-                                 gateway_pid=stack.gateway.pid, answered=answered, errors=errors, rss=rss))
+                                 gateway_pid=stack.gateway.pid, answered=answered, errors=errors, rss=rss,
+                                 payloads=payloads, served=served))
         elapsed = time.monotonic() - t0
         _progress("load done; stopping the gateway with SIGTERM")
         code = stack.stop_gateway(signal.SIGTERM)
@@ -210,11 +262,13 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None)
         "rps": round(len(answered) / max(elapsed, 1e-9), 1),
         "minutes": minutes,
         "connections": connections,
-        "student": False,
-        "student_note": "teacher-only: the soak does not distil a student first",
+        "student": bool(student),
+        "served_by": served,
+        "student_version": live.get("version"),
         "gateway_exit_code": code,
         "integrity_ok": ok,
-        "teacher": "stand-in OpenAI-compatible server (gateway.standin), loopback",
+        "teacher": "stand-in OpenAI-compatible server (gateway.standin) replaying the bundled banking77 stream, loopback"
+        if student else "stand-in OpenAI-compatible server (gateway.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write(results, "soak", out)
@@ -296,12 +350,13 @@ def run_crash(
 def register_bench(bench_sub: Any) -> None:
     """Add ``soak`` and ``crash`` to ``kdgate bench``."""
     p = bench_sub.add_parser("soak", help="hold many connections for minutes: errors, RSS over time, exchanges lost")
+    p.add_argument("--teacher-only", action="store_true", help="no student: the teacher answers everything")
     p.add_argument("--minutes", type=float, required=True)
     p.add_argument("--connections", type=int, default=500)
     p.add_argument("--out", type=Path, help="also write the JSON here (always: bench/results/soak.json)")
 
     def soak(args: Any) -> int:
-        res = run_soak(minutes=args.minutes, connections=args.connections, out=args.out)
+        res = run_soak(minutes=args.minutes, connections=args.connections, out=args.out, student=not args.teacher_only)
         print(json.dumps({k: v for k, v in res.items() if k != "rss_samples_mb"}, indent=2))
         return 0 if res["errors"] == 0 and res["lost"] == 0 else 1
 
