@@ -36,10 +36,10 @@ class KeyLimits(BaseModel):
     """Per-key limits; null clears one (unlimited)."""
 
     model_config = ConfigDict(extra="forbid")
-    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
-    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
-    budget_day_usd: float | None = Field(default=None, ge=0, description="spend per UTC day")
-    budget_month_usd: float | None = Field(default=None, ge=0, description="spend per UTC month")
+    rpm: int | None = Field(default=None, ge=1, le=10**9, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, le=10**15, description="tokens per minute")
+    budget_day_usd: float | None = Field(default=None, ge=0, le=1e12, description="spend per UTC day")
+    budget_month_usd: float | None = Field(default=None, ge=0, le=1e12, description="spend per UTC month")
 
 
 class KeyCreate(KeyLimits):
