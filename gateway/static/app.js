@@ -145,9 +145,10 @@
   async function overviewPage() {
     const params = new URLSearchParams(location.search);
     const since = params.get("since") || "7d", bucket = params.get("bucket") || (since === "24h" ? "hour" : "day");
-    const [ov, rows] = await Promise.all([
+    const [ov, rows, keys] = await Promise.all([
       api(`/admin/overview?bucket=${encodeURIComponent(bucket)}&since=${encodeURIComponent(since)}`),
       api(`/admin/routes-table?since=${encodeURIComponent(since)}`),
+      api("/admin/keys"),
     ]);
     const t = ov.totals, rg = ov.range;
     const choose = (name, values, current) => el("select", { id: name, onchange: (e) => {
@@ -190,7 +191,23 @@
             `In range: ${num(rg.requests)} requests, ${pct(rg.student_share)} by students, ${usd(rg.saved_usd)} saved`)),
         el("div", { class: "charts" }, el("div", {}, el("h2", {}, "Spend"), spend), el("div", {}, el("h2", {}, "Student share"), share))),
       el("div", { class: "panel" }, el("h2", {}, "Routes"), routesTable(rows)),
+      el("div", { class: "panel" }, el("h2", {}, "Gateway keys and their limits"), keysTable(keys)),
     );
+  }
+
+  function keysTable(keys) {
+    if (!keys.length) return el("p", { class: "muted", id: "keys-table" }, "No gateway keys: create one with `kdgate keys create NAME`.");
+    const limit = (v, fmt) => (v === null || v === undefined ? "unlimited" : fmt(v));
+    const cols = [
+      ["id", "Key id", (k) => k.id], ["name", "Name", (k) => k.name],
+      ["rpm", "Requests/min", (k) => limit(k.rpm, num)], ["tpm", "Tokens/min", (k) => limit(k.tpm, num)],
+      ["budget_day_usd", "Budget/day", (k) => limit(k.budget_day_usd, usd)],
+      ["budget_month_usd", "Budget/month", (k) => limit(k.budget_month_usd, usd)],
+      ["revoked", "Status", (k) => (k.revoked ? "revoked" : "active")],
+    ];
+    return el("table", { id: "keys-table" },
+      el("thead", {}, el("tr", {}, cols.map(([, label]) => el("th", {}, label)))),
+      el("tbody", {}, keys.map((k) => el("tr", { "data-key-id": k.id }, cols.map(([key, , fmt]) => el("td", { "data-key": key }, fmt(k)))))));
   }
 
   // -- route page -------------------------------------------------------------------------------

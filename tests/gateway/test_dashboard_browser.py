@@ -122,6 +122,8 @@ def test_dashboard_end_to_end_in_chromium(make_dash_gateway, browser):  # noqa: 
     headers = {"authorization": f"Bearer {ADMIN_KEY}"}
     assert httpx.patch(gw.url + f"/admin/routes/{ROUTE}", json={"mode": "cascade", "target_agreement": 0.97},
                        headers=headers).status_code == 200
+    limited = httpx.post(gw.url + "/admin/keys", json={"name": "team-<b>a</b>", "rpm": 600, "budget_day_usd": 25},
+                         headers=headers).json()
     shots = screenshots_wanted()
 
     page = browser.new_page(viewport={"width": 1440, "height": 1000})
@@ -157,6 +159,12 @@ def test_dashboard_end_to_end_in_chromium(make_dash_gateway, browser):  # noqa: 
     assert page.inner_text("#student-share") == f"{100 * sums['student'] / sums['n']:.1f}%"
     assert page.locator("#spend-chart path[data-series='Actual spend']").count() == 1
     assert page.locator("#routes-table tbody tr").count() == 2
+    # per-key limits are shown, names as text
+    key_row = page.locator(f"#keys-table tr[data-key-id='{limited['id']}']")
+    assert key_row.locator("td[data-key='name']").inner_text() == "team-<b>a</b>"
+    assert key_row.locator("td[data-key='rpm']").inner_text() == "600"
+    assert key_row.locator("td[data-key='tpm']").inner_text() == "unlimited"
+    assert key_row.locator("td[data-key='budget_day_usd']").inner_text().startswith("$25")
     # sortable: by requests ascending puts the smaller route first
     page.click("#routes-table th[data-key='requests']")
     assert page.locator("#routes-table tbody tr").first.get_attribute("data-route") == "sst2"
