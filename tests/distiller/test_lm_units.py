@@ -168,13 +168,19 @@ def test_promotion_gate(tmp_path):
     from distiller.lm.registry import live_student, next_version, register_student
     from gateway.ledger import Ledger
 
+    from router.artifact import write_manifest
+
     ledger = Ledger(tmp_path / "l.db")
 
     def add(cov: float) -> str:
         v = next_version(ledger, "r")
+        art = tmp_path / f"v{v}"  # promotion verifies the artifact, so each version has a real one
+        art.mkdir()
+        (art / "weights.json").write_text("{}")
+        checksum = write_manifest(art, {"kind": "lm", "route": "r", "version": v})
         row = register_student(
             ledger, route="r", version=v, kind="lm", train_pairs=1, val_pairs=1,
-            metrics={"coverage_at_target": cov}, curve=[], calibration={}, artifact_path="x", checksum="c",
+            metrics={"coverage_at_target": cov}, curve=[], calibration={}, artifact_path=str(art), checksum=checksum,
         )
         return row["status"]
 
