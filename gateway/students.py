@@ -197,6 +197,12 @@ class StudentRouter:
             self.load_errors.pop(route_name, None)
             st = self.state.setdefault(route_name, _RouteState())
             st.live_agreement.reset()
+            route = self.routes.get(route_name)
+            if route is not None and route.settings.get("paused_by_drift") and old is not None and old.version != live.version:
+                # the pause was about the version that drifted; a new one gets its own chance (it still
+                # has to meet the target on its validation split to move to cascade)
+                self.routes.update_settings(route_name, {"paused_by_drift": False}, actor="router")
+                self.ledger.record_event(route_name, "drift.cleared", detail={"version": live.version, "paused_version": old.version})
             self._apply_settings(route_name)
             self._maybe_cascade(route_name)
             log.info("route %s: student v%d (%s) is serving", route_name, live.version, live.kind)

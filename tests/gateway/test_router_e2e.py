@@ -167,3 +167,25 @@ def test_drift_pauses_the_route(loop):
     assert event["detail"]["live_agreement"] < 0.95
     checks = state.ledger.query("SELECT count(*) AS n, sum(agree) AS agree FROM shadow_checks WHERE route = 'topics'")[0]
     assert checks["n"] >= 30 and checks["agree"] < checks["n"]
+
+
+def test_a_new_version_lifts_a_drift_pause(loop):
+    from distiller import registry
+
+    data, standin, gateway, client, state, tmp_path = loop
+    _train_and_wait_for_cascade(data, client, state, tmp_path)
+    # the drift monitor paused the route (as in test_drift_pauses_the_route)
+    state.routes.update_settings("topics", {"mode": "shadow", "paused_by_drift": True}, actor="drift-monitor")
+    for messages, _ in data[100:]:  # more teacher pairs while paused
+        _ask(client, messages)
+    assert state.writer.flush(10)
+    report = distill_route(state.ledger, "topics", DistillerConfig(min_pairs=40, finetune="never", min_label_examples=2),
+                           artifacts_root=tmp_path / "artifacts", promote=False)
+    registry.promote(state.ledger, "topics", report.version, actor="test")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and state.routes.get("topics").settings.get("mode") != "cascade":
+        time.sleep(0.2)
+    assert state.routes.get("topics").settings["mode"] == "cascade"
+    assert state.routes.get("topics").settings["paused_by_drift"] is False
+    kinds = [e["kind"] for e in state.ledger.events("topics")]
+    assert "drift.cleared" in kinds
