@@ -26,37 +26,9 @@ CURVE = [
 
 
 @pytest.fixture
-def make_dash_gateway(tmp_path: Path, teacher):
-    """A gateway built by create_app with the dashboard installed (as create_app will once wired)."""
-    from gateway.app import create_app
-    from gateway.dashboard import install_dashboard
-    from gateway.settings import load_settings
-    from gateway.standin import ServerThread
-
-    started: list[ServerThread] = []
-
-    def make(**overrides: Any) -> Gateway:
-        _, tserver = teacher
-        values = {
-            "db": str(tmp_path / "ledger.db"),
-            "teacher": "openai/gpt-4o-mini",
-            "teacher_api_base": tserver.url + "/v1",
-            "teacher_api_key": "sk-provider-secret-" + "x" * 20,
-            "admin_key": ADMIN_KEY,
-            "embedded_distiller": False,
-            "retry_backoff_s": 0.01,
-        }
-        values.update(overrides)
-        settings = load_settings(**values)
-        app = create_app(settings)
-        install_dashboard(app)
-        server = ServerThread(app).start()
-        started.append(server)
-        return Gateway(server, settings)
-
-    yield make
-    for server in started:
-        server.stop()
+def make_dash_gateway(make_gateway):
+    """A gateway as create_app builds it: the dashboard, stats and /metrics are part of it."""
+    return make_gateway
 
 
 @pytest.fixture

@@ -303,23 +303,8 @@ def test_admin_api_refuses_gateway_missing_wrong_and_malformed_keys(make_gateway
 
 @pytest.fixture
 def dash_gw(make_gateway):
-    """A gateway with the dashboard: as create_app builds it, or with ``install_dashboard`` added."""
-    gw = make_gateway()
-    app = gw.server.config.app
-    if not any(getattr(r, "path", "") == "/dashboard" for r in app.routes):
-        try:
-            from gateway.dashboard import install_dashboard
-        except ImportError:
-            pytest.skip("no /dashboard route and no gateway.dashboard module in this build")
-        gw.server.stop()
-        from gateway.app import create_app
-        from gateway.standin import ServerThread
-
-        app = create_app(gw.settings)
-        install_dashboard(app, refresh_every_s=0)
-        gw.server = ServerThread(app).start()
-    yield gw
-    gw.server.stop()
+    """A gateway with the dashboard (create_app installs it)."""
+    return make_gateway()
 
 
 def test_dashboard_refuses_forged_cookies_and_keys(dash_gw):

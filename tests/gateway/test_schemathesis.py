@@ -29,24 +29,8 @@ MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
 
 @pytest.fixture
 def live(make_gateway):
-    """A gateway with the dashboard's admin endpoints too (``install_dashboard`` when create_app lacks it)."""
-    gw = make_gateway(teacher_retries=0, teacher_timeout_s=5, allow_new_routes=True)
-    app = gw.server.config.app
-    if not any(getattr(r, "path", "") == "/admin/overview" for r in app.routes):
-        try:
-            from gateway.dashboard import install_dashboard
-        except ImportError:
-            yield gw
-            return
-        from gateway.app import create_app
-        from gateway.standin import ServerThread
-
-        gw.server.stop()
-        app = create_app(gw.settings)
-        install_dashboard(app, refresh_every_s=0)
-        gw.server = ServerThread(app).start()
-    yield gw
-    gw.server.stop()
+    """A gateway with every admin endpoint, the dashboard's included (create_app installs them)."""
+    return make_gateway(teacher_retries=0, teacher_timeout_s=5, allow_new_routes=True)
 
 
 def _check(case: Any, resp: Any, problems: list[str]) -> None:
