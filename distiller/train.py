@@ -209,6 +209,18 @@ def calibrate_and_evaluate(
     return metrics, curve
 
 
+def _label_model(detection: Detection, dataset: RouteDataset, heads: Any) -> LabelModel:
+    """A student over ``heads`` that answers in the route's format (frozen or fine-tuned encoder alike)."""
+    return LabelModel(
+        kind=detection.kind,
+        heads=heads,
+        template=dataset.template,
+        surfaces=detection.surfaces,
+        json_format=detection.json_format,
+        pii_scrub=dataset.pii_scrub,
+    )
+
+
 def train_candidate(
     dataset: RouteDataset,
     config: DistillerConfig,
@@ -235,14 +247,7 @@ def train_candidate(
     t0 = time.perf_counter()
     targets = prepare_targets(detection, dataset.train)
     heads = fit_heads(targets, X_train, config)
-    model = LabelModel(
-        kind=detection.kind,
-        heads=heads,
-        template=dataset.template,
-        surfaces=detection.surfaces,
-        json_format=detection.json_format,
-        pii_scrub=dataset.pii_scrub,
-    )
+    model = _label_model(detection, dataset, heads)
     metrics, curve = calibrate_and_evaluate(model, X_val, dataset.val, config, seed=config.seed)
     timings["head_seconds"] = time.perf_counter() - t0
     metrics["encoder"] = "frozen"
@@ -281,14 +286,7 @@ def train_candidate(
         Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
         Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
         t_heads = fit_heads(targets, Xt_train, config)
-        t_model = LabelModel(
-            kind=detection.kind,
-            heads=t_heads,
-            template=dataset.template,
-            surfaces=detection.surfaces,
-            json_format=detection.json_format,
-            pii_scrub=dataset.pii_scrub,
-        )
+        t_model = _label_model(detection, dataset, t_heads)
         t_metrics, t_curve = calibrate_and_evaluate(t_model, Xt_val, dataset.val, config, seed=config.seed)
         t_metrics["encoder"] = "finetuned"
         t_metrics["finetune"] = result.summary()
