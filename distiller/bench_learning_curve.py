@@ -124,7 +124,7 @@ def run_learning_curve(
             X = Embedder(str(cand.encoder_dir)).encode(texts, batch_size=config.embed_batch_size)
         else:
             X = cache(texts)
-        answers, raw, servable, _ = cand.model.decide(X)
+        answers, raw, servable, _ = cand.model.decide(X, texts)
         conf = cand.model.confidence(raw, servable)
         predict_ms = (time.perf_counter() - t1) * 1000 / max(1, len(test))
         correct = agreement_vector(cand.model.kind, answers, [e.answer for e in test])

@@ -36,6 +36,10 @@ class DistillerConfig:
     head_c: float = _f(10.0, "Inverse L2 strength of the logistic-regression head (embeddings are unit vectors).")
     head_max_iter: int = _f(300, "Iterations of the head's solver.")
     head_solver: str = _f("torch", "Solver of the logistic-regression head: 'torch' (L-BFGS, fast) or 'sklearn'.")
+    lexical_weight: float = _f(0.3, "Weight of the TF-IDF word n-gram head in the student's blend with the embedding head (0: embeddings only).")
+    lexical_c: float = _f(30.0, "Inverse L2 strength of the TF-IDF head's logistic regression.")
+    lexical_min_df: int = _f(2, "Fewest training texts a word n-gram must occur in to become a TF-IDF feature.")
+    refit_on_validation: bool = _f(True, "After evaluation and calibration, refit the heads on training plus validation pairs (the newest data) for the version that is shipped; the encoder is not retrained.")
     max_labels: int = _f(256, "Most distinct answers a label route (or one structured field) may have.")
     max_label_chars: int = _f(120, "Longest label (characters); longer answers are free text.")
     min_repeated_share: float = _f(0.6, "Share of answers whose label occurs at least twice for a route to count as label/structured.")
@@ -115,6 +119,8 @@ class DistillerConfig:
             raise ConfigError(f"head_solver must be torch or sklearn, got {self.head_solver!r}.")
         if self.finetune not in ("auto", "always", "never"):
             raise ConfigError(f"finetune must be auto, always or never, got {self.finetune!r}.")
+        if not 0.0 <= self.lexical_weight < 1.0:
+            raise ConfigError(f"lexical_weight must be in [0, 1), got {self.lexical_weight}.")
         if self.min_pairs < 4:
             raise ConfigError("min_pairs must be at least 4 (a student needs pairs to train and to validate on).")
 

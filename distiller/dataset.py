@@ -55,6 +55,7 @@ class Example:
     logprobs: list[dict[str, Any]] | None = None
     ts: float = 0.0
     text: str = ""  # the varying text, after template stripping (and PII scrubbing)
+    weight: float = 1.0  # requests of the traffic this pair stands for (see Ledger.teacher_pairs)
 
 
 @dataclass
@@ -145,13 +146,14 @@ def load_route_dataset(ledger: Any, route: str, config: DistillerConfig) -> Rout
     """The route's dataset from the ledger's successful teacher exchanges (see :func:`build_dataset`)."""
     examples: list[Example] = []
     dropped: dict[str, int] = {}
-    for pair in ledger.teacher_pairs(route):
+    for pair in ledger.teacher_pairs(route, shadow_checks=True):
         reason = unusable_reason(pair.answer, pair.finish_reason)
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
         examples.append(
-            Example(id=pair.id, ts=pair.ts, messages=pair.messages, answer=pair.answer, logprobs=pair.teacher_logprobs)
+            Example(id=pair.id, ts=pair.ts, messages=pair.messages, answer=pair.answer, logprobs=pair.teacher_logprobs,
+                    weight=pair.weight)
         )
     return build_dataset(route, examples, config, dropped=dropped)
 

@@ -6,7 +6,9 @@ answers): it returns a report saying why and records it as a route event for the
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -21,7 +23,7 @@ from distiller import registry
 from distiller.config import DistillerConfig
 from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
 from distiller.evaluate import agreement_vector
-from distiller.train import Candidate, UnsupportedRoute, train_candidate
+from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import write_manifest
 from router.curve import coverage_at, coverage_curve
 
@@ -114,8 +116,57 @@ def live_coverage(ledger: Any, route: str, dataset: RouteDataset, target: float)
     finally:
         student.close()
     correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in dataset.val])
-    curve = coverage_curve([o.confidence for o in outputs], correct, max_points=None)
+    curve = coverage_curve([o.confidence for o in outputs], correct, max_points=None,
+                           weights=[e.weight for e in dataset.val])
     return coverage_at(curve, target)
+
+
+def _live_encoder(
+    ledger: Any, route: str, dataset: RouteDataset, config: DistillerConfig, *, progress: bool = False
+) -> ReusedEncoder | None:
+    """The live version's fine-tuned encoder, to retrain heads on without fine-tuning again.
+
+    Fine-tuning takes minutes; new pairs arrive all the time. Between fine-tunings each retrain
+    fits new heads on the live fine-tuned encoder (its embeddings stored like the frozen ones), so
+    a head retrain does not fall back to the weaker frozen encoder. None when the live version has
+    no fine-tuned encoder, was trained with another base model, or cannot be read.
+    """
+    row = registry.live(ledger, route)
+    if row is None:
+        return None
+    directory = Path(row["artifact_path"])
+    try:
+        from router.artifact import load_manifest
+
+        load_manifest(directory, expected_checksum=row["checksum"])
+        body = json.loads((directory / "student.json").read_text())
+    except Exception as exc:  # a broken live artifact just means nothing to reuse
+        log.info("route %s: live version's encoder not reused (%s)", route, exc)
+        return None
+    if not body.get("encoder") or body.get("embedder") != config.embedder:
+        return None
+    from router.embedding import Embedder
+
+    origin = int(body.get("encoder_origin") or row["version"])
+    encoder = Embedder(str(directory / body["encoder"]))
+    key = embedding_key(f"kdgate:{route}/v{origin}", dataset)
+    vectors = embed_with_store(ledger, dataset.examples, encoder, key, batch_size=config.embed_batch_size,
+                               progress=progress)
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, encoder.dim), np.float32)
+
+    return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=embed)
+
+
+def _copy_encoder(src: Path, dst: Path) -> None:
+    """Artifacts are immutable, so a reused encoder is hard-linked (90 MB for MiniLM) where the
+    filesystem allows it, copied otherwise."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
 
 
 def _write_artifact(
@@ -128,9 +179,13 @@ def _write_artifact(
     directory.mkdir(parents=True)
     extra: dict[str, Any] = {"embedder": config.embedder, "embedding_key": emb_key}
     if cand.encoder_dir is not None:
-        shutil.copytree(cand.encoder_dir, directory / "encoder")
+        _copy_encoder(cand.encoder_dir, directory / "encoder")
+        # The version whose run fine-tuned these weights: later versions that reuse them share its
+        # stored embeddings (and the ones the gateway stores while serving them).
+        origin = int(cand.metrics.get("encoder_origin") or version)
         extra["encoder"] = "encoder"
-        extra["embedding_key"] = f"kdgate:{route}/v{version}"
+        extra["encoder_origin"] = origin
+        extra["embedding_key"] = embedding_key(f"kdgate:{route}/v{origin}", dataset)
     cand.model.save(directory, extra=extra)
     manifest = {
         "kind": cand.model.kind,
@@ -188,8 +243,9 @@ def distill_route(
 
     from distiller.finetune import FinetuneInterrupted
 
+    reuse = _live_encoder(ledger, route, dataset, config, progress=progress)
     try:
-        cand = train_candidate(dataset, config, embed=embed, progress=progress, stop=stop)
+        cand = train_candidate(dataset, config, embed=embed, progress=progress, stop=stop, reuse_encoder=reuse)
     except FinetuneInterrupted as exc:
         return DistillReport(route, "interrupted", str(exc), last_exchange_id=0)
     except UnsupportedRoute as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +26,11 @@ from distiller.detect import Detection, detect_task, field_value_label, label_ke
 from distiller.evaluate import agreement_vector, evaluate_confidence
 from router.calibration import fit_calibrator
 from router.label_student import ABSENT, Head, LabelModel
+from router.lexical import EmptyVocabulary, LexicalFeatures
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HeadTargets", "Candidate", "UnsupportedRoute", "prepare_targets", "fit_heads", "train_candidate"]
+__all__ = ["HeadTargets", "Candidate", "ReusedEncoder", "UnsupportedRoute", "prepare_targets", "fit_heads", "train_candidate"]
 
 EmbedFn = Callable[[Sequence[str]], np.ndarray]
 
@@ -118,39 +120,60 @@ def prepare_targets(detection: Detection, train: Sequence[Example]) -> list[Head
     return heads
 
 
-def _fit_softmax_torch(X: np.ndarray, targets: np.ndarray, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+def _torch_features(X: Any) -> Any:
+    """Dense embeddings or a scipy sparse matrix (TF-IDF) as a torch tensor."""
+    import torch
+
+    if hasattr(X, "tocsr"):
+        A = X.tocsr().astype(np.float32)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(A.indptr.astype(np.int64)),
+            torch.from_numpy(A.indices.astype(np.int64)),
+            torch.from_numpy(A.data),
+            size=A.shape,
+            check_invariants=False,
+        )
+    return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+
+def _fit_softmax_torch(X: Any, targets: np.ndarray, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression, scikit-learn's objective (C * sum of losses + |W|^2 / 2),
     solved with full-batch L-BFGS in torch: it takes soft targets as they are and fits 10k x 77
-    classes in seconds where lbfgs in scikit-learn takes tens of seconds."""
+    classes in seconds where lbfgs in scikit-learn takes tens of seconds. X may be sparse."""
     import torch
 
     n, d = X.shape
     k = targets.shape[1]
-    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
     T = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
-    W = torch.zeros(k, d, requires_grad=True)
+    W = torch.zeros(d, k, requires_grad=True)  # (dim, classes): sparse @ dense needs it this way round
     b = torch.zeros(k, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(Xt @ W.T + b, T) + (W * W).sum() / (2 * C * n)
+        loss = torch.nn.functional.cross_entropy(Xt @ W + b, T) + (W * W).sum() / (2 * C * n)
         loss.backward()
         return loss
 
-    opt.step(closure)
-    return W.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # torch's beta notice for CSR tensors
+        Xt = _torch_features(X)
+        opt.step(closure)
+    return np.ascontiguousarray(W.detach().numpy().T, dtype=np.float32), b.detach().numpy().astype(np.float32)
 
 
 def fit_heads(
-    heads: Sequence[HeadTargets], X: np.ndarray, config: DistillerConfig
+    heads: Sequence[HeadTargets], X: Any, config: DistillerConfig, *, C: float | None = None
 ) -> list[Head]:
-    """Logistic-regression heads on embeddings X, trained on each head's (soft) targets.
+    """Logistic-regression heads on features X (embeddings, or a sparse TF-IDF matrix), trained on
+    each head's (soft) targets.
 
     ``config.head_solver`` picks the solver: "torch" (default, fast) or "sklearn"
     (scikit-learn's LogisticRegression, soft targets as weighted rows); same objective.
+    ``C`` overrides ``config.head_c``.
     """
+    C = config.head_c if C is None else C
     out = []
     for ht in heads:
         served = ht.counts >= config.min_label_examples
@@ -159,14 +182,14 @@ def fit_heads(
             out.append(Head(ht.name, ht.classes, np.zeros((1, X.shape[1]), np.float32), np.zeros(1, np.float32), served))
             continue
         if config.head_solver == "torch":
-            W, b = _fit_softmax_torch(X, ht.targets, config.head_c, config.head_max_iter)
+            W, b = _fit_softmax_torch(X, ht.targets, C, config.head_max_iter)
             out.append(Head(ht.name, ht.classes, W, b, served))
             continue
         from sklearn.linear_model import LogisticRegression
 
         rows, cols = np.nonzero(ht.targets > 1e-4)
         weights = ht.targets[rows, cols]
-        clf = LogisticRegression(C=config.head_c, max_iter=config.head_max_iter, tol=1e-4)
+        clf = LogisticRegression(C=C, max_iter=config.head_max_iter, tol=1e-4)
         clf.fit(X[rows], cols, sample_weight=weights)
         W = np.zeros((k, X.shape[1]), dtype=np.float32)
         b = np.full(k, -1e4, dtype=np.float32)  # a class with no weight at all is never chosen
@@ -181,6 +204,21 @@ def fit_heads(
     return out
 
 
+def fit_lexical(
+    heads: Sequence[HeadTargets], texts: Sequence[str], config: DistillerConfig
+) -> tuple[LexicalFeatures | None, list[Head] | None]:
+    """TF-IDF features and one head per target set on them; (None, None) when the blend is off
+    (``lexical_weight`` 0) or no word n-gram occurs often enough to be a feature."""
+    if config.lexical_weight <= 0:
+        return None, None
+    try:
+        lexical = LexicalFeatures.fit(texts, min_df=config.lexical_min_df)
+    except EmptyVocabulary as exc:
+        log.info("no lexical features (%s); the student uses embeddings alone", exc)
+        return None, None
+    return lexical, fit_heads(heads, lexical.transform(texts), config, C=config.lexical_c)
+
+
 def calibrate_and_evaluate(
     model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
@@ -190,7 +228,7 @@ def calibrate_and_evaluate(
     the curve and ECE are not scored on the data the calibrator saw; the stored calibrator is then
     fitted on the whole split.
     """
-    answers, raw, servable, _ = model.decide(X_val)
+    answers, raw, servable, _ = model.decide(X_val, [e.text for e in val])
     correct = agreement_vector(model.kind, answers, [e.answer for e in val])
     n = len(val)
     conf = np.zeros(n)
@@ -204,13 +242,16 @@ def calibrate_and_evaluate(
         conf[score_on] = cal(raw[score_on])
     conf = np.where(servable, conf, 0.0)
     model.calibrator = fit_calibrator(raw, correct)
-    metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement)
+    metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement, weights=[e.weight for e in val])
     metrics["calibration_method"] = model.calibrator.method
     return metrics, curve
 
 
-def _label_model(detection: Detection, dataset: RouteDataset, heads: Any) -> LabelModel:
-    """A student over ``heads`` that answers in the route's format (frozen or fine-tuned encoder alike)."""
+def _label_model(
+    detection: Detection, dataset: RouteDataset, heads: Any, lexical: tuple[Any, Any], config: DistillerConfig
+) -> LabelModel:
+    """A student over ``heads`` (and the lexical features and heads, if any) that answers in the
+    route's format (frozen or fine-tuned encoder alike)."""
     return LabelModel(
         kind=detection.kind,
         heads=heads,
@@ -218,7 +259,41 @@ def _label_model(detection: Detection, dataset: RouteDataset, heads: Any) -> Lab
         surfaces=detection.surfaces,
         json_format=detection.json_format,
         pii_scrub=dataset.pii_scrub,
+        lexical=lexical[0],
+        lexical_heads=lexical[1],
+        lexical_weight=config.lexical_weight,
     )
+
+
+def refit_on_all(
+    cand: Candidate, dataset: RouteDataset, X_all: np.ndarray, config: DistillerConfig
+) -> LabelModel:
+    """The shipped model: heads (and lexical features) refit on training plus validation pairs, with
+    the calibrator fitted on validation. The newest pairs are the most like tomorrow's traffic; a
+    2k-pair route otherwise serves from a model that never saw a fifth of its data. The version's
+    metrics stay those measured on validation by the model trained without it (a conservative
+    estimate of the refit model)."""
+    examples = dataset.train + dataset.val
+    targets = prepare_targets(cand.detection, examples)
+    heads = fit_heads(targets, X_all, config)
+    lexical = fit_lexical(targets, [e.text for e in examples], config)
+    model = _label_model(cand.detection, dataset, heads, lexical, config)
+    model.calibrator = cand.model.calibrator
+    return model
+
+
+@dataclass
+class ReusedEncoder:
+    """A fine-tuned encoder of an earlier version, offered for a head retrain (see
+    :func:`distiller.pipeline._live_encoder`)."""
+
+    path: Path  # its sentence-transformers directory
+    origin: int  # the version whose run fine-tuned it
+    embed: EmbedFn  # its (stored) embeddings of the route's texts
+
+
+def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["coverage_at_target"], a["agreement"]) > (b["coverage_at_target"], b["agreement"])
 
 
 def train_candidate(
@@ -229,11 +304,14 @@ def train_candidate(
     detection: Detection | None = None,
     progress: bool = False,
     stop: Any = None,
+    reuse_encoder: ReusedEncoder | None = None,
 ) -> Candidate:
     """Train, calibrate and evaluate the best label/structured student for ``dataset``.
 
-    ``embed`` maps texts to frozen-encoder embeddings (the caller reuses stored ones). Raises
-    :class:`UnsupportedRoute` for free-text routes.
+    ``embed`` maps texts to frozen-encoder embeddings (the caller reuses stored ones). Variants: the
+    frozen encoder; ``reuse_encoder`` (an earlier fine-tuned encoder, new heads); and, when
+    configured and the best so far falls short, a newly fine-tuned encoder. The one that covers
+    most at the target on validation wins. Raises :class:`UnsupportedRoute` for free-text routes.
     """
     detection = detection or detect_task([e.answer for e in dataset.examples], config)
     if detection.kind == "free_text":
@@ -246,23 +324,41 @@ def train_candidate(
 
     t0 = time.perf_counter()
     targets = prepare_targets(detection, dataset.train)
-    heads = fit_heads(targets, X_train, config)
-    model = _label_model(detection, dataset, heads)
-    metrics, curve = calibrate_and_evaluate(model, X_val, dataset.val, config, seed=config.seed)
+    lexical = fit_lexical(targets, [e.text for e in dataset.train], config)
+    common = {
+        "lexical_features": lexical[0].dim if lexical[0] is not None else 0,
+        "soft_label_rows": int(sum(t.soft_rows for t in targets)),
+    }
+
+    def variant(name: str, Xt: np.ndarray, Xv: np.ndarray, **extra: Any) -> tuple[Candidate, list[Head]]:
+        heads = fit_heads(targets, Xt, config)
+        model = _label_model(detection, dataset, heads, lexical, config)
+        metrics, curve = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
+        metrics.update(encoder=name, **common, **extra)
+        log.info("route %s %s student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)", dataset.route,
+                 name, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
+                 len(dataset.train), len(dataset.val))
+        return Candidate(model=model, detection=detection, metrics=metrics, curve=curve, timings=timings), heads
+
+    best, heads = variant("frozen", X_train, X_val)
     timings["head_seconds"] = time.perf_counter() - t0
-    metrics["encoder"] = "frozen"
-    metrics["soft_label_rows"] = int(sum(t.soft_rows for t in targets))
-    best = Candidate(model=model, detection=detection, metrics=metrics, curve=curve, timings=timings)
-    best.history.append({"encoder": "frozen", "coverage_at_target": metrics["coverage_at_target"],
-                         "agreement": metrics["agreement"]})
-    log.info(
-        "route %s frozen student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)",
-        dataset.route, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
-        len(dataset.train), len(dataset.val),
-    )
+    history = best.history
+    history.append({"encoder": "frozen", "coverage_at_target": best.metrics["coverage_at_target"],
+                    "agreement": best.metrics["agreement"]})
+
+    if reuse_encoder is not None:
+        Xr_train = reuse_encoder.embed([e.text for e in dataset.train])
+        Xr_val = reuse_encoder.embed([e.text for e in dataset.val])
+        reused, _ = variant("finetuned", Xr_train, Xr_val, encoder_origin=reuse_encoder.origin)
+        history.append({"encoder": f"finetuned (v{reuse_encoder.origin}'s, reused)",
+                        "coverage_at_target": reused.metrics["coverage_at_target"],
+                        "agreement": reused.metrics["agreement"]})
+        if _better(reused.metrics, best.metrics):
+            reused.encoder_dir, reused.history = reuse_encoder.path, history
+            best, X_train, X_val = reused, Xr_train, Xr_val
 
     want = config.finetune == "always" or (
-        config.finetune == "auto" and metrics["coverage_at_target"] < config.finetune_below_coverage
+        config.finetune == "auto" and best.metrics["coverage_at_target"] < config.finetune_below_coverage
     )
     if want and len(dataset.train) >= config.finetune_min_pairs and config.finetune_budget_s > 0:
         from distiller.finetune import finetune_encoder
@@ -285,27 +381,21 @@ def train_candidate(
         tuned._model = result.model  # already in memory
         Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
         Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
-        t_heads = fit_heads(targets, Xt_train, config)
-        t_model = _label_model(detection, dataset, t_heads)
-        t_metrics, t_curve = calibrate_and_evaluate(t_model, Xt_val, dataset.val, config, seed=config.seed)
-        t_metrics["encoder"] = "finetuned"
-        t_metrics["finetune"] = result.summary()
-        t_metrics["soft_label_rows"] = metrics["soft_label_rows"]
+        fresh, _ = variant("finetuned", Xt_train, Xt_val, finetune=result.summary())
         timings["finetune_seconds"] = time.perf_counter() - t0
-        best.history.append({"encoder": "finetuned", "coverage_at_target": t_metrics["coverage_at_target"],
-                             "agreement": t_metrics["agreement"], **result.summary()})
-        log.info(
-            "route %s fine-tuned student: agreement %.3f, coverage %.3f (%.0f s)",
-            dataset.route, t_metrics["agreement"], t_metrics["coverage_at_target"], timings["finetune_seconds"],
-        )
-        key = (t_metrics["coverage_at_target"], t_metrics["agreement"])
-        if key > (metrics["coverage_at_target"], metrics["agreement"]):
-            best = Candidate(
-                model=t_model, detection=detection, metrics=t_metrics, curve=t_curve,
-                encoder_dir=result.path, timings=timings, history=best.history, _tmp=tmp,
-            )
+        history.append({"encoder": "finetuned", "coverage_at_target": fresh.metrics["coverage_at_target"],
+                        "agreement": fresh.metrics["agreement"], **result.summary()})
+        log.info("route %s: encoder fine-tuning took %.0f s", dataset.route, timings["finetune_seconds"])
+        if _better(fresh.metrics, best.metrics):
+            fresh.encoder_dir, fresh.history, fresh._tmp = result.path, history, tmp
+            best, X_train, X_val = fresh, Xt_train, Xt_val
         else:
             tmp.cleanup()
-    best.metrics["history"] = best.history
+    if config.refit_on_validation and dataset.val:
+        t0 = time.perf_counter()
+        best.model = refit_on_all(best, dataset, np.concatenate([X_train, X_val]), config)
+        timings["refit_seconds"] = time.perf_counter() - t0
+        best.metrics["refit_pairs"] = len(dataset.train) + len(dataset.val)
+    best.metrics["history"] = history
     best.metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     return best

@@ -194,6 +194,9 @@ class Pair:
     finish_reason: str | None
     teacher_logprobs: list[dict[str, Any]] | None
     served_by: str
+    # How many requests of the route's traffic this pair stands for: 1 for everything the teacher
+    # answered (all of it is logged), 1/sampling rate for a shadow check of a student answer.
+    weight: float = 1.0
 
 
 class Ledger:
@@ -247,12 +250,15 @@ class Ledger:
         return int(self.scalar("SELECT count(*) FROM exchanges WHERE route = ?", (route,)))
 
     def teacher_pairs(
-        self, route: str, *, since_id: int = 0, limit: int | None = None
+        self, route: str, *, since_id: int = 0, limit: int | None = None, shadow_checks: bool = False
     ) -> Iterator[Pair]:
         """Successful teacher answers of a route, oldest first.
 
         Only exchanges the teacher answered with status 200 and a text answer; the caller filters
-        refusals and truncations (it knows the route's task).
+        refusals and truncations (it knows the route's task). With ``shadow_checks``, also the
+        teacher's answers to sampled student-served requests, each weighted by the inverse of its
+        student version's measured check rate, so that the pairs together stand for the traffic:
+        in cascade mode the teacher-answered pairs alone are the escalations, the hardest requests.
         """
         sql = (
             "SELECT id, ts, route, request, answer, finish_reason, teacher_logprobs, served_by "
@@ -263,20 +269,52 @@ class Ledger:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        for row in self.conn.execute(sql, params):
-            request = json.loads(row["request"])
-            yield Pair(
+        pairs = [
+            Pair(
                 id=row["id"],
                 ts=row["ts"],
                 route=row["route"],
-                messages=request.get("messages", []),
+                messages=json.loads(row["request"]).get("messages", []),
                 answer=row["answer"],
                 finish_reason=row["finish_reason"],
-                teacher_logprobs=json.loads(row["teacher_logprobs"])
-                if row["teacher_logprobs"]
-                else None,
+                teacher_logprobs=json.loads(row["teacher_logprobs"]) if row["teacher_logprobs"] else None,
                 served_by=row["served_by"],
             )
+            for row in self.conn.execute(sql, params)
+        ]
+        if shadow_checks:
+            pairs = sorted(pairs + self._checked_pairs(route, since_id), key=lambda p: p.id)
+            if limit is not None:
+                pairs = pairs[:limit]
+        yield from pairs
+
+    def _checked_pairs(self, route: str, since_id: int) -> list[Pair]:
+        """Student-served exchanges the teacher also answered (shadow checks), as weighted pairs."""
+        served = dict(self.conn.execute(
+            "SELECT student_version, count(*) FROM exchanges WHERE route = ? AND served_by = 'student' "
+            "AND status = 200 GROUP BY student_version", (route,)).fetchall())
+        rows = self.conn.execute(
+            "SELECT e.id, e.ts, e.request, e.student_version, s.teacher_answer FROM shadow_checks s "
+            "JOIN exchanges e ON e.uid = s.exchange_uid WHERE s.route = ? AND e.route = ? AND e.id > ? "
+            "AND e.served_by = 'student' AND e.status = 200 AND e.endpoint = 'chat.completions' "
+            "AND s.teacher_answer IS NOT NULL ORDER BY e.id", (route, route, since_id)).fetchall()
+        checked: dict[Any, int] = {}
+        for row in rows:
+            checked[row["student_version"]] = checked.get(row["student_version"], 0) + 1
+        return [
+            Pair(
+                id=row["id"],
+                ts=row["ts"],
+                route=route,
+                messages=json.loads(row["request"]).get("messages", []),
+                answer=row["teacher_answer"],
+                finish_reason=None,
+                teacher_logprobs=None,
+                served_by="student",
+                weight=max(1.0, served.get(row["student_version"], 0) / checked[row["student_version"]]),
+            )
+            for row in rows
+        ]
 
     def max_exchange_id(self, route: str | None = None) -> int:
         if route is None:

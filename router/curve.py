@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["coverage_curve", "threshold_for_target", "coverage_at", "CurvePoint"]
+__all__ = ["coverage_curve", "threshold_for_target", "coverage_at", "effective_size", "CurvePoint"]
 
 CurvePoint = dict[str, float]  # {"threshold", "coverage", "agreement"}
 
@@ -23,25 +23,31 @@ def coverage_curve(
     correct: np.ndarray | Sequence[float],
     *,
     max_points: int | None = 200,
+    weights: np.ndarray | Sequence[float] | None = None,
 ) -> list[CurvePoint]:
     """The curve over every distinct confidence value, highest threshold first.
 
     Each point says: serving requests with confidence >= ``threshold`` covers ``coverage`` of them
-    with ``agreement`` (1.0 when nothing is served). With ``max_points``, the curve is thinned to
+    with ``agreement`` (1.0 when nothing is served). ``weights`` (default 1) say how many requests
+    of the traffic each pair stands for (inverse sampling rates), so that a sample skewed towards
+    escalations still gives the traffic's curve. With ``max_points``, the curve is thinned to
     about that many points, always keeping the points with the largest coverage at each agreement.
     """
     p = np.asarray(confidence, dtype=np.float64)
     c = np.asarray(correct, dtype=np.float64)
+    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
     n = len(p)
-    if n == 0:
+    if n == 0 or w.sum() <= 0:
         return []
     order = np.argsort(-p, kind="mergesort")
-    ps, cs = p[order], c[order]
-    hits = np.cumsum(cs)
+    ps, cs, ws = p[order], c[order], w[order]
+    hits = np.cumsum(cs * ws)
+    mass = np.cumsum(ws)
+    total = mass[-1]
     # The last index of each run of equal confidence: a threshold serves the whole run or none of it.
     ends = np.nonzero(np.r_[ps[1:] != ps[:-1], True])[0]
     points = [
-        {"threshold": float(ps[e]), "coverage": float((e + 1) / n), "agreement": float(hits[e] / (e + 1))}
+        {"threshold": float(ps[e]), "coverage": float(mass[e] / total), "agreement": float(hits[e] / mass[e])}
         for e in ends
     ]
     if max_points is not None and len(points) > max_points:
@@ -54,6 +60,16 @@ def coverage_curve(
                 keep.add(best)
         points = [points[i] for i in sorted(keep)]
     return points
+
+
+def effective_size(weights: np.ndarray | Sequence[float] | None, n: int) -> float:
+    """Kish's effective sample size of weighted pairs, (sum w)^2 / sum w^2 (``n`` when unweighted):
+    what confidence bounds on a weighted curve should count as the number of pairs."""
+    if weights is None:
+        return float(n)
+    w = np.asarray(weights, dtype=np.float64)
+    sq = float((w * w).sum())
+    return float(w.sum() ** 2 / sq) if sq > 0 else 0.0
 
 
 def _best_index(curve: Sequence[CurvePoint], target: float) -> int | None:

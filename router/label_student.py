@@ -5,7 +5,8 @@ Artifact layout (see :mod:`router.artifact`)::
     manifest.json       kind, route, version, embedder, metrics, ... (checksums of every file)
     student.json        template, heads (names, classes, served mask), label spellings, JSON fields
                         and format, calibration
-    heads.safetensors   head{i}.W (classes x dim) and head{i}.b (classes), float32
+    heads.safetensors   head{i}.W (classes x dim) and head{i}.b (classes), float32; with lexical
+                        features also lex{i}.W / lex{i}.b and lexical.idf
     encoder/            only when the encoder was fine-tuned: a sentence-transformers directory
                         (safetensors weights, JSON config, tokenizer files)
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from router.calibration import Calibrator, IdentityCalibrator, calibrator_from_dict
+from router.lexical import LexicalFeatures
 from router.student import StudentError, StudentOutput, register_kind
 from router.template import Template, scrub_pii
 
@@ -78,6 +80,9 @@ class LabelModel:
         surfaces: dict[str, str] | None = None,
         json_format: dict[str, Any] | None = None,
         pii_scrub: bool = False,
+        lexical: LexicalFeatures | None = None,
+        lexical_heads: list[Head] | None = None,
+        lexical_weight: float = 0.0,
     ):
         if kind not in ("label", "structured"):
             raise ValueError(f"LabelModel kind must be label or structured, not {kind!r}")
@@ -88,6 +93,13 @@ class LabelModel:
         self.surfaces = surfaces or {}
         self.json_format = json_format or {}
         self.pii_scrub = pii_scrub
+        # Optional second view of the text: a TF-IDF head per field, blended with the embedding head
+        # as a weighted geometric mean of the two distributions (weight on the lexical side).
+        self.lexical = lexical if lexical_heads else None
+        self.lexical_heads = lexical_heads or []
+        self.lexical_weight = float(lexical_weight) if self.lexical is not None else 0.0
+        if self.lexical is not None and len(self.lexical_heads) != len(heads):
+            raise ValueError("LabelModel: one lexical head per embedding head is needed")
 
     # -- inputs -------------------------------------------------------------------------------
     def text_of(self, messages: list[dict[str, Any]]) -> str:
@@ -96,8 +108,32 @@ class LabelModel:
         return scrub_pii(text) if self.pii_scrub else text
 
     # -- outputs ------------------------------------------------------------------------------
-    def decide(self, X: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray, list[list[int]]]:
-        """For embeddings X: (answers in the teacher's format, raw scores, servable mask, class ids).
+    def head_probs(self, X: np.ndarray, texts: list[str] | None = None) -> list[np.ndarray]:
+        """Per head, the class distribution: the embedding head's, blended with the lexical head's
+        (weighted geometric mean, renormalized) when the model has lexical features."""
+        if self.lexical is None:
+            return [head.probs(X) for head in self.heads]
+        if texts is None or len(texts) != X.shape[0]:
+            raise ValueError("this student has lexical features: decide() needs the texts as well")
+        L = self.lexical.transform(texts)
+        w = self.lexical_weight
+        out = []
+        for head, lex in zip(self.heads, self.lexical_heads):
+            pe, pl = head.probs(X), lex.probs(L)
+            if pe.shape[1] == 1:
+                out.append(pe)
+                continue
+            z = (1.0 - w) * np.log(pe + 1e-12) + w * np.log(pl + 1e-12)
+            z -= z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            out.append(e / e.sum(axis=1, keepdims=True))
+        return out
+
+    def decide(
+        self, X: np.ndarray, texts: list[str] | None = None
+    ) -> tuple[list[str], np.ndarray, np.ndarray, list[list[int]]]:
+        """For embeddings X (and the texts they embed): (answers in the teacher's format, raw scores,
+        servable mask, class ids).
 
         The raw score is the product over heads of the margin between the top two probabilities:
         on held-back banking77 it ranks right answers above wrong ones better than the top
@@ -108,8 +144,7 @@ class LabelModel:
         raw = np.ones(n, dtype=np.float64)
         servable = np.ones(n, dtype=bool)
         picks: list[np.ndarray] = []
-        for head in self.heads:
-            p = head.probs(X)
+        for head, p in zip(self.heads, self.head_probs(X, texts)):
             idx = p.argmax(axis=1)
             if p.shape[1] > 1:
                 top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
@@ -144,6 +179,13 @@ class LabelModel:
         for i, h in enumerate(self.heads):
             tensors[f"head{i}.W"] = np.ascontiguousarray(h.W, dtype=np.float32)
             tensors[f"head{i}.b"] = np.ascontiguousarray(h.b, dtype=np.float32)
+        lexical = None
+        if self.lexical is not None:
+            for i, h in enumerate(self.lexical_heads):
+                tensors[f"lex{i}.W"] = np.ascontiguousarray(h.W, dtype=np.float32)
+                tensors[f"lex{i}.b"] = np.ascontiguousarray(h.b, dtype=np.float32)
+            tensors["lexical.idf"] = self.lexical.idf
+            lexical = {**self.lexical.to_dict(), "weight": self.lexical_weight}
         save_file(tensors, str(directory / "heads.safetensors"))
         body = {
             "kind": self.kind,
@@ -153,6 +195,7 @@ class LabelModel:
             "json_format": self.json_format,
             "calibration": self.calibrator.to_dict(),
             "pii_scrub": self.pii_scrub,
+            "lexical": lexical,
             **(extra or {}),
         }
         (directory / "student.json").write_text(json.dumps(body, ensure_ascii=False, indent=1))
@@ -174,6 +217,14 @@ class LabelModel:
             )
             for i, h in enumerate(body["heads"])
         ]
+        lexical, lexical_heads, weight = None, None, 0.0
+        if body.get("lexical"):
+            lexical = LexicalFeatures.from_saved(body["lexical"], tensors["lexical.idf"])
+            lexical_heads = [
+                Head(name=h.name, classes=h.classes, W=tensors[f"lex{i}.W"], b=tensors[f"lex{i}.b"], served=h.served)
+                for i, h in enumerate(heads)
+            ]
+            weight = float(body["lexical"].get("weight", 0.0))
         model = cls(
             kind=body["kind"],
             heads=heads,
@@ -182,6 +233,9 @@ class LabelModel:
             surfaces=body.get("surfaces") or {},
             json_format=body.get("json_format") or {},
             pii_scrub=bool(body.get("pii_scrub", False)),
+            lexical=lexical,
+            lexical_heads=lexical_heads,
+            lexical_weight=weight,
         )
         return model, body
 
@@ -224,7 +278,7 @@ class LabelStudent:
         t0 = time.perf_counter()
         texts = [self.model.text_of(m) for m in requests]
         X = self.embedder.encode(texts)
-        answers, raw, servable, _ = self.model.decide(X)
+        answers, raw, servable, _ = self.model.decide(X, texts)
         conf = self.model.confidence(raw, servable)
         ms = (time.perf_counter() - t0) * 1000 / max(1, len(requests))
         return [

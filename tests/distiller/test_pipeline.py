@@ -246,3 +246,80 @@ def test_worker_serves_the_head_first_then_fine_tunes_only_as_data_grows(ledger)
     worker.step()
     assert len(registry.list_students(ledger, "sentiment")) == 3
     assert registry.get(ledger, "sentiment", 3)["metrics"]["encoder"] == "frozen"
+
+
+def test_lexical_features_blend_and_survive_the_artifact(ledger, fast_config) -> None:
+    rows = load_fixture("banking77_small.jsonl")
+    report = _trained(ledger, "triage", rows, fast_config)
+    row = registry.live(ledger, "triage")
+    assert row["metrics"]["lexical_features"] > 50 and row["metrics"]["refit_pairs"] == len(rows)
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    model = student.model
+    assert model.lexical is not None and model.lexical_weight == fast_config.lexical_weight
+    texts = [model.text_of(r["messages"]) for r in rows[:40]]
+    X = student.embedder.encode(texts)
+    blended = model.head_probs(X, texts)[0]
+    alone = model.heads[0].probs(X)
+    lexical = model.lexical_heads[0].probs(model.lexical.transform(texts))
+    w = model.lexical_weight
+    expect = np.exp((1 - w) * np.log(alone + 1e-12) + w * np.log(lexical + 1e-12))
+    assert np.allclose(blended, expect / expect.sum(axis=1, keepdims=True), atol=1e-5)
+    assert not np.allclose(blended, alone, atol=1e-3)  # the lexical head does change the answer
+    with pytest.raises(ValueError, match="texts"):
+        model.decide(X)
+    # without the blend, the artifact has no lexical part and decide() needs no texts
+    plain = distill_route(ledger, "triage", fast_config.with_overrides({"lexical_weight": 0.0}))
+    assert plain.version == report.version + 1
+    off = load_student(registry.get(ledger, "triage", plain.version)["artifact_path"])
+    assert off.model.lexical is None and off.model.decide(X)[0]
+
+
+def test_shadow_checks_join_the_dataset_weighted_by_their_sampling_rate(ledger, fast_config) -> None:
+    from distiller.dataset import load_route_dataset
+
+    rows = load_fixture("banking77_small.jsonl")
+    seed_exchanges(ledger, "triage", rows[:100])
+    # 40 student-served requests of version 1, of which 4 were also asked of the teacher
+    served = [{**r, "served_by": "student", "answer": "whatever the student said"} for r in rows[100:140]]
+    seed_exchanges(ledger, "triage", served)
+    with ledger.conn:
+        ledger.conn.execute("UPDATE exchanges SET student_version = 1 WHERE served_by = 'student'")
+        uids = [r["uid"] for r in ledger.query("SELECT uid FROM exchanges WHERE served_by = 'student' ORDER BY id LIMIT 4")]
+        for uid, r in zip(uids, rows[100:104]):
+            ledger.conn.execute(
+                "INSERT INTO shadow_checks (ts, route, exchange_uid, student_version, student_answer, teacher_answer, agree)"
+                " VALUES (?, 'triage', ?, 1, 'whatever the student said', ?, 0)", (1.8e9, uid, r["answer"]))
+    pairs = list(ledger.teacher_pairs("triage", shadow_checks=True))
+    assert len(list(ledger.teacher_pairs("triage"))) == 100 and len(pairs) == 104
+    checked = [p for p in pairs if p.served_by == "student"]
+    assert [p.answer for p in checked] == [r["answer"] for r in rows[100:104]]  # the teacher's, not the student's
+    assert all(p.weight == 10.0 for p in checked) and all(p.weight == 1.0 for p in pairs if p.served_by == "teacher")
+    dataset = load_route_dataset(ledger, "triage", fast_config)
+    assert {e.weight for e in dataset.val} == {1.0, 10.0}  # the newest pairs validate, checks included
+
+
+def test_head_retrain_reuses_the_live_fine_tuned_encoder(ledger) -> None:
+    """Between fine-tunings a head retrain fits new heads on the live version's fine-tuned encoder
+    (its embeddings stored once, under the version that fine-tuned it) instead of the frozen one."""
+    rows = load_fixture("sst2_small.jsonl")
+    seed_exchanges(ledger, "sentiment", rows[:120])
+    tune = DistillerConfig(finetune="always", finetune_budget_s=8, finetune_min_pairs=50, finetune_epochs=1,
+                           finetune_max_tokens=48)
+    first = distill_route(ledger, "sentiment", tune)
+    assert first.metrics["encoder"] == "finetuned", first.metrics["history"]
+    if not first.promoted:
+        registry.promote(ledger, "sentiment", first.version, reason="test: make the fine-tuned version live")
+    seed_exchanges(ledger, "sentiment", rows[120:170])
+    again = distill_route(ledger, "sentiment", tune.with_overrides({"finetune": "never"}))
+    history = again.metrics["history"]
+    assert [h["encoder"] for h in history] == ["frozen", f"finetuned (v{first.version}'s, reused)"]
+    stored = ledger.scalar("SELECT count(*) FROM embeddings WHERE model LIKE ?", (f"kdgate:sentiment/v{first.version}|t=%",))
+    assert stored == 170  # every pair embedded once with the reused encoder
+    if again.metrics["encoder"] == "finetuned":  # the reused encoder won: its weights are linked, not copied
+        assert again.metrics["encoder_origin"] == first.version
+        new = Path(registry.get(ledger, "sentiment", again.version)["artifact_path"]) / "encoder"
+        old = Path(registry.get(ledger, "sentiment", first.version)["artifact_path"]) / "encoder"
+        weights = next(p.name for p in old.rglob("*.safetensors"))
+        assert (new / weights).stat().st_ino == (old / weights).stat().st_ino
+    student = load_student(registry.get(ledger, "sentiment", again.version)["artifact_path"])
+    assert student.predict(rows[0]["messages"], {}).text in {"positive", "negative"}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from router.calibration import calibrator_from_dict, expected_calibration_error, fit_calibrator
-from router.curve import coverage_at, coverage_curve, threshold_for_target
+from router.curve import coverage_at, coverage_curve, effective_size, threshold_for_target
 
 
 def _overconfident(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -70,3 +70,20 @@ def test_thinned_curve_keeps_the_answer_at_common_targets() -> None:
     assert len(thin) <= 60
     for target in (0.95, 0.98, 0.99):
         assert threshold_for_target(thin, target) == threshold_for_target(full, target)
+
+
+def test_weighted_curve_stands_for_the_traffic_a_skewed_sample_came_from() -> None:
+    # Traffic: 100 confident requests, all right, and 10 hard ones, half right. The logged sample
+    # has every hard one (escalations) but only 10 of the confident ones (a 10% shadow-check rate).
+    conf = np.r_[np.full(10, 0.99), np.linspace(0.5, 0.4, 10)]
+    correct = np.r_[np.ones(10), np.tile([0.0, 1.0], 5)]
+    plain = coverage_curve(conf, correct, max_points=None)
+    assert threshold_for_target(plain, 0.98) == 0.99 and coverage_at(plain, 0.98) == 0.5  # as if half were hard
+    weights = np.r_[np.full(10, 10.0), np.ones(10)]
+    weighted = coverage_curve(conf, correct, max_points=None, weights=weights)
+    assert weighted[0]["coverage"] == pytest.approx(100 / 110)  # what the traffic looks like
+    # four hard requests more (two wrong) still agree 102/104 >= 98% on the traffic
+    assert coverage_at(weighted, 0.98) == pytest.approx(104 / 110)
+    assert weighted[-1]["agreement"] == pytest.approx(105 / 110)
+    assert effective_size(weights, 20) == pytest.approx(110**2 / 1010)
+    assert effective_size(None, 20) == 20
