@@ -112,20 +112,7 @@ def promote(
         load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
     except ArtifactError as exc:
         raise RegistryError(f"Refusing to make version {version} of {route!r} live: {exc}") from exc
-    previous = live(ledger, route)
-    with ledger.conn:
-        ledger.conn.execute("BEGIN IMMEDIATE")
-        ledger.conn.execute(
-            "UPDATE students SET status = 'retired' WHERE route = ? AND status = 'live' AND version != ?",
-            (route, version),
-        )
-        ledger.conn.execute("UPDATE students SET status = 'live' WHERE route = ? AND version = ?", (route, version))
-    ledger.record_event(
-        route,
-        event,
-        actor=actor,
-        detail={"version": version, "previous": previous["version"] if previous else None, "reason": reason},
-    )
+    ledger.set_live_student(route, version, actor=actor, reason=reason, event=event)
     log.info("route %s: version %d is live (%s)", route, version, reason or event)
     out = get(ledger, route, version)
     assert out is not None

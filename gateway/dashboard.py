@@ -496,17 +496,27 @@ def build_stats_router() -> APIRouter:
     def _set_live(request: Request, name: str, version: int, action: Literal["promote", "rollback"]) -> dict[str, Any]:
         who = admin_principal(request)
         _route_or_404(request, name)
-        from distiller import registry
+        # The registry's rows are changed through the store API; the gateway never imports the
+        # distiller. The artifact is verified first, as the distiller's own promotion does.
+        from router.artifact import ArtifactError, load_manifest
 
         ledger = _state(request).ledger
+        row = ledger.student_row(name, version)
+        if row is None:
+            known = [r["version"] for r in ledger.query("SELECT version FROM students WHERE route = ? ORDER BY version", (name,))]
+            raise GatewayError(f"Route {name!r} has no student version {version} (versions: {known or 'none'}).",
+                               param="version", status=409)
         try:
-            if action == "promote":
-                row = registry.promote(ledger, name, version, actor=who.name, reason="dashboard", event="student.promoted")
-            else:
-                row = registry.rollback(ledger, name, version, actor=who.name)
-        except registry.RegistryError as exc:
-            raise GatewayError(str(exc), param="version", status=409) from None
+            load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
+        except ArtifactError as exc:
+            raise GatewayError(f"Refusing to make version {version} of {name!r} live: {exc}", param="version",
+                               status=409) from None
+        if action == "promote":
+            ledger.set_live_student(name, version, actor=who.name, reason="dashboard", event="student.promoted")
+        else:
+            ledger.set_live_student(name, version, actor=who.name, reason="rollback", event="student.rollback")
         _notify_students(request, name)
+        row = ledger.student_row(name, version) or row
         return {"route": name, "version": int(row["version"]), "status": row["status"], "action": action}
 
     @router.post("/routes/{name}/promote/{version}", response_model=PromoteOut)

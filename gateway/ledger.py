@@ -414,6 +414,30 @@ class Ledger:
                 (time.time(), route, kind, actor, json.dumps(detail) if detail is not None else None),
             )
 
+    # -- student registry (the rows; artifacts are verified by the caller) -----------------
+    def student_row(self, route: str, version: int) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM students WHERE route = ? AND version = ?", (route, version))
+        return rows[0] if rows else None
+
+    def set_live_student(
+        self, route: str, version: int, *, actor: str, reason: str = "", event: str = "student.promoted"
+    ) -> int | None:
+        """Make ``version`` the route's live student and retire the current one, in one transaction,
+        recorded as ``event``. Returns the previously live version. The caller checks that the
+        version exists and that its artifact matches its checksum (``distiller.registry.promote``,
+        the dashboard's promote/rollback)."""
+        previous = self.scalar(
+            "SELECT version FROM students WHERE route = ? AND status = 'live' ORDER BY version DESC LIMIT 1", (route,))
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "UPDATE students SET status = 'retired' WHERE route = ? AND status = 'live' AND version != ?",
+                (route, version),
+            )
+            self.conn.execute("UPDATE students SET status = 'live' WHERE route = ? AND version = ?", (route, version))
+        self.record_event(route, event, actor=actor, detail={"version": version, "previous": previous, "reason": reason})
+        return previous
+
     def events(self, route: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.query(
             "SELECT * FROM route_events WHERE route = ? ORDER BY id DESC LIMIT ?", (route, limit)

@@ -293,6 +293,9 @@ def run_replay(
         latency[f"{who}_p50_ms"] = round(vals[len(vals) // 2], 2) if vals else None
         latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
     metrics = replay_metrics(rows, sent, by_uid)
+    live = ledger.query("SELECT artifact_path, checksum FROM students WHERE route = 'replay' AND status = 'live'")
+    if live and not keep_running:  # with the stack stopped, the machine is quiet
+        metrics["router_decision_ms"] = time_decisions(live[0]["artifact_path"], live[0]["checksum"], rows)
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
@@ -312,6 +315,26 @@ def run_replay(
     return metrics, (stack if keep_running else None)
 
 
+def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]], n: int = 400) -> dict[str, Any]:
+    """The router's own decision, one request at a time: the live student's features (template
+    strip, embedding, TF-IDF) and calibrated confidence, timed in this process on the stream's last
+    ``n`` requests after a warm-up. This is what a request pays before the student-or-teacher choice."""
+    from router.student import load_student
+
+    student = load_student(artifact_path, expected_checksum=checksum)
+    sample = rows[-n:]
+    for r in sample[:20]:
+        student.predict(r["messages"], {})
+    times = []
+    for r in sample:
+        t0 = time.perf_counter()
+        student.predict(r["messages"], {})
+        times.append((time.perf_counter() - t0) * 1000)
+    student.close()
+    times.sort()
+    return {"p50": round(times[len(times) // 2], 2), "p95": round(times[int(len(times) * 0.95)], 2), "requests": len(times)}
+
+
 def print_table(m: dict[str, Any]) -> None:
     print(f"\n{'':<22}{'student share':>14}{'agreement':>11}{'saved':>8}")
     for label, key in (("whole stream", "overall"), ("last 25%", "last_quarter")):
@@ -320,6 +343,9 @@ def print_table(m: dict[str, Any]) -> None:
     for label, b in m["baselines"].items():
         print(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
     o = m["overall"]
+    if m.get("router_decision_ms"):
+        d = m["router_decision_ms"]
+        print(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
     print(f"\nteacher spend without kdgate ${o['teacher_spend_usd']:.4f}, with kdgate ${o['actual_spend_usd']:.4f}"
           f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
 
