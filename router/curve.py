@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = ["coverage_curve", "threshold_for_target", "coverage_at", "effective_size", "CurvePoint"]
 
-CurvePoint = dict[str, float]  # {"threshold", "coverage", "agreement"}
+CurvePoint = dict[str, float]  # {"threshold", "coverage", "agreement", "pairs"}
 
 
 def coverage_curve(
@@ -28,26 +28,35 @@ def coverage_curve(
     """The curve over every distinct confidence value, highest threshold first.
 
     Each point says: serving requests with confidence >= ``threshold`` covers ``coverage`` of them
-    with ``agreement`` (1.0 when nothing is served). ``weights`` (default 1) say how many requests
-    of the traffic each pair stands for (inverse sampling rates), so that a sample skewed towards
-    escalations still gives the traffic's curve. With ``max_points``, the curve is thinned to
-    about that many points, always keeping the points with the largest coverage at each agreement.
+    with ``agreement`` (1.0 when nothing is served); ``pairs`` is how many of the scored pairs that
+    is (the evidence behind the point).
+
+    ``weights`` (default 1) say how many requests of the traffic each pair stands for: a shadow check
+    of a student-served request sampled at 2% stands for 50. Coverage counts the full weight. For
+    agreement, each pair counts its observed outcome once and the ``w - 1`` requests it stands in for
+    count at its calibrated ``confidence`` (the expected agreement of a request with that score): a
+    handful of heavily weighted checks then cannot swing the curve by 50 requests per outcome, and the
+    curve still describes the traffic rather than the escalation-heavy sample.
+
+    With ``max_points``, the curve is thinned to about that many points, always keeping the points
+    with the largest coverage at each agreement.
     """
     p = np.asarray(confidence, dtype=np.float64)
     c = np.asarray(correct, dtype=np.float64)
-    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = np.ones(len(p)) if weights is None else np.maximum(np.asarray(weights, dtype=np.float64), 1.0)
     n = len(p)
-    if n == 0 or w.sum() <= 0:
+    if n == 0:
         return []
     order = np.argsort(-p, kind="mergesort")
     ps, cs, ws = p[order], c[order], w[order]
-    hits = np.cumsum(cs * ws)
+    hits = np.cumsum(cs + (ws - 1.0) * np.clip(ps, 0.0, 1.0))
     mass = np.cumsum(ws)
     total = mass[-1]
     # The last index of each run of equal confidence: a threshold serves the whole run or none of it.
     ends = np.nonzero(np.r_[ps[1:] != ps[:-1], True])[0]
     points = [
-        {"threshold": float(ps[e]), "coverage": float(mass[e] / total), "agreement": float(hits[e] / mass[e])}
+        {"threshold": float(ps[e]), "coverage": float(mass[e] / total), "agreement": float(hits[e] / mass[e]),
+         "pairs": float(e + 1)}
         for e in ends
     ]
     if max_points is not None and len(points) > max_points:

@@ -59,9 +59,11 @@ def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: 
     right at the top says little about the next 10,000 requests. With the bound, a target is met only
     where the evidence supports it, so young students serve less, and the share grows with the data.
     """
-    if not n_val:
+    if not n_val and not (curve and "pairs" in curve[0]):
         return list(curve)
-    return [{**p, "agreement": wilson_lower(p["agreement"], p["coverage"] * n_val, z)} for p in curve]
+    # the evidence behind a point: the pairs scored there (older curves: coverage x validation pairs)
+    return [{**p, "agreement": wilson_lower(p["agreement"], p.get("pairs", p["coverage"] * (n_val or 0)), z)}
+            for p in curve]
 
 
 def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None, n_val: int | None = None) -> float:

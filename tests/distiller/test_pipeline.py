@@ -35,7 +35,7 @@ def test_label_route_learned_served_in_teacher_format(ledger, fast_config, caplo
     assert row["kind"] == "label" and row["status"] == "live"
     assert METRIC_KEYS <= set(row["metrics"]) and row["metrics"]["agreement"] > 0.8
     assert row["train_pairs"] + row["val_pairs"] == len(rows)
-    assert row["curve"] and set(row["curve"][0]) == {"threshold", "coverage", "agreement"}
+    assert row["curve"] and set(row["curve"][0]) == {"threshold", "coverage", "agreement", "pairs"}
     assert row["calibration"]["method"] in ("isotonic", "platt")
     assert Path(row["artifact_path"]).parent.name == "triage"
 

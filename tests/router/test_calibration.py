@@ -50,7 +50,7 @@ def test_curve_and_threshold_for_target() -> None:
     conf = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     correct = np.array([1, 1, 1, 1, 1, 0, 1, 0, 0, 0], dtype=float)
     curve = coverage_curve(conf, correct)
-    assert curve[0] == {"threshold": 0.99, "coverage": 0.1, "agreement": 1.0}
+    assert curve[0] == {"threshold": 0.99, "coverage": 0.1, "agreement": 1.0, "pairs": 1.0}
     assert threshold_for_target(curve, 1.0) == 0.7  # the 5 most confident are all right
     assert coverage_at(curve, 1.0) == 0.5
     assert threshold_for_target(curve, 0.85) == 0.5  # 6 of 7 right
@@ -73,17 +73,24 @@ def test_thinned_curve_keeps_the_answer_at_common_targets() -> None:
 
 
 def test_weighted_curve_stands_for_the_traffic_a_skewed_sample_came_from() -> None:
-    # Traffic: 100 confident requests, all right, and 10 hard ones, half right. The logged sample
-    # has every hard one (escalations) but only 10 of the confident ones (a 10% shadow-check rate).
+    # Traffic: 100 confident requests (calibrated confidence 0.99) and 10 hard ones, half right. The
+    # logged sample has every hard one (escalations) but only 10 of the confident ones (a 10%
+    # shadow-check rate), all of which agreed.
     conf = np.r_[np.full(10, 0.99), np.linspace(0.5, 0.4, 10)]
     correct = np.r_[np.ones(10), np.tile([0.0, 1.0], 5)]
     plain = coverage_curve(conf, correct, max_points=None)
     assert threshold_for_target(plain, 0.98) == 0.99 and coverage_at(plain, 0.98) == 0.5  # as if half were hard
     weights = np.r_[np.full(10, 10.0), np.ones(10)]
     weighted = coverage_curve(conf, correct, max_points=None, weights=weights)
-    assert weighted[0]["coverage"] == pytest.approx(100 / 110)  # what the traffic looks like
-    # four hard requests more (two wrong) still agree 102/104 >= 98% on the traffic
-    assert coverage_at(weighted, 0.98) == pytest.approx(104 / 110)
-    assert weighted[-1]["agreement"] == pytest.approx(105 / 110)
+    # each check counts its own outcome once and the 9 requests it stands for at its confidence
+    assert weighted[0] == pytest.approx({"threshold": 0.99, "coverage": 100 / 110, "agreement": (10 + 90 * 0.99) / 100, "pairs": 10})
+    # two hard requests more (one wrong) still agree (99.1 + 1) / 102 >= 98% on the traffic
+    assert coverage_at(weighted, 0.98) == pytest.approx(102 / 110)
+    assert weighted[-1]["pairs"] == 20 and weighted[-1]["coverage"] == 1.0
     assert effective_size(weights, 20) == pytest.approx(110**2 / 1010)
     assert effective_size(None, 20) == 20
+    # the confidence bound counts the pairs behind each point, not the requests they stand for
+    from router.policy import conservative_curve
+
+    bounded = conservative_curve(weighted, None)
+    assert bounded[0]["agreement"] < 0.8  # 10 pairs are little evidence, whatever they stand for
