@@ -111,6 +111,9 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         import torch
 
+        if len(texts) == 1 and self._plain_mean_pooling():
+            return self._encode_one(texts[0])
+
         with torch.inference_mode():
             vecs = self.model.encode(
                 list(texts),
@@ -120,6 +123,33 @@ class Embedder:
                 show_progress_bar=show_progress,
             )
         return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+    def _plain_mean_pooling(self) -> bool:
+        """Whether the model is exactly transformer -> mean pooling -> normalize (MiniLM and most
+        sentence-transformers models), so one text can skip ``SentenceTransformer.encode``'s batching
+        machinery: about 0.7 ms of an 8 ms request on this CPU."""
+        known = getattr(self, "_plain", None)
+        if known is None:
+            mods = list(self.model)
+            names = [type(m).__name__ for m in mods]
+            pooling = mods[1].get_config_dict() if len(mods) > 1 and hasattr(mods[1], "get_config_dict") else {}
+            known = (names == ["Transformer", "Pooling", "Normalize"] and pooling.get("pooling_mode") == "mean"
+                     and pooling.get("include_prompt", True) and hasattr(mods[0], "auto_model"))
+            self._plain = known
+        return known
+
+    def _encode_one(self, text: str) -> np.ndarray:
+        import torch
+
+        model = self.model
+        tok = model.tokenizer([text], return_tensors="pt", truncation=True, max_length=model.max_seq_length)
+        tok = {k: v.to(model.device) for k, v in tok.items()}
+        with torch.inference_mode():
+            hidden = model[0].auto_model(**tok).last_hidden_state
+            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            vec = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
+        return np.ascontiguousarray(vec.float().cpu().numpy(), dtype=np.float32)
 
 
 def get_embedder(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu") -> Embedder:

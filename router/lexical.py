@@ -12,6 +12,7 @@ in ``heads.safetensors``; loading rebuilds an identical scikit-learn vectorizer.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ class EmptyVocabulary(ValueError):
 
 
 _DEFAULTS: dict[str, Any] = {"ngram_max": 2, "min_df": 2, "max_features": 50000}
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
 
 
 class LexicalFeatures:
@@ -33,6 +35,7 @@ class LexicalFeatures:
     def __init__(self, vectorizer: Any, params: dict[str, Any]):
         self._vec = vectorizer
         self.params = params
+        self._idf = np.asarray(vectorizer.idf_, dtype=np.float64)
 
     @staticmethod
     def _make(params: dict[str, Any], vocabulary: dict[str, int] | None = None) -> Any:
@@ -63,8 +66,35 @@ class LexicalFeatures:
         return len(self._vec.vocabulary_)
 
     def transform(self, texts: Sequence[str]) -> Any:
-        """A (n, dim) float32 CSR matrix."""
-        return self._vec.transform(list(texts))
+        """A (n, dim) float32 CSR matrix, equal to scikit-learn's ``TfidfVectorizer.transform``.
+
+        Computed here rather than by scikit-learn: its per-call overhead is about 0.7 ms, a tenth of
+        the router's per-request budget, and this is a dict lookup per n-gram.
+        """
+        from scipy.sparse import csr_matrix
+
+        vocab = self._vec.vocabulary_
+        idf = self._idf
+        n_max = int(self.params["ngram_max"])
+        indptr, indices, data = [0], [], []
+        for text in texts:
+            tokens = _TOKEN.findall(text.lower())
+            counts: dict[int, int] = {}
+            for n in range(1, n_max + 1):
+                for i in range(len(tokens) - n + 1):
+                    j = vocab.get(tokens[i] if n == 1 else " ".join(tokens[i : i + n]))
+                    if j is not None:
+                        counts[j] = counts.get(j, 0) + 1
+            if counts:
+                cols = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+                vals = (1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))) * idf[cols]
+                vals /= np.sqrt((vals * vals).sum())
+                order = np.argsort(cols)
+                indices.extend(cols[order].tolist())
+                data.extend(vals[order].tolist())
+            indptr.append(len(indices))
+        return csr_matrix((np.asarray(data, np.float32), np.asarray(indices, np.int64), np.asarray(indptr, np.int64)),
+                          shape=(len(indptr) - 1, self.dim))
 
     # -- files ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +115,6 @@ class LexicalFeatures:
             raise ValueError(f"lexical features: {len(terms)} terms but {len(idf)} IDF weights")
         params = {**_DEFAULTS, **(body.get("params") or {})}
         vec = cls._make(params, vocabulary={t: j for j, t in enumerate(terms)})
-        vec.fit([""] if not terms else terms[:1])  # sets up the fixed vocabulary; IDF is replaced below
+        vec.fit(terms[:1] or [""])  # sets up the fixed vocabulary; the IDF is replaced next
         vec.idf_ = np.asarray(idf, dtype=np.float64)
         return cls(vec, params)

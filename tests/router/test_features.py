@@ -1,0 +1,43 @@
+"""The student's feature code: fast paths must equal the libraries they stand in for."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from router.lexical import EmptyVocabulary, LexicalFeatures
+
+TEXTS = [
+    "I still have not received my new card, can you check?",
+    "Top-up by cheque: how long does it take?",
+    "card card card arrival ARRIVAL",
+    "Why was I charged an extra fee on my card payment?",
+    "where is my card",
+    "",
+    "émoji 🙂 und Umlaute: Überweisung nicht angekommen",
+]
+
+
+def test_lexical_transform_equals_scikit_learn_and_survives_saving() -> None:
+    lex = LexicalFeatures.fit(TEXTS * 2 + ["a unique bigram here"], min_df=2)
+    ours = lex.transform(TEXTS + ["never seen words only"]).toarray()
+    theirs = lex._vec.transform(TEXTS + ["never seen words only"]).toarray()
+    assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-6)
+    assert not ours[-1].any() and not ours[5].any()  # nothing known: an empty row, not NaN
+    back = LexicalFeatures.from_saved(lex.to_dict(), lex.idf)
+    assert np.allclose(back.transform(TEXTS).toarray(), ours[: len(TEXTS)], atol=1e-6)
+    with pytest.raises(EmptyVocabulary):
+        LexicalFeatures.fit(["a b", "c d"], min_df=2)  # no word of two letters occurs twice
+
+
+def test_one_text_fast_path_equals_the_batch_encoder() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from router.embedding import get_embedder
+
+    embedder = get_embedder("all-MiniLM-L6-v2")
+    batch = embedder.encode(TEXTS[:4] + TEXTS[6:])
+    assert embedder._plain_mean_pooling()
+    one = np.concatenate([embedder.encode([t]) for t in TEXTS[:4] + TEXTS[6:]])
+    assert one.dtype == np.float32 and np.allclose(one, batch, atol=1e-5)
