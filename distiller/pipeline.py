@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,17 +122,25 @@ def live_coverage(ledger: Any, route: str, dataset: RouteDataset, target: float)
     return coverage_at(curve, target)
 
 
-def _live_encoder(
+def _latest_encoder(
     ledger: Any, route: str, dataset: RouteDataset, config: DistillerConfig, *, progress: bool = False
 ) -> ReusedEncoder | None:
-    """The live version's fine-tuned encoder, to retrain heads on without fine-tuning again.
+    """The route's newest fine-tuned encoder, to retrain heads on without fine-tuning again.
 
-    Fine-tuning takes minutes; new pairs arrive all the time. Between fine-tunings each retrain
-    fits new heads on the live fine-tuned encoder (its embeddings stored like the frozen ones), so
-    a head retrain does not fall back to the weaker frozen encoder. None when the live version has
-    no fine-tuned encoder, was trained with another base model, or cannot be read.
+    Fine-tuning takes minutes; new pairs arrive all the time. Between fine-tunings each head retrain
+    also fits heads on the newest fine-tuned encoder (live or not: a background fine-tuning run is
+    judged here, on the same fresh validation pairs as the other variants, rather than against a live
+    version that has meanwhile trained on its validation pairs). Its embeddings are stored like the
+    frozen ones. None when no version has a fine-tuned encoder of this base model, or it cannot be read.
     """
-    row = registry.live(ledger, route)
+    row = None
+    for cand_row in ledger.query(
+        "SELECT version, artifact_path, checksum, metrics FROM students WHERE route = ? AND kind IN ('label', 'structured') "
+        "ORDER BY version DESC LIMIT 50", (route,)
+    ):
+        if json.loads(cand_row["metrics"] or "{}").get("encoder") == "finetuned":
+            row = cand_row
+            break
     if row is None:
         return None
     directory = Path(row["artifact_path"])
@@ -140,8 +149,8 @@ def _live_encoder(
 
         load_manifest(directory, expected_checksum=row["checksum"])
         body = json.loads((directory / "student.json").read_text())
-    except Exception as exc:  # a broken live artifact just means nothing to reuse
-        log.info("route %s: live version's encoder not reused (%s)", route, exc)
+    except Exception as exc:  # a broken artifact just means nothing to reuse
+        log.info("route %s: fine-tuned encoder of v%s not reused (%s)", route, row["version"], exc)
         return None
     if not body.get("encoder") or body.get("embedder") != config.embedder:
         return None
@@ -243,7 +252,7 @@ def distill_route(
 
     from distiller.finetune import FinetuneInterrupted
 
-    reuse = _live_encoder(ledger, route, dataset, config, progress=progress)
+    reuse = _latest_encoder(ledger, route, dataset, config, progress=progress)
     try:
         cand = train_candidate(dataset, config, embed=embed, progress=progress, stop=stop, reuse_encoder=reuse)
     except FinetuneInterrupted as exc:
@@ -253,8 +262,20 @@ def distill_route(
         return DistillReport(route, "free_text", str(exc), last_exchange_id=last_id)
     ledger.record_event(route, "distill.detect", actor="distiller", detail=cand.detection.to_dict())
 
+    with _REGISTER_LOCK:  # a background fine-tuning run may register beside a head retrain
+        return _register_and_gate(ledger, route, cand, dataset, config, root, embedder.name, emb_key, last_id,
+                                  promote=promote)
+
+
+_REGISTER_LOCK = threading.Lock()
+
+
+def _register_and_gate(
+    ledger: Any, route: str, cand: Candidate, dataset: RouteDataset, config: DistillerConfig, root: Path,
+    embedder_key: str, emb_key: str, last_id: int, *, promote: bool,
+) -> DistillReport:
     version = registry.next_version(ledger, route)
-    directory, checksum = _write_artifact(root, route, version, cand, dataset, config, embedder.name, emb_key)
+    directory, checksum = _write_artifact(root, route, version, cand, dataset, config, embedder_key, emb_key)
     metrics = dict(cand.metrics)
     metrics["last_exchange_id"] = last_id
     metrics["dropped"] = dataset.dropped

@@ -285,7 +285,7 @@ def refit_on_all(
 @dataclass
 class ReusedEncoder:
     """A fine-tuned encoder of an earlier version, offered for a head retrain (see
-    :func:`distiller.pipeline._live_encoder`)."""
+    :func:`distiller.pipeline._latest_encoder`)."""
 
     path: Path  # its sentence-transformers directory
     origin: int  # the version whose run fine-tuned it

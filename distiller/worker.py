@@ -53,11 +53,17 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
     states: dict[str, RouteState] = field(default_factory=dict)
     reports: list[DistillReport] = field(default_factory=list)
+    # Encoder fine-tuning takes minutes; in the background the head retrains go on meanwhile (each
+    # new pair still reaches the served student within a poll or two), and the tuned encoder, once
+    # registered, is reused by the next head retrains.
+    background_finetune: bool = True
 
     def __post_init__(self) -> None:
         from gateway.ledger import Ledger
 
         self.ledger = Ledger(self.db_path)
+        self._finetunes: dict[str, threading.Thread] = {}
+        self._reports_lock = threading.Lock()
 
     def route_names(self) -> list[str]:
         """Routes with teacher traffic (configured or discovered)."""
@@ -116,20 +122,52 @@ class Worker:
             elif report.status == "trained" and self._wants_finetune(cfg, st, report):
                 # the head is retrained (and served) first; the slow encoder fine-tuning comes second,
                 # only when the frozen student falls short and the data has grown enough since the last one
-                tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
-                if tuned.status == "trained":
-                    st.finetuned_pairs = self._train_pairs(route, report)
-                    report = tuned
-                elif tuned.status == "interrupted":
-                    report = tuned
+                if self.background_finetune:
+                    self._start_finetune(route, st, self._train_pairs(route, report))
+                else:
+                    tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
+                    if tuned.status == "trained":
+                        st.finetuned_pairs = self._train_pairs(route, report)
+                        report = tuned
+                    elif tuned.status == "interrupted":
+                        report = tuned
             if report.status == "interrupted":
                 break  # stopping: the route is retried from the same point next time
             st.last_exchange_id = report.last_exchange_id
             st.last_run = time.time()
             st.last_status = report.status
             out.append(report)
-            self.reports.append(report)
+            with self._reports_lock:
+                self.reports.append(report)
         return out
+
+    def finetuning(self, route: str) -> bool:
+        thread = self._finetunes.get(route)
+        return thread is not None and thread.is_alive()
+
+    def _start_finetune(self, route: str, st: RouteState, train_pairs: int) -> None:
+        """Fine-tune the route's encoder on a background thread (one per route at a time)."""
+        if self.finetuning(route):
+            return
+        before = st.finetuned_pairs
+        st.finetuned_pairs = train_pairs  # the growth rule counts from this run, whatever its outcome
+
+        def job() -> None:
+            tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
+            if tuned.status != "trained":
+                st.finetuned_pairs = before if tuned.status == "interrupted" else st.finetuned_pairs
+            log.info("route %s: encoder fine-tuning run ended: %s %s", route, tuned.status, tuned.message)
+            with self._reports_lock:
+                self.reports.append(tuned)
+
+        thread = threading.Thread(target=job, name=f"finetune-{route}", daemon=True)
+        self._finetunes[route] = thread
+        thread.start()
+
+    def join_finetunes(self, timeout: float | None = None) -> None:
+        """Wait for background fine-tuning runs (tests; shutdown, after ``stop`` interrupts them)."""
+        for thread in list(self._finetunes.values()):
+            thread.join(timeout)
 
     def _run(self, route: str, config: DistillerConfig) -> DistillReport:
         t0 = time.monotonic()
@@ -186,6 +224,7 @@ class Worker:
         while not self.stop.is_set():
             self.step()
             self.stop.wait(self.config.poll_seconds)
+        self.join_finetunes()  # stop interrupts a fine-tuning between steps; nothing half-done registers
         log.info("distiller worker stopped")
 
 

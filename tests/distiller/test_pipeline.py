@@ -237,15 +237,22 @@ def test_worker_serves_the_head_first_then_fine_tunes_only_as_data_grows(ledger)
                              finetune_epochs=1, finetune_max_tokens=48, retrain_after_pairs=40, retrain_after_minutes=1e6)
     worker = Worker(ledger.path, config)
     worker.step()
+    assert registry.get(ledger, "sentiment", 1)["metrics"]["encoder"] == "frozen"  # served before fine-tuning ends
+    assert worker.finetuning("sentiment")  # the fine-tuning runs in the background
+    worker.join_finetunes()
     versions = registry.list_students(ledger, "sentiment")
     encoders = sorted((v["version"], v["metrics"]["encoder"]) for v in versions)
     assert encoders[0] == (1, "frozen") and len(encoders) == 2  # head first, then the fine-tuning run
+    assert "finetune" in registry.get(ledger, "sentiment", 2)["metrics"]
     runs = [e for e in ledger.events("sentiment") if e["kind"] == "distill.run"]
     assert len(runs) == 2 and all(r["detail"]["ok"] for r in runs)
     seed_exchanges(ledger, "sentiment", rows[120:170])  # 50 more: a retrain, but far from doubling
     worker.step()
+    assert not worker.finetuning("sentiment")
     assert len(registry.list_students(ledger, "sentiment")) == 3
-    assert registry.get(ledger, "sentiment", 3)["metrics"]["encoder"] == "frozen"
+    v3 = registry.get(ledger, "sentiment", 3)["metrics"]
+    assert "finetune" not in v3  # no new fine-tuning: heads on the frozen and on v2's tuned encoder
+    assert [h["encoder"] for h in v3["history"]] == ["frozen", "finetuned (v2's, reused)"]
 
 
 def test_lexical_features_blend_and_survive_the_artifact(ledger, fast_config) -> None:
