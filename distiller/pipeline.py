@@ -6,6 +6,7 @@ answers): it returns a report saying why and records it as a route event for the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ from distiller.evaluate import agreement_vector
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import write_manifest
 from router.curve import coverage_at, coverage_curve
+from router.policy import conservative_curve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillReport", "distill_route", "embedding_key", "embed_with_store", "live_coverage", "artifact_dir"]
+__all__ = ["DistillReport", "GateResult", "distill_route", "embedding_key", "embed_with_store", "gate", "artifact_dir"]
 
 
 @dataclass
@@ -47,10 +49,12 @@ class DistillReport:
     have: int | None = None
     need: int | None = None
     last_exchange_id: int = 0
+    gate: GateResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "metrics"} | {
-            "metrics": {k: v for k, v in self.metrics.items() if k not in ("reliability", "history")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("metrics", "gate")} | {
+            "metrics": {k: v for k, v in self.metrics.items() if k not in ("reliability", "history")},
+            "gate": dataclasses.asdict(self.gate) if self.gate is not None else None,
         }
 
 
@@ -93,15 +97,53 @@ def artifact_dir(root: Path, route: str, version: int) -> Path:
     return Path(root) / safe / f"v{version}"
 
 
-def live_coverage(ledger: Any, route: str, dataset: RouteDataset, target: float) -> float | None:
-    """The live version's coverage at ``target`` on the candidate's validation pairs (None: no live).
+@dataclass
+class GateResult:
+    """The promotion gate's comparison: both versions' coverage at the target, conservatively bounded
+    as the router serves it, on the same validation pairs."""
 
-    A live version that cannot be loaded covers nothing (0.0): a broken student must not block a
-    working one.
+    candidate: float
+    live: float | None
+    pairs: int
+    unseen_only: bool  # compared on the pairs the live version never trained on
+    candidate_raw: float = 0.0  # coverage on the plain curve: the tie-breaker while both bounds are 0
+    live_raw: float | None = None
+
+    def candidate_wins(self) -> bool:
+        if self.live is None:
+            return (self.candidate, self.candidate_raw) > (0.0, 0.0)
+        return (self.candidate, self.candidate_raw) > (self.live, self.live_raw or 0.0)
+
+
+def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100) -> GateResult:
+    """Compare a candidate with the live version on validation pairs the live version never saw.
+
+    The live version was refit on its own newest pairs, which are part of this candidate's
+    validation split; scored there it would look better than it is. So both are compared on the
+    pairs newer than the live version's data, when there are at least ``min_pairs`` of them (all
+    validation pairs otherwise). Coverage is taken on the curve the router uses (each point's
+    agreement at its 95% lower bound), so a version the router would not serve cannot win. A live
+    version that cannot be loaded covers nothing: a broken student must not block a working one.
     """
+    conf, correct = cand.val_scores
+    weights = np.array([e.weight for e in dataset.val])
     row = registry.live(ledger, route)
+    seen = int((row or {}).get("metrics", {}).get("last_exchange_id") or 0)
+    unseen = np.array([e.id > seen for e in dataset.val], dtype=bool)
+    use = unseen if row is not None and unseen.sum() >= min_pairs else np.ones(len(dataset.val), dtype=bool)
+
+    def both(c: np.ndarray, ok: np.ndarray) -> tuple[float, float]:
+        curve = coverage_curve(c[use], ok[use], max_points=None, weights=weights[use])
+        return coverage_at(conservative_curve(curve, None), target), coverage_at(curve, target)
+
+    if len(conf) == len(dataset.val):
+        cand_cov, cand_raw = both(conf, correct)
+    else:
+        cand_cov = cand_raw = float(cand.metrics["coverage_at_target"])
+    result = GateResult(candidate=cand_cov, live=None, pairs=int(use.sum()), unseen_only=bool(use is unseen),
+                        candidate_raw=cand_raw)
     if row is None:
-        return None
+        return result
     from router.student import load_student
 
     try:
@@ -109,17 +151,20 @@ def live_coverage(ledger: Any, route: str, dataset: RouteDataset, target: float)
     except Exception as exc:  # any failure to load means it serves nothing
         log.warning("route %s: live version %s cannot be loaded (%s); treating its coverage as 0", route,
                     row["version"], exc)
-        return 0.0
+        result.live, result.live_raw = 0.0, 0.0
+        return result
     try:
-        requests = [e.messages for e in dataset.val]
+        requests = [e.messages for e, u in zip(dataset.val, use) if u]
         batch = getattr(student, "predict_batch", None)
         outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
     finally:
         student.close()
-    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in dataset.val])
-    curve = coverage_curve([o.confidence for o in outputs], correct, max_points=None,
-                           weights=[e.weight for e in dataset.val])
-    return coverage_at(curve, target)
+    live_correct = np.zeros(len(dataset.val))
+    live_conf = np.zeros(len(dataset.val))
+    live_correct[use] = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e, u in zip(dataset.val, use) if u])
+    live_conf[use] = [o.confidence for o in outputs]
+    result.live, result.live_raw = both(live_conf, live_correct)
+    return result
 
 
 def _latest_encoder(
@@ -285,20 +330,23 @@ def _register_and_gate(
         train_pairs=len(dataset.train), val_pairs=len(dataset.val), metrics=metrics, curve=cand.curve,
         calibration=cand.model.calibrator.to_dict(),
     )
-    live_cov = live_coverage(ledger, route, dataset, config.target_agreement)
-    cov = float(metrics["coverage_at_target"])
+    result = gate(ledger, route, dataset, cand, config.target_agreement)
+    live_cov, cov = result.live, result.candidate
     report = DistillReport(route, "trained", "", version=version, metrics=metrics, live_coverage=live_cov,
-                           last_exchange_id=last_id)
+                           last_exchange_id=last_id, gate=result)
     baseline = live_cov if live_cov is not None else 0.0
-    if cov > baseline and promote:
+    where = f"{result.pairs} validation pairs" + (" the live version never saw" if result.unseen_only else "")
+    if result.candidate_wins() and promote:
         registry.promote(ledger, route, version, reason=f"covers {cov:.1%} vs {baseline:.1%} at "
-                         f"{config.target_agreement:.0%} agreement")
+                         f"{config.target_agreement:.0%} agreement with 95% confidence (plain curve: "
+                         f"{result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%}) on {where}")
         report.promoted = True
         report.message = (f"version {version} is live: covers {cov:.1%} of validation requests at "
                           f"{config.target_agreement:.0%} agreement (live covered {baseline:.1%}).")
     else:
         ledger.record_event(route, "student.kept_candidate", actor="distiller",
-                            detail={"version": version, "coverage": cov, "live_coverage": live_cov})
+                            detail={"version": version, "coverage": cov, "live_coverage": live_cov,
+                                    "pairs": result.pairs, "unseen_only": result.unseen_only})
         report.message = (f"version {version} stays a candidate: covers {cov:.1%} at "
                           f"{config.target_agreement:.0%} agreement, not more than the live version's {baseline:.1%}.")
     return report

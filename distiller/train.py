@@ -69,6 +69,14 @@ class Candidate:
     history: list[dict[str, Any]] = field(default_factory=list)  # each variant tried, with metrics
     _tmp: Any = None  # keeps the fine-tuned encoder's temporary directory alive
 
+    @property
+    def val_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cross-fitted calibrated confidence, agreement) per validation pair, measured before the refit."""
+        return self._val_scores
+
+    def __post_init__(self) -> None:
+        self._val_scores = getattr(self.model, "val_scores", (np.zeros(0), np.zeros(0)))
+
 
 def _example_class(detection: Detection, e: Example, field_name: str | None) -> str:
     if detection.kind == "label":
@@ -244,6 +252,7 @@ def calibrate_and_evaluate(
     model.calibrator = fit_calibrator(raw, correct)
     metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement, weights=[e.weight for e in val])
     metrics["calibration_method"] = model.calibrator.method
+    model.val_scores = (conf, correct)  # cross-fitted, per validation pair: the promotion gate reuses them
     return metrics, curve
 
 
