@@ -330,3 +330,22 @@ def test_head_retrain_reuses_the_live_fine_tuned_encoder(ledger) -> None:
         assert (new / weights).stat().st_ino == (old / weights).stat().st_ino
     student = load_student(registry.get(ledger, "sentiment", again.version)["artifact_path"])
     assert student.predict(rows[0]["messages"], {}).text in {"positive", "negative"}
+
+
+def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_config) -> None:
+    """The live version was refit on its own newest pairs; scored on them it would look better than it
+    is. With enough newer pairs, the gate uses only those, for both versions."""
+    rows = load_fixture("banking77_small.jsonl")
+    config = fast_config.with_overrides({"val_fraction": 0.5})
+    seed_exchanges(ledger, "triage", rows[:120])
+    first = distill_route(ledger, "triage", config)
+    assert first.promoted and first.gate.live is None
+    seed_exchanges(ledger, "triage", rows[120:240])  # 120 pairs v1 never saw
+    second = distill_route(ledger, "triage", config)
+    assert second.gate.unseen_only and second.gate.pairs == 120  # the newest 120 of 240 validate
+    assert second.gate.live is not None and 0.0 <= second.gate.candidate <= 1.0
+    assert second.to_dict()["gate"]["pairs"] == 120
+    # too few unseen pairs: all validation pairs are used (and the report says so)
+    seed_exchanges(ledger, "triage", rows[:10])
+    third = distill_route(ledger, "triage", config)
+    assert not third.gate.unseen_only and third.gate.pairs > 100
