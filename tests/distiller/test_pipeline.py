@@ -346,6 +346,7 @@ def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_c
     assert second.gate.live is not None and 0.0 <= second.gate.candidate <= 1.0
     assert second.to_dict()["gate"]["pairs"] == 120
     # too few unseen pairs: all validation pairs are used (and the report says so)
+    registry.promote(ledger, "triage", second.version, reason="test: v2 live, it saw all 240 pairs")
     seed_exchanges(ledger, "triage", rows[:10])
     third = distill_route(ledger, "triage", config)
     assert not third.gate.unseen_only and third.gate.pairs > 100
