@@ -260,25 +260,17 @@ class LMEngine:
     def from_artifact(cls, directory: Path, manifest: dict[str, Any], *, device: str | None = None) -> "LMEngine":
         """Load the model an ``lm`` artifact describes (its files already verified by load_manifest)."""
         weights = manifest.get("weights")
-        if weights == "adapter":
-            return cls.from_parts(
-                base_model=manifest["base_model"],
-                adapter_dir=directory / "adapter",
-                tokenizer_dir=directory / "tokenizer",
-                device=device,
-                version=int(manifest.get("version", 0)),
-                manifest=manifest,
-            )
-        if weights == "full":
-            return cls.from_parts(
-                base_model=manifest["base_model"],
-                model_dir=directory / "model",
-                tokenizer_dir=directory / "tokenizer",
-                device=device,
-                version=int(manifest.get("version", 0)),
-                manifest=manifest,
-            )
-        raise StudentError(f"The lm artifact in {directory} has unknown weights {weights!r} (want 'adapter' or 'full').")
+        parts = {"adapter": {"adapter_dir": directory / "adapter"}, "full": {"model_dir": directory / "model"}}
+        if weights not in parts:
+            raise StudentError(f"The lm artifact in {directory} has unknown weights {weights!r} (want 'adapter' or 'full').")
+        return cls.from_parts(
+            base_model=manifest["base_model"],
+            tokenizer_dir=directory / "tokenizer",
+            device=device,
+            version=int(manifest.get("version", 0)),
+            manifest=manifest,
+            **parts[weights],
+        )
 
     def render(self, messages: Sequence[dict[str, Any]]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
