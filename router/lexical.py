@@ -7,7 +7,7 @@ cheque" are different intents. A label student blends a head on each (see
 requests at 98% agreement where the embedding head alone covers 71%.
 
 Stored without pickle: the vocabulary in ``student.json`` (terms in column order) and the IDF weights
-in ``heads.safetensors``; loading rebuilds an identical scikit-learn vectorizer.
+in ``heads.safetensors``; scikit-learn only fits them.
 """
 
 from __future__ import annotations
@@ -30,40 +30,33 @@ _TOKEN = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token_pattern
 
 
 class LexicalFeatures:
-    """A fitted TF-IDF vectorizer (lower-cased word n-grams, sublinear tf, L2-normalized rows)."""
+    """Fitted TF-IDF features (lower-cased word n-grams, sublinear tf, L2-normalized rows): the
+    vocabulary (term -> column) and IDF weights that scikit-learn's ``TfidfVectorizer`` learnt."""
 
-    def __init__(self, vectorizer: Any, params: dict[str, Any]):
-        self._vec = vectorizer
+    def __init__(self, vocabulary: dict[str, int], idf: np.ndarray, params: dict[str, Any]):
+        if len(vocabulary) != len(idf):
+            raise ValueError(f"lexical features: {len(vocabulary)} terms but {len(idf)} IDF weights")
+        self.vocabulary = vocabulary
+        self._idf = np.asarray(idf, dtype=np.float64)
         self.params = params
-        self._idf = np.asarray(vectorizer.idf_, dtype=np.float64)
-
-    @staticmethod
-    def _make(params: dict[str, Any], vocabulary: dict[str, int] | None = None) -> Any:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        return TfidfVectorizer(
-            ngram_range=(1, int(params["ngram_max"])),
-            sublinear_tf=True,
-            min_df=1 if vocabulary is not None else int(params["min_df"]),
-            max_features=None if vocabulary is not None else int(params["max_features"]),
-            vocabulary=vocabulary,
-            dtype=np.float32,
-        )
 
     @classmethod
     def fit(cls, texts: Sequence[str], **params: Any) -> LexicalFeatures:
         """Learn the vocabulary and IDF weights; raises :class:`EmptyVocabulary` when no term qualifies."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
         p = {**_DEFAULTS, **{k: v for k, v in params.items() if v is not None}}
-        vec = cls._make(p)
+        vec = TfidfVectorizer(ngram_range=(1, int(p["ngram_max"])), sublinear_tf=True, min_df=int(p["min_df"]),
+                              max_features=int(p["max_features"]), dtype=np.float32)
         try:
             vec.fit(list(texts))
         except ValueError as exc:  # scikit-learn: "empty vocabulary" / "no terms remain"
             raise EmptyVocabulary(str(exc)) from exc
-        return cls(vec, p)
+        return cls({t: int(j) for t, j in vec.vocabulary_.items()}, vec.idf_, p)
 
     @property
     def dim(self) -> int:
-        return len(self._vec.vocabulary_)
+        return len(self.vocabulary)
 
     def transform(self, texts: Sequence[str]) -> Any:
         """A (n, dim) float32 CSR matrix, equal to scikit-learn's ``TfidfVectorizer.transform``.
@@ -73,7 +66,7 @@ class LexicalFeatures:
         """
         from scipy.sparse import csr_matrix
 
-        vocab = self._vec.vocabulary_
+        vocab = self.vocabulary
         idf = self._idf
         n_max = int(self.params["ngram_max"])
         indptr, indices, data = [0], [], []
@@ -100,21 +93,15 @@ class LexicalFeatures:
     def to_dict(self) -> dict[str, Any]:
         """JSON part: parameters and the terms in column order (the IDF goes to safetensors)."""
         terms = [""] * self.dim
-        for term, j in self._vec.vocabulary_.items():
+        for term, j in self.vocabulary.items():
             terms[j] = term
         return {"params": self.params, "terms": terms}
 
     @property
     def idf(self) -> np.ndarray:
-        return np.asarray(self._vec.idf_, dtype=np.float32)
+        return self._idf.astype(np.float32)
 
     @classmethod
     def from_saved(cls, body: dict[str, Any], idf: np.ndarray) -> LexicalFeatures:
         terms = list(body["terms"])
-        if len(terms) != len(idf):
-            raise ValueError(f"lexical features: {len(terms)} terms but {len(idf)} IDF weights")
-        params = {**_DEFAULTS, **(body.get("params") or {})}
-        vec = cls._make(params, vocabulary={t: j for j, t in enumerate(terms)})
-        vec.fit(terms[:1] or [""])  # sets up the fixed vocabulary; the IDF is replaced next
-        vec.idf_ = np.asarray(idf, dtype=np.float64)
-        return cls(vec, params)
+        return cls({t: j for j, t in enumerate(terms)}, idf, {**_DEFAULTS, **(body.get("params") or {})})

@@ -21,9 +21,14 @@ TEXTS = [
 
 
 def test_lexical_transform_equals_scikit_learn_and_survives_saving() -> None:
-    lex = LexicalFeatures.fit(TEXTS * 2 + ["a unique bigram here"], min_df=2)
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    corpus = TEXTS * 2 + ["a unique bigram here"]
+    lex = LexicalFeatures.fit(corpus, min_df=2)
+    sk = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, max_features=50000).fit(corpus)
+    assert lex.vocabulary == sk.vocabulary_
     ours = lex.transform(TEXTS + ["never seen words only"]).toarray()
-    theirs = lex._vec.transform(TEXTS + ["never seen words only"]).toarray()
+    theirs = sk.transform(TEXTS + ["never seen words only"]).toarray()
     assert ours.shape == theirs.shape and np.allclose(ours, theirs, atol=1e-6)
     assert not ours[-1].any() and not ours[5].any()  # nothing known: an empty row, not NaN
     back = LexicalFeatures.from_saved(lex.to_dict(), lex.idf)
