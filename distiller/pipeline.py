@@ -14,7 +14,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,15 @@ def embed_with_store(
     return out
 
 
+def _lookup(vectors: dict[str, np.ndarray], dim: int) -> Callable[[Sequence[str]], np.ndarray]:
+    """Texts -> their embeddings (from :func:`embed_with_store`'s result), as a (n, dim) array."""
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
+
+    return embed
+
+
 def artifact_dir(root: Path, route: str, version: int) -> Path:
     """``<root>/<route>/v<version>``, the route name made safe for a path."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", route).strip("._") or "route"
@@ -125,22 +134,24 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
     agreement at its 95% lower bound), so a version the router would not serve cannot win. A live
     version that cannot be loaded covers nothing: a broken student must not block a working one.
     """
-    conf, correct = cand.val_scores
-    weights = np.array([e.weight for e in dataset.val])
     row = registry.live(ledger, route)
     seen = int((row or {}).get("metrics", {}).get("last_exchange_id") or 0)
     unseen = np.array([e.id > seen for e in dataset.val], dtype=bool)
-    use = unseen if row is not None and unseen.sum() >= min_pairs else np.ones(len(dataset.val), dtype=bool)
+    unseen_only = row is not None and int(unseen.sum()) >= min_pairs
+    picked = [e for e, u in zip(dataset.val, unseen) if u] if unseen_only else list(dataset.val)
+    weights = [e.weight for e in picked]
 
-    def both(c: np.ndarray, ok: np.ndarray) -> tuple[float, float]:
-        curve = coverage_curve(c[use], ok[use], max_points=None, weights=weights[use])
+    def both(conf: Any, correct: Any) -> tuple[float, float]:
+        curve = coverage_curve(conf, correct, max_points=None, weights=weights)
         return coverage_at(conservative_curve(curve, None), target), coverage_at(curve, target)
 
-    if len(conf) == len(dataset.val):
-        cand_cov, cand_raw = both(conf, correct)
+    if cand.val_scores is not None:
+        conf, correct = cand.val_scores
+        use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
+        cand_cov, cand_raw = both(conf[use], correct[use])
     else:
         cand_cov = cand_raw = float(cand.metrics["coverage_at_target"])
-    result = GateResult(candidate=cand_cov, live=None, pairs=int(use.sum()), unseen_only=bool(use is unseen),
+    result = GateResult(candidate=cand_cov, live=None, pairs=len(picked), unseen_only=unseen_only,
                         candidate_raw=cand_raw)
     if row is None:
         return result
@@ -154,16 +165,13 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
         result.live, result.live_raw = 0.0, 0.0
         return result
     try:
-        requests = [e.messages for e, u in zip(dataset.val, use) if u]
+        requests = [e.messages for e in picked]
         batch = getattr(student, "predict_batch", None)
         outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
     finally:
         student.close()
-    live_correct = np.zeros(len(dataset.val))
-    live_conf = np.zeros(len(dataset.val))
-    live_correct[use] = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e, u in zip(dataset.val, use) if u])
-    live_conf[use] = [o.confidence for o in outputs]
-    result.live, result.live_raw = both(live_conf, live_correct)
+    live_correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
+    result.live, result.live_raw = both([o.confidence for o in outputs], live_correct)
     return result
 
 
@@ -178,16 +186,12 @@ def _latest_encoder(
     version that has meanwhile trained on its validation pairs). Its embeddings are stored like the
     frozen ones. None when no version has a fine-tuned encoder of this base model, or it cannot be read.
     """
-    row = None
-    for cand_row in ledger.query(
-        "SELECT version, artifact_path, checksum, metrics FROM students WHERE route = ? AND kind IN ('label', 'structured') "
-        "ORDER BY version DESC LIMIT 50", (route,)
-    ):
-        if json.loads(cand_row["metrics"] or "{}").get("encoder") == "finetuned":
-            row = cand_row
-            break
-    if row is None:
+    rows = ledger.query(
+        "SELECT version, artifact_path, checksum FROM students WHERE route = ? AND kind IN ('label', 'structured') "
+        "AND json_extract(metrics, '$.encoder') = 'finetuned' ORDER BY version DESC LIMIT 1", (route,))
+    if not rows:
         return None
+    row = rows[0]
     directory = Path(row["artifact_path"])
     try:
         from router.artifact import load_manifest
@@ -206,11 +210,7 @@ def _latest_encoder(
     key = embedding_key(f"kdgate:{route}/v{origin}", dataset)
     vectors = embed_with_store(ledger, dataset.examples, encoder, key, batch_size=config.embed_batch_size,
                                progress=progress)
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, encoder.dim), np.float32)
-
-    return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=embed)
+    return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=_lookup(vectors, encoder.dim))
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:
@@ -291,9 +291,7 @@ def distill_route(
     emb_key = embedding_key(embedder.name, dataset)
     vectors = embed_with_store(ledger, dataset.examples, embedder, emb_key,
                                batch_size=config.embed_batch_size, progress=progress)
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, embedder.dim), np.float32)
+    embed = _lookup(vectors, embedder.dim)
 
     from distiller.finetune import FinetuneInterrupted
 

@@ -68,14 +68,9 @@ class Candidate:
     timings: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # each variant tried, with metrics
     _tmp: Any = None  # keeps the fine-tuned encoder's temporary directory alive
-
-    @property
-    def val_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cross-fitted calibrated confidence, agreement) per validation pair, measured before the refit."""
-        return self._val_scores
-
-    def __post_init__(self) -> None:
-        self._val_scores = getattr(self.model, "val_scores", (np.zeros(0), np.zeros(0)))
+    # (cross-fitted calibrated confidence, agreement) per validation pair, measured before the refit:
+    # the promotion gate compares on them
+    val_scores: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _example_class(detection: Detection, e: Example, field_name: str | None) -> str:
@@ -229,12 +224,13 @@ def fit_lexical(
 
 def calibrate_and_evaluate(
     model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0
-) -> tuple[dict[str, Any], list[dict[str, float]]]:
+) -> tuple[dict[str, Any], list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
     """Fit the model's calibrator on the validation split and evaluate it there.
 
     The reported figures use cross-fitted confidences (each half calibrated on the other half), so
     the curve and ECE are not scored on the data the calibrator saw; the stored calibrator is then
-    fitted on the whole split.
+    fitted on the whole split. Returns the metrics, the curve and, per validation pair, the
+    cross-fitted confidence and agreement.
     """
     answers, raw, servable, _ = model.decide(X_val, [e.text for e in val])
     correct = agreement_vector(model.kind, answers, [e.answer for e in val])
@@ -252,8 +248,7 @@ def calibrate_and_evaluate(
     model.calibrator = fit_calibrator(raw, correct)
     metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement, weights=[e.weight for e in val])
     metrics["calibration_method"] = model.calibrator.method
-    model.val_scores = (conf, correct)  # cross-fitted, per validation pair: the promotion gate reuses them
-    return metrics, curve
+    return metrics, curve, (conf, correct)
 
 
 def _label_model(
@@ -339,31 +334,35 @@ def train_candidate(
         "soft_label_rows": int(sum(t.soft_rows for t in targets)),
     }
 
-    def variant(name: str, Xt: np.ndarray, Xv: np.ndarray, **extra: Any) -> tuple[Candidate, list[Head]]:
+    history: list[dict[str, Any]] = []  # every variant tried, shared by the candidates
+
+    def variant(
+        name: str, Xt: np.ndarray, Xv: np.ndarray, *, label: str | None = None, tried: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> tuple[Candidate, list[Head]]:
         heads = fit_heads(targets, Xt, config)
         model = _label_model(detection, dataset, heads, lexical, config)
-        metrics, curve = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
+        metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
         metrics.update(encoder=name, **common, **extra)
         log.info("route %s %s student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)", dataset.route,
-                 name, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
+                 label or name, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
                  len(dataset.train), len(dataset.val))
-        return Candidate(model=model, detection=detection, metrics=metrics, curve=curve, timings=timings), heads
+        history.append({"encoder": label or name, "coverage_at_target": metrics["coverage_at_target"],
+                        "agreement": metrics["agreement"], **(tried or {})})
+        cand = Candidate(model=model, detection=detection, metrics=metrics, curve=curve, timings=timings,
+                         history=history, val_scores=scores)
+        return cand, heads
 
     best, heads = variant("frozen", X_train, X_val)
     timings["head_seconds"] = time.perf_counter() - t0
-    history = best.history
-    history.append({"encoder": "frozen", "coverage_at_target": best.metrics["coverage_at_target"],
-                    "agreement": best.metrics["agreement"]})
 
     if reuse_encoder is not None:
         Xr_train = reuse_encoder.embed([e.text for e in dataset.train])
         Xr_val = reuse_encoder.embed([e.text for e in dataset.val])
-        reused, _ = variant("finetuned", Xr_train, Xr_val, encoder_origin=reuse_encoder.origin)
-        history.append({"encoder": f"finetuned (v{reuse_encoder.origin}'s, reused)",
-                        "coverage_at_target": reused.metrics["coverage_at_target"],
-                        "agreement": reused.metrics["agreement"]})
+        reused, _ = variant("finetuned", Xr_train, Xr_val, label=f"finetuned (v{reuse_encoder.origin}'s, reused)",
+                            encoder_origin=reuse_encoder.origin)
         if _better(reused.metrics, best.metrics):
-            reused.encoder_dir, reused.history = reuse_encoder.path, history
+            reused.encoder_dir = reuse_encoder.path
             best, X_train, X_val = reused, Xr_train, Xr_val
 
     want = config.finetune == "always" or (
@@ -390,13 +389,11 @@ def train_candidate(
         tuned._model = result.model  # already in memory
         Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
         Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
-        fresh, _ = variant("finetuned", Xt_train, Xt_val, finetune=result.summary())
+        fresh, _ = variant("finetuned", Xt_train, Xt_val, tried=result.summary(), finetune=result.summary())
         timings["finetune_seconds"] = time.perf_counter() - t0
-        history.append({"encoder": "finetuned", "coverage_at_target": fresh.metrics["coverage_at_target"],
-                        "agreement": fresh.metrics["agreement"], **result.summary()})
         log.info("route %s: encoder fine-tuning took %.0f s", dataset.route, timings["finetune_seconds"])
         if _better(fresh.metrics, best.metrics):
-            fresh.encoder_dir, fresh.history, fresh._tmp = result.path, history, tmp
+            fresh.encoder_dir, fresh._tmp = result.path, tmp
             best, X_train, X_val = fresh, Xt_train, Xt_val
         else:
             tmp.cleanup()
