@@ -53,10 +53,6 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
     states: dict[str, RouteState] = field(default_factory=dict)
     reports: list[DistillReport] = field(default_factory=list)
-    # Encoder fine-tuning takes minutes; in the background the head retrains go on meanwhile (each
-    # new pair still reaches the served student within a poll or two), and the tuned encoder, once
-    # registered, is reused by the next head retrains.
-    background_finetune: bool = True
 
     def __post_init__(self) -> None:
         from gateway.ledger import Ledger
@@ -122,15 +118,7 @@ class Worker:
             elif report.status == "trained" and self._wants_finetune(cfg, st, report):
                 # the head is retrained (and served) first; the slow encoder fine-tuning comes second,
                 # only when the frozen student falls short and the data has grown enough since the last one
-                if self.background_finetune:
-                    self._start_finetune(route, st, self._train_pairs(route, report))
-                else:
-                    tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
-                    if tuned.status == "trained":
-                        st.finetuned_pairs = self._train_pairs(route, report)
-                        report = tuned
-                    elif tuned.status == "interrupted":
-                        report = tuned
+                self._start_finetune(route, st, self._train_pairs(route, report))
             if report.status == "interrupted":
                 break  # stopping: the route is retried from the same point next time
             st.last_exchange_id = report.last_exchange_id
@@ -146,16 +134,21 @@ class Worker:
         return thread is not None and thread.is_alive()
 
     def _start_finetune(self, route: str, st: RouteState, train_pairs: int) -> None:
-        """Fine-tune the route's encoder on a background thread (one per route at a time)."""
+        """Fine-tune the route's encoder on a background thread (one per route at a time).
+
+        Fine-tuning takes minutes; meanwhile the head retrains go on (each new pair still reaches the
+        served student within a poll or two), and the next head retrain after it registers reuses
+        the tuned encoder.
+        """
         if self.finetuning(route):
             return
         before = st.finetuned_pairs
-        st.finetuned_pairs = train_pairs  # the growth rule counts from this run, whatever its outcome
+        st.finetuned_pairs = train_pairs  # the growth rule counts from this run, unless it was interrupted
 
         def job() -> None:
             tuned = self._run(route, self.config.with_overrides({"finetune": "always"}))
-            if tuned.status != "trained":
-                st.finetuned_pairs = before if tuned.status == "interrupted" else st.finetuned_pairs
+            if tuned.status == "interrupted":
+                st.finetuned_pairs = before
             log.info("route %s: encoder fine-tuning run ended: %s %s", route, tuned.status, tuned.message)
             with self._reports_lock:
                 self.reports.append(tuned)

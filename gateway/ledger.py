@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,9 +299,7 @@ class Ledger:
             "JOIN exchanges e ON e.uid = s.exchange_uid WHERE s.route = ? AND e.route = ? AND e.id > ? "
             "AND e.served_by = 'student' AND e.status = 200 AND e.endpoint = 'chat.completions' "
             "AND s.teacher_answer IS NOT NULL ORDER BY e.id", (route, route, since_id)).fetchall()
-        checked: dict[Any, int] = {}
-        for row in rows:
-            checked[row["student_version"]] = checked.get(row["student_version"], 0) + 1
+        checked = Counter(row["student_version"] for row in rows)
         return [
             Pair(
                 id=row["id"],

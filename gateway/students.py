@@ -54,7 +54,7 @@ class LiveStudent:
     metrics: dict[str, Any]
     curve: list[dict[str, float]]
     # tokens per character of the route's teacher traffic, to price what the teacher would have charged
-    val_pairs: float | None = None  # effective number (weighted pairs count as fewer)
+    val_pairs: int | None = None
     prompt_tokens_per_char: float = 0.25
     completion_tokens_per_char: float = 0.25
     batcher: "_Batcher | None" = None
@@ -240,18 +240,15 @@ class StudentRouter:
             "ORDER BY id DESC LIMIT 2000)",
             (row["route"],),
         )[0]
-        metrics = orjson.loads(row["metrics"] or "{}")
         return LiveStudent(
             route=row["route"],
             version=int(row["version"]),
             kind=row["kind"],
             checksum=row["checksum"],
             student=student,
-            metrics=metrics,
+            metrics=orjson.loads(row["metrics"] or "{}"),
             curve=orjson.loads(row["curve"] or "[]"),
-            # Weighted validation pairs (shadow checks stand for many requests) count as fewer
-            # pairs in the confidence bound on the curve.
-            val_pairs=metrics.get("effective_pairs") or row.get("val_pairs"),
+            val_pairs=row.get("val_pairs"),  # the bound's evidence for curves stored without "pairs"
             prompt_tokens_per_char=(ratios["pt"] / ratios["pc"]) if ratios["pc"] else 0.25,
             completion_tokens_per_char=(ratios["ct"] / ratios["cc"]) if ratios["cc"] else 0.25,
         )
