@@ -12,7 +12,8 @@ import logging
 import time
 from typing import Any
 
-from router.artifact import ArtifactError, load_manifest
+from gateway.ledger import StudentRefused
+from router.artifact import verify_registered
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,10 @@ def promote(
     The artifact is verified against the registered checksum first: a modified or corrupted
     artifact is refused with :class:`RegistryError` and nothing changes.
     """
-    row = get(ledger, route, version)
-    if row is None:
-        known = [r["version"] for r in list_students(ledger, route)]
-        raise RegistryError(f"Route {route!r} has no student version {version} (versions: {known or 'none'}).")
     try:
-        load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
-    except ArtifactError as exc:
-        raise RegistryError(f"Refusing to make version {version} of {route!r} live: {exc}") from exc
-    ledger.set_live_student(route, version, actor=actor, reason=reason, event=event)
+        ledger.set_live_student(route, version, actor=actor, reason=reason, event=event, verify=verify_registered)
+    except StudentRefused as exc:
+        raise RegistryError(str(exc)) from exc
     log.info("route %s: version %d is live (%s)", route, version, reason or event)
     out = get(ledger, route, version)
     assert out is not None

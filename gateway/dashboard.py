@@ -498,25 +498,16 @@ def build_stats_router() -> APIRouter:
         _route_or_404(request, name)
         # The registry's rows are changed through the store API; the gateway never imports the
         # distiller. The artifact is verified first, as the distiller's own promotion does.
-        from router.artifact import ArtifactError, load_manifest
+        from gateway.ledger import StudentRefused
+        from router.artifact import verify_registered
 
-        ledger = _state(request).ledger
-        row = ledger.student_row(name, version)
-        if row is None:
-            known = [r["version"] for r in ledger.query("SELECT version FROM students WHERE route = ? ORDER BY version", (name,))]
-            raise GatewayError(f"Route {name!r} has no student version {version} (versions: {known or 'none'}).",
-                               param="version", status=409)
+        reason, event = ("dashboard", "student.promoted") if action == "promote" else ("rollback", "student.rollback")
         try:
-            load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
-        except ArtifactError as exc:
-            raise GatewayError(f"Refusing to make version {version} of {name!r} live: {exc}", param="version",
-                               status=409) from None
-        if action == "promote":
-            ledger.set_live_student(name, version, actor=who.name, reason="dashboard", event="student.promoted")
-        else:
-            ledger.set_live_student(name, version, actor=who.name, reason="rollback", event="student.rollback")
+            row = _state(request).ledger.set_live_student(name, version, actor=who.name, reason=reason, event=event,
+                                                           verify=verify_registered)
+        except StudentRefused as exc:
+            raise GatewayError(str(exc), param="version", status=409) from None
         _notify_students(request, name)
-        row = ledger.student_row(name, version) or row
         return {"route": name, "version": int(row["version"]), "status": row["status"], "action": action}
 
     @router.post("/routes/{name}/promote/{version}", response_model=PromoteOut)

@@ -200,6 +200,10 @@ class Pair:
     weight: float = 1.0
 
 
+class StudentRefused(Exception):
+    """A student version cannot be made live: it does not exist, or its artifact failed verification."""
+
+
 class Ledger:
     """Read access to the ledger, plus the few writes that are not on the request path.
 
@@ -413,18 +417,29 @@ class Ledger:
                 (time.time(), route, kind, actor, json.dumps(detail) if detail is not None else None),
             )
 
-    # -- student registry (the rows; artifacts are verified by the caller) -----------------
+    # -- student registry ------------------------------------------------------------------
     def student_row(self, route: str, version: int) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM students WHERE route = ? AND version = ?", (route, version))
         return rows[0] if rows else None
 
     def set_live_student(
-        self, route: str, version: int, *, actor: str, reason: str = "", event: str = "student.promoted"
-    ) -> int | None:
+        self, route: str, version: int, *, actor: str, reason: str = "", event: str = "student.promoted",
+        verify: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> dict[str, Any]:
         """Make ``version`` the route's live student and retire the current one, in one transaction,
-        recorded as ``event``. Returns the previously live version. The caller checks that the
-        version exists and that its artifact matches its checksum (``distiller.registry.promote``,
-        the dashboard's promote/rollback)."""
+        recorded as ``event``; returns the version's row. ``verify(row)`` runs first and refuses by
+        raising: the artifact's checksum check, which the callers (``distiller.registry.promote``, the
+        dashboard's promote/rollback) pass in, since this module imports nothing of ours. An unknown
+        version or a refusal raises :class:`StudentRefused` and changes nothing."""
+        row = self.student_row(route, version)
+        if row is None:
+            known = [r["version"] for r in self.query("SELECT version FROM students WHERE route = ? ORDER BY version", (route,))]
+            raise StudentRefused(f"Route {route!r} has no student version {version} (versions: {known or 'none'}).")
+        if verify is not None:
+            try:
+                verify(row)
+            except Exception as exc:
+                raise StudentRefused(f"Refusing to make version {version} of {route!r} live: {exc}") from exc
         previous = self.scalar(
             "SELECT version FROM students WHERE route = ? AND status = 'live' ORDER BY version DESC LIMIT 1", (route,))
         with self.conn:
@@ -435,7 +450,7 @@ class Ledger:
             )
             self.conn.execute("UPDATE students SET status = 'live' WHERE route = ? AND version = ?", (route, version))
         self.record_event(route, event, actor=actor, detail={"version": version, "previous": previous, "reason": reason})
-        return previous
+        return self.student_row(route, version) or row
 
     def events(self, route: str, limit: int = 100) -> list[dict[str, Any]]:
         rows = self.query(

@@ -20,7 +20,7 @@ from typing import Any
 
 FORMAT = "kdgate-student/1"
 
-__all__ = ["FORMAT", "ArtifactError", "sha256_file", "write_manifest", "load_manifest", "checksum"]
+__all__ = ["FORMAT", "ArtifactError", "sha256_file", "write_manifest", "load_manifest", "checksum", "verify_registered"]
 
 
 class ArtifactError(Exception):
@@ -77,3 +77,9 @@ def load_manifest(directory: str | Path, *, expected_checksum: str | None = None
         if sha256_file(path) != digest:
             raise ArtifactError(f"Artifact file {name} in {directory} is corrupted (checksum mismatch).")
     return manifest
+
+
+def verify_registered(row: dict[str, Any]) -> None:
+    """A registry row's artifact still matches its recorded checksum (raises :class:`ArtifactError`
+    otherwise): checked before any version is made live."""
+    load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
