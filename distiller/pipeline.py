@@ -28,7 +28,7 @@ from distiller.evaluate import agreement_vector
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import write_manifest
 from router.curve import coverage_at, coverage_curve
-from router.policy import conservative_curve
+from router.policy import effective_threshold, wilson_lower
 
 log = logging.getLogger(__name__)
 
@@ -108,51 +108,83 @@ def artifact_dir(root: Path, route: str, version: int) -> Path:
 
 @dataclass
 class GateResult:
-    """The promotion gate's comparison: both versions' coverage at the target, conservatively bounded
-    as the router serves it, on the same validation pairs."""
+    """The promotion gate's comparison of the candidate and the live version on the same validation
+    pairs: the share of them each would serve at its own threshold for the route's target (derived
+    from its own validation curve, as the router derives it), and the agreement of what it serves."""
 
-    candidate: float
-    live: float | None
+    candidate: float  # weighted share of the pairs the candidate serves at its threshold
+    live: float | None  # the same for the live version (None: there is none)
     pairs: int
     unseen_only: bool  # compared on the pairs the live version never trained on
-    candidate_raw: float = 0.0  # coverage on the plain curve: the tie-breaker while both bounds are 0
-    live_raw: float | None = None
+    target: float = 0.98
+    candidate_agreement: float = 1.0  # agreement of what the candidate serves there
+    live_agreement: float | None = None
+    candidate_served_pairs: int = 0  # the evidence behind candidate_agreement
+    candidate_raw: float = 0.0  # coverage at the target on the plain curve of these pairs: the
+    live_raw: float | None = None  # tie-break while neither version is certified to serve anything
+
+    def quality_ok(self) -> bool:
+        """What the candidate serves here is not significantly below the target (a one-sided 95%
+        test on the pairs it serves); its threshold came from its own, larger validation split."""
+        if self.candidate_served_pairs == 0:
+            return True
+        return 1.0 - wilson_lower(1.0 - self.candidate_agreement, self.candidate_served_pairs) >= self.target
 
     def candidate_wins(self) -> bool:
-        if self.live is None:
-            return (self.candidate, self.candidate_raw) > (0.0, 0.0)
-        return (self.candidate, self.candidate_raw) > (self.live, self.live_raw or 0.0)
+        if not self.quality_ok():
+            return False
+        live = (self.live or 0.0, self.live_raw or 0.0)
+        return (self.candidate, self.candidate_raw) > live
+
+
+def _served(conf: np.ndarray, correct: np.ndarray, weights: np.ndarray, threshold: float) -> tuple[float, float, int]:
+    """Share (by weight) of the pairs served at ``threshold``, the agreement of those (weighted as in
+    :func:`router.curve.coverage_curve`), and how many pairs that is."""
+    s = conf >= threshold
+    total = float(weights.sum())
+    mass = float(weights[s].sum())
+    if not s.any() or total <= 0:
+        return 0.0, 1.0, 0
+    hits = float((correct[s] + (weights[s] - 1.0) * np.clip(conf[s], 0.0, 1.0)).sum())
+    return mass / total, hits / mass, int(s.sum())
 
 
 def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100) -> GateResult:
     """Compare a candidate with the live version on validation pairs the live version never saw.
 
+    Each version is run as the router would run it: at the threshold its own validation curve gives
+    for ``target`` (with the 95% bound), and the candidate wins if it serves a larger share of the
+    same pairs while what it serves there is not significantly below the target. Read off these
+    pairs alone, a bounded curve has little to go on in cascade mode (a few shadow checks and the
+    hardest requests), and both versions would tie at serving nothing; the thresholds come from
+    each version's whole validation split instead, and these pairs only compare the two.
+
     The live version was refit on its own newest pairs, which are part of this candidate's
     validation split; scored there it would look better than it is. So both are compared on the
     pairs newer than the live version's data, when there are at least ``min_pairs`` of them (all
-    validation pairs otherwise). Coverage is taken on the curve the router uses (each point's
-    agreement at its 95% lower bound), so a version the router would not serve cannot win. A live
-    version that cannot be loaded covers nothing: a broken student must not block a working one.
+    validation pairs otherwise). A live version that cannot be loaded serves nothing: a broken
+    student must not block a working one.
     """
     row = registry.live(ledger, route)
     seen = int((row or {}).get("metrics", {}).get("last_exchange_id") or 0)
     unseen = np.array([e.id > seen for e in dataset.val], dtype=bool)
     unseen_only = row is not None and int(unseen.sum()) >= min_pairs
-    picked = [e for e, u in zip(dataset.val, unseen) if u] if unseen_only else list(dataset.val)
-    weights = [e.weight for e in picked]
+    use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
+    picked = [e for e, u in zip(dataset.val, use) if u]
+    weights = np.maximum(np.array([e.weight for e in picked], dtype=np.float64), 1.0)
+    settings = {"target_agreement": target}
 
-    def both(conf: Any, correct: Any) -> tuple[float, float]:
-        curve = coverage_curve(conf, correct, max_points=None, weights=weights)
-        return coverage_at(conservative_curve(curve, None), target), coverage_at(curve, target)
+    def plain(conf: np.ndarray, correct: np.ndarray) -> float:
+        return coverage_at(coverage_curve(conf, correct, max_points=None, weights=weights), target)
 
+    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target)
     if cand.val_scores is not None:
-        conf, correct = cand.val_scores
-        use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
-        cand_cov, cand_raw = both(conf[use], correct[use])
+        conf, correct = (np.asarray(a, dtype=np.float64)[use] for a in cand.val_scores)
+        share, agree, n = _served(conf, correct, weights, effective_threshold(settings, cand.curve))
+        result.candidate, result.candidate_agreement, result.candidate_served_pairs = share, agree, n
+        result.candidate_raw = plain(conf, correct)
     else:
-        cand_cov = cand_raw = float(cand.metrics["coverage_at_target"])
-    result = GateResult(candidate=cand_cov, live=None, pairs=len(picked), unseen_only=unseen_only,
-                        candidate_raw=cand_raw)
+        result.candidate = result.candidate_raw = float(cand.metrics["coverage_at_target"])
     if row is None:
         return result
     from router.student import load_student
@@ -170,8 +202,10 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
         outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
     finally:
         student.close()
-    live_correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
-    result.live, result.live_raw = both([o.confidence for o in outputs], live_correct)
+    conf = np.array([o.confidence for o in outputs], dtype=np.float64)
+    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked]).astype(np.float64)
+    result.live, result.live_agreement, _ = _served(conf, correct, weights, effective_threshold(settings, row.get("curve")))
+    result.live_raw = plain(conf, correct)
     return result
 
 
@@ -334,17 +368,23 @@ def _register_and_gate(
                            last_exchange_id=last_id, gate=result)
     baseline = live_cov if live_cov is not None else 0.0
     where = f"{result.pairs} validation pairs" + (" the live version never saw" if result.unseen_only else "")
+    target = f"{config.target_agreement:.0%}"
     if result.candidate_wins() and promote:
-        registry.promote(ledger, route, version, reason=f"covers {cov:.1%} vs {baseline:.1%} at "
-                         f"{config.target_agreement:.0%} agreement with 95% confidence (plain curve: "
-                         f"{result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%}) on {where}")
+        live_part = (f" vs {baseline:.1%} at {result.live_agreement:.1%}" if result.live_agreement is not None else "")
+        registry.promote(ledger, route, version, reason=(
+            f"serves {cov:.1%} of {where} at its threshold for {target} agreement, with {result.candidate_agreement:.1%} "
+            f"agreement there{live_part} (plain curves: {result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%})"))
         report.promoted = True
-        report.message = (f"version {version} is live: covers {cov:.1%} of validation requests at "
-                          f"{config.target_agreement:.0%} agreement (live covered {baseline:.1%}).")
+        report.message = (f"version {version} is live: serves {cov:.1%} of validation requests at its threshold for "
+                          f"{target} agreement (live served {baseline:.1%}).")
     else:
         ledger.record_event(route, "student.kept_candidate", actor="distiller",
                             detail={"version": version, "coverage": cov, "live_coverage": live_cov,
-                                    "pairs": result.pairs, "unseen_only": result.unseen_only})
-        report.message = (f"version {version} stays a candidate: covers {cov:.1%} at "
-                          f"{config.target_agreement:.0%} agreement, not more than the live version's {baseline:.1%}.")
+                                    "agreement": result.candidate_agreement, "live_agreement": result.live_agreement,
+                                    "quality_ok": result.quality_ok(), "pairs": result.pairs,
+                                    "unseen_only": result.unseen_only})
+        why = ("what it serves agrees only " f"{result.candidate_agreement:.1%}, significantly below {target}"
+               if not result.quality_ok() else f"not more than the live version's {baseline:.1%}")
+        report.message = (f"version {version} stays a candidate: serves {cov:.1%} at its threshold for {target} "
+                          f"agreement, {why}.")
     return report

@@ -299,6 +299,7 @@ def run_replay(
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
+        "route_settings": route_settings or {},
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
         "latency_in_gateway": latency,
         "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
@@ -359,13 +360,18 @@ def register_bench(bench_sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--limit", type=int, help="replay only the first N requests")
     p.add_argument("--target-agreement", type=float, default=0.98, help="the route's target agreement (for the student's own answers)")
+    p.add_argument("--shadow-rate", type=float, default=0.02,
+                   help="share of student answers also sent to the teacher to measure live agreement (default 0.02)")
     p.add_argument("--name", help="results name (default: from the path)")
 
     def run(args: Any) -> int:
+        if not 0.0 <= args.shadow_rate <= 1.0:
+            raise SystemExit("--shadow-rate must be between 0 and 1")
         rows = load_stream(args.dataset, args.limit)
         name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
         m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
-                          concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement})
+                          concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement,
+                                                                             "shadow_rate": args.shadow_rate})
         print_table(m)
         print(f"\nresults: bench/results/replay-{name}.json and .png")
         return 0

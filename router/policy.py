@@ -127,10 +127,20 @@ class LiveAgreement:
     def agreement(self) -> float | None:
         return sum(self.checks) / len(self.checks) if self.checks else None
 
-    def drifted(self, target: float, *, min_checks: int = 30, margin: float = 0.02) -> bool:
-        """True when enough checks show agreement clearly under the target (``margin`` absorbs noise)."""
+    def drifted(self, target: float, *, min_checks: int = 30, z: float = 2.326) -> bool:
+        """True when enough checks show agreement significantly under the target: even the upper end of
+        a one-sided 99% Wilson interval on the window is below it.
+
+        The monitor looks again after every check, so the test must be strict: a plain "window average
+        under the target minus 2 points" fires on 2 mismatches in 30 checks, which a student at exactly
+        98% produces 12% of the time (in a banking77 replay it paused a route whose student agreed 98.2%
+        on the next 1,400 pairs, for 150 s). A teacher that changes its answers still trips it at once:
+        27 of 30 is enough against a 98% target, and 190 of 200.
+        """
         agreement = self.agreement
-        return self.n >= min_checks and agreement is not None and agreement < target - margin
+        if self.n < min_checks or agreement is None:
+            return False
+        return 1.0 - wilson_lower(1.0 - agreement, self.n, z) < target
 
     def reset(self) -> None:
         self.checks.clear()

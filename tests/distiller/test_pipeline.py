@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ import pytest
 
 from distiller import registry
 from distiller.config import DistillerConfig
-from distiller.pipeline import distill_route
+from distiller.pipeline import GateResult, distill_route
 from router.artifact import ArtifactError
 from router.student import load_student
 from tests.distiller.conftest import load_fixture, seed_exchanges
@@ -330,6 +331,20 @@ def test_head_retrain_reuses_the_live_fine_tuned_encoder(ledger) -> None:
         assert (new / weights).stat().st_ino == (old / weights).stat().st_ino
     student = load_student(registry.get(ledger, "sentiment", again.version)["artifact_path"])
     assert student.predict(rows[0]["messages"], {}).text in {"positive", "negative"}
+
+
+def test_gate_wants_a_larger_share_without_a_significant_loss_of_agreement() -> None:
+    won = GateResult(candidate=0.8, live=0.6, pairs=500, unseen_only=True, target=0.98, candidate_agreement=0.99,
+                     live_agreement=0.99, candidate_served_pairs=300)
+    assert won.quality_ok() and won.candidate_wins()
+    assert not dataclasses.replace(won, candidate=0.6).candidate_wins()  # the same share: the live one stays
+    worse = dataclasses.replace(won, candidate_agreement=0.93)  # 93% on 300 pairs is significantly below 98%
+    assert not worse.quality_ok() and not worse.candidate_wins()
+    assert dataclasses.replace(won, candidate_agreement=0.95, candidate_served_pairs=20).quality_ok()  # 20 pairs say little
+    # neither serves anything yet (young route): the plain curves decide, so shadow mode gets the better one
+    assert dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.5, live_raw=0.4).candidate_wins()
+    assert not dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.3, live_raw=0.4).candidate_wins()
+    assert GateResult(candidate=0.0, live=None, pairs=50, unseen_only=False, candidate_raw=0.1).candidate_wins()
 
 
 def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_config) -> None:
