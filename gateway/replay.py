@@ -250,6 +250,7 @@ def run_replay(
     admin_key: str | None = None,
     progress: bool = True,
     results_dir: Path | None = None,
+    score_versions_on_last_quarter: bool = False,
 ) -> tuple[dict[str, Any], "ReplayStack | None"]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +297,10 @@ def run_replay(
     live = ledger.query("SELECT artifact_path, checksum FROM students WHERE route = 'replay' AND status = 'live'")
     if live and not keep_running:  # with the stack stopped, the machine is quiet
         metrics["router_decision_ms"] = time_decisions(live[0]["artifact_path"], live[0]["checksum"], rows)
+    if score_versions_on_last_quarter:
+        metrics["version_scores"] = score_versions(ledger, "replay", rows[len(rows) * 3 // 4:],
+                                                   float((route_settings or {}).get("target_agreement", 0.98)),
+                                                   progress=progress)
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
@@ -314,6 +319,58 @@ def run_replay(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2))
     return metrics, (stack if keep_running else None)
+
+
+def score_versions(
+    ledger: Any, route: str, rows: list[dict[str, Any]], target: float, *, limit: int = 1000, progress: bool = False
+) -> list[dict[str, Any]]:
+    """Every registered label/structured version of ``route``, scored on ``rows``' own answers.
+
+    A replay knows what the teacher would have said to every request, which production never does:
+    this says whether the promotion gate kept a better version out. Per version: its agreement, the
+    coverage at ``target`` on these answers (the best any threshold could do), and what it would
+    serve at the threshold its own validation curve gives (what the router would do with it).
+    ``trained_through`` is the newest exchange id it trained on; a version whose data reaches into
+    ``rows`` has seen some of their escalations. At most ``limit`` rows, evenly spaced.
+    """
+    import numpy as np
+
+    from router.curve import coverage_at, coverage_curve
+    from router.policy import effective_threshold, normalize_answer
+    from router.student import load_student
+
+    from tqdm import tqdm
+
+    step = max(1, len(rows) // limit)
+    sample = rows[::step][:limit]
+    out = []
+    versions = ledger.query("SELECT version, status, kind, train_pairs, artifact_path, checksum, metrics, curve "
+                            "FROM students WHERE route = ? AND kind IN ('label', 'structured') ORDER BY version", (route,))
+    for v in tqdm(versions, desc="scoring versions", unit="version", disable=not progress):
+        try:
+            student = load_student(v["artifact_path"], expected_checksum=v["checksum"])
+        except Exception as exc:  # a broken artifact is part of the story, not a crash of the report
+            out.append({"version": v["version"], "status": v["status"], "error": str(exc)})
+            continue
+        try:
+            outputs = student.predict_batch([r["messages"] for r in sample])
+        finally:
+            student.close()
+        conf = np.array([o.confidence for o in outputs], dtype=np.float64)
+        correct = np.array([normalize_answer(o.text) == normalize_answer(r["answer"]) for o, r in zip(outputs, sample)],
+                           dtype=np.float64)
+        threshold = effective_threshold({"target_agreement": target}, json.loads(v["curve"] or "[]"))
+        served = conf >= threshold
+        out.append({
+            "version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
+            "trained_through": json.loads(v["metrics"] or "{}").get("last_exchange_id"),
+            "agreement": round(float(correct.mean()), 4),
+            "coverage_at_target": round(coverage_at(coverage_curve(conf, correct, max_points=None), target), 4),
+            "served_at_own_threshold": round(float(served.mean()), 4),
+            "agreement_when_served": round(float(correct[served].mean()), 4) if served.any() else None,
+            "requests": len(sample),
+        })
+    return out
 
 
 def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]], n: int = 400) -> dict[str, Any]:
@@ -349,6 +406,17 @@ def print_table(m: dict[str, Any]) -> None:
         print(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
     print(f"\nteacher spend without kdgate ${o['teacher_spend_usd']:.4f}, with kdgate ${o['actual_spend_usd']:.4f}"
           f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
+    if m.get("version_scores"):
+        print("\nevery version on the last quarter's answers (coverage at target: the best any threshold could do;"
+              " served: at its own threshold)")
+        print(f"{'version':>8}{'status':>11}{'pairs':>7}{'agreement':>11}{'cov@target':>12}{'served':>8}{'agree':>8}")
+        for v in m["version_scores"]:
+            if "error" in v:
+                print(f"{v['version']:>8}{v['status']:>11}  {v['error']}")
+                continue
+            agree = "-" if v["agreement_when_served"] is None else f"{v['agreement_when_served']:.1%}"
+            print(f"{v['version']:>8}{v['status']:>11}{v['train_pairs']:>7}{v['agreement']:>11.1%}"
+                  f"{v['coverage_at_target']:>12.1%}{v['served_at_own_threshold']:>8.1%}{agree:>8}")
 
 
 def register_bench(bench_sub: Any) -> None:
@@ -362,6 +430,8 @@ def register_bench(bench_sub: Any) -> None:
     p.add_argument("--target-agreement", type=float, default=0.98, help="the route's target agreement (for the student's own answers)")
     p.add_argument("--shadow-rate", type=float, default=0.02,
                    help="share of student answers also sent to the teacher to measure live agreement (default 0.02)")
+    p.add_argument("--score-versions", action="store_true",
+                   help="after the run, score every student version on the last quarter's answers (version_scores)")
     p.add_argument("--name", help="results name (default: from the path)")
 
     def run(args: Any) -> int:
@@ -371,7 +441,8 @@ def register_bench(bench_sub: Any) -> None:
         name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
         m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
                           concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement,
-                                                                             "shadow_rate": args.shadow_rate})
+                                                                             "shadow_rate": args.shadow_rate},
+                          score_versions_on_last_quarter=args.score_versions)
         print_table(m)
         print(f"\nresults: bench/results/replay-{name}.json and .png")
         return 0

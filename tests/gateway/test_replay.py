@@ -61,3 +61,29 @@ def test_short_replay_through_real_processes(tmp_path):
     assert saved["requests"] == 120 and saved["lost"] == 0
     assert saved["overall"]["agreement"] == 1.0  # no student this early: every answer is the teacher's
     assert (tmp_path / "results" / "replay-pytest-short.png").stat().st_size > 1000
+
+
+def test_score_versions_reads_each_version_against_the_streams_answers(tmp_path):
+    """The replay's own ground truth: every registered version scored on answers it never trained on."""
+    from distiller import registry
+    from distiller.config import DistillerConfig
+    from distiller.pipeline import distill_route
+    from gateway.ledger import Ledger
+    from gateway.replay import score_versions
+    from tests.distiller.conftest import load_fixture, seed_exchanges
+
+    rows = load_fixture("banking77_small.jsonl")
+    ledger = Ledger(tmp_path / "kdgate.db")
+    seed_exchanges(ledger, "replay", rows[:200])
+    report = distill_route(ledger, "replay", DistillerConfig(finetune="never", min_pairs=50),
+                           artifacts_root=tmp_path / "artifacts")
+    held_back = rows[200:]
+    [score] = score_versions(ledger, "replay", held_back, 0.98)
+    assert score["version"] == report.version and score["requests"] == len(held_back)
+    assert score["trained_through"] == 200 and score["train_pairs"] == registry.get(ledger, "replay", report.version)["train_pairs"]
+    assert 0.3 < score["agreement"] <= 1.0 and 0.0 <= score["coverage_at_target"] <= 1.0
+    # a teacher that answers something the student never saw: nothing agrees, nothing can be served at 98%
+    wrong = [{**r, "answer": "no such label"} for r in held_back]
+    [bad] = score_versions(ledger, "replay", wrong, 0.98, limit=20)
+    assert bad["agreement"] == 0.0 and bad["coverage_at_target"] == 0.0 and bad["requests"] == 20
+    assert bad["agreement_when_served"] in (None, 0.0)
