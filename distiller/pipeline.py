@@ -27,8 +27,8 @@ from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_d
 from distiller.evaluate import agreement_vector
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import write_manifest
-from router.curve import coverage_at, coverage_curve
-from router.policy import effective_threshold, wilson_lower
+from router.curve import coverage_at, coverage_curve, point_at
+from router.policy import effective_threshold, wilson_upper
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +128,13 @@ class GateResult:
         test on the pairs it serves); its threshold came from its own, larger validation split."""
         if self.candidate_served_pairs == 0:
             return True
-        return 1.0 - wilson_lower(1.0 - self.candidate_agreement, self.candidate_served_pairs) >= self.target
+        return wilson_upper(self.candidate_agreement, self.candidate_served_pairs) >= self.target
 
     def candidate_wins(self) -> bool:
         if not self.quality_ok():
             return False
         live = (self.live or 0.0, self.live_raw or 0.0)
         return (self.candidate, self.candidate_raw) > live
-
-
-def _served(conf: np.ndarray, correct: np.ndarray, weights: np.ndarray, threshold: float) -> tuple[float, float, int]:
-    """Share (by weight) of the pairs served at ``threshold``, the agreement of those (weighted as in
-    :func:`router.curve.coverage_curve`), and how many pairs that is."""
-    s = conf >= threshold
-    total = float(weights.sum())
-    mass = float(weights[s].sum())
-    if not s.any() or total <= 0:
-        return 0.0, 1.0, 0
-    hits = float((correct[s] + (weights[s] - 1.0) * np.clip(conf[s], 0.0, 1.0)).sum())
-    return mass / total, hits / mass, int(s.sum())
 
 
 def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100) -> GateResult:
@@ -171,18 +159,24 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
     unseen_only = row is not None and int(unseen.sum()) >= min_pairs
     use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
     picked = [e for e, u in zip(dataset.val, use) if u]
-    weights = np.maximum(np.array([e.weight for e in picked], dtype=np.float64), 1.0)
+    weights = [e.weight for e in picked]
     settings = {"target_agreement": target}
 
-    def plain(conf: np.ndarray, correct: np.ndarray) -> float:
-        return coverage_at(coverage_curve(conf, correct, max_points=None, weights=weights), target)
+    def run(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
+        """Served share, its agreement and pairs at the version's own threshold, and the plain
+        curve's coverage at the target: all read off the curve of these pairs."""
+        curve = coverage_curve(conf, correct, max_points=None, weights=weights)
+        point = point_at(curve, effective_threshold(settings, own_curve))
+        raw = coverage_at(curve, target)
+        if point is None:
+            return 0.0, 1.0, 0, raw
+        return point["coverage"], point["agreement"], int(point["pairs"]), raw
 
     result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target)
     if cand.val_scores is not None:
         conf, correct = (np.asarray(a, dtype=np.float64)[use] for a in cand.val_scores)
-        share, agree, n = _served(conf, correct, weights, effective_threshold(settings, cand.curve))
-        result.candidate, result.candidate_agreement, result.candidate_served_pairs = share, agree, n
-        result.candidate_raw = plain(conf, correct)
+        (result.candidate, result.candidate_agreement, result.candidate_served_pairs,
+         result.candidate_raw) = run(conf, correct, cand.curve)
     else:
         result.candidate = result.candidate_raw = float(cand.metrics["coverage_at_target"])
     if row is None:
@@ -202,10 +196,8 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
         outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
     finally:
         student.close()
-    conf = np.array([o.confidence for o in outputs], dtype=np.float64)
-    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked]).astype(np.float64)
-    result.live, result.live_agreement, _ = _served(conf, correct, weights, effective_threshold(settings, row.get("curve")))
-    result.live_raw = plain(conf, correct)
+    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
+    result.live, result.live_agreement, _, result.live_raw = run([o.confidence for o in outputs], correct, row.get("curve"))
     return result
 
 

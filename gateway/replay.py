@@ -335,7 +335,7 @@ def score_versions(
     """
     import numpy as np
 
-    from router.curve import coverage_at, coverage_curve
+    from router.curve import coverage_at, coverage_curve, point_at
     from router.policy import effective_threshold, normalize_answer
     from router.student import load_student
 
@@ -359,15 +359,15 @@ def score_versions(
         conf = np.array([o.confidence for o in outputs], dtype=np.float64)
         correct = np.array([normalize_answer(o.text) == normalize_answer(r["answer"]) for o, r in zip(outputs, sample)],
                            dtype=np.float64)
-        threshold = effective_threshold({"target_agreement": target}, json.loads(v["curve"] or "[]"))
-        served = conf >= threshold
+        curve = coverage_curve(conf, correct, max_points=None)
+        served = point_at(curve, effective_threshold({"target_agreement": target}, json.loads(v["curve"] or "[]")))
         out.append({
             "version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
             "trained_through": json.loads(v["metrics"] or "{}").get("last_exchange_id"),
             "agreement": round(float(correct.mean()), 4),
-            "coverage_at_target": round(coverage_at(coverage_curve(conf, correct, max_points=None), target), 4),
-            "served_at_own_threshold": round(float(served.mean()), 4),
-            "agreement_when_served": round(float(correct[served].mean()), 4) if served.any() else None,
+            "coverage_at_target": round(coverage_at(curve, target), 4),
+            "served_at_own_threshold": round(served["coverage"], 4) if served else 0.0,
+            "agreement_when_served": round(served["agreement"], 4) if served else None,
             "requests": len(sample),
         })
     return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["coverage_curve", "threshold_for_target", "coverage_at", "effective_size", "CurvePoint"]
+__all__ = ["coverage_curve", "threshold_for_target", "coverage_at", "point_at", "effective_size", "CurvePoint"]
 
 CurvePoint = dict[str, float]  # {"threshold", "coverage", "agreement", "pairs"}
 
@@ -104,6 +104,14 @@ def coverage_at(curve: Sequence[CurvePoint], target: float) -> float:
     """The coverage at :func:`threshold_for_target` (0.0 when the target is never reached)."""
     best = _best_index(curve, target)
     return 0.0 if best is None else float(curve[best]["coverage"])
+
+
+def point_at(curve: Sequence[CurvePoint], threshold: float) -> CurvePoint | None:
+    """The point describing what serving at ``threshold`` does (the served point with the largest
+    coverage: on a full curve, exactly the requests with confidence >= ``threshold``); None when
+    nothing is served."""
+    served = [pt for pt in curve if pt["threshold"] >= threshold]
+    return max(served, key=lambda pt: pt["coverage"]) if served else None
 
 
 def curve_to_json(curve: Sequence[CurvePoint]) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.curve import coverage_at, threshold_for_target
+from router.curve import coverage_at, point_at, threshold_for_target
 
 __all__ = [
     "Decision",
@@ -52,6 +52,11 @@ def wilson_lower(agreement: float, n: float, z: float = 1.645) -> float:
     return max(0.0, (centre - spread) / denom)
 
 
+def wilson_upper(agreement: float, n: float, z: float = 1.645) -> float:
+    """One-sided upper confidence bound (95% by default) of an agreement measured on ``n`` pairs."""
+    return 1.0 - wilson_lower(1.0 - agreement, n, z)
+
+
 def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: float = 1.645) -> list[dict[str, float]]:
     """The curve with each point's agreement replaced by its lower confidence bound.
 
@@ -80,10 +85,9 @@ def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, floa
 
 def expected_at(curve: Sequence[dict[str, float]], threshold: float) -> dict[str, float]:
     """What the validation curve predicts at a threshold: the share served and its agreement."""
-    served = [p for p in curve if p["threshold"] >= threshold]
-    if not served:
+    best = point_at(curve, threshold)
+    if best is None:
         return {"coverage": 0.0, "agreement": 1.0}
-    best = max(served, key=lambda p: p["coverage"])
     return {"coverage": float(best["coverage"]), "agreement": float(best["agreement"])}
 
 
@@ -140,7 +144,7 @@ class LiveAgreement:
         agreement = self.agreement
         if self.n < min_checks or agreement is None:
             return False
-        return 1.0 - wilson_lower(1.0 - agreement, self.n, z) < target
+        return wilson_upper(agreement, self.n, z) < target
 
     def reset(self) -> None:
         self.checks.clear()
