@@ -38,6 +38,10 @@ class DistillerConfig:
     head_solver: str = _f("torch", "Solver of the logistic-regression head: 'torch' (L-BFGS, fast) or 'sklearn'.")
     lexical_weight: float = _f(0.3, "Weight of the TF-IDF word n-gram head in the student's blend with the embedding head (0: embeddings only).")
     lexical_c: float = _f(30.0, "Inverse L2 strength of the TF-IDF head's logistic regression.")
+    neighbor_weight: float = _f(0.2, "Weight of the nearest-neighbour votes (the answers of the most similar training pairs) in the student's blend (0: no neighbour view).")
+    neighbor_k: int = _f(20, "How many nearest training pairs vote.")
+    neighbor_temperature: float = _f(0.05, "Votes are weighted exp(cosine similarity / temperature): lower trusts the very nearest more.")
+    neighbor_max_pairs: int = _f(20000, "Most (newest) training pairs the neighbour memory keeps (the artifact stores their embeddings, float16).")
     lexical_min_df: int = _f(2, "Fewest training texts a word n-gram must occur in to become a TF-IDF feature.")
     refit_on_validation: bool = _f(True, "After evaluation and calibration, refit the heads on training plus validation pairs (the newest data) for the version that is shipped; the encoder is not retrained.")
     max_labels: int = _f(256, "Most distinct answers a label route (or one structured field) may have.")
@@ -121,6 +125,11 @@ class DistillerConfig:
             raise ConfigError(f"finetune must be auto, always or never, got {self.finetune!r}.")
         if not 0.0 <= self.lexical_weight < 1.0:
             raise ConfigError(f"lexical_weight must be in [0, 1), got {self.lexical_weight}.")
+        if not 0.0 <= self.neighbor_weight < 1.0 or self.lexical_weight + self.neighbor_weight >= 1.0:
+            raise ConfigError(f"neighbor_weight must be in [0, 1) and leave the embedding head a share with lexical_weight, "
+                              f"got {self.neighbor_weight} (lexical_weight {self.lexical_weight}).")
+        if self.neighbor_k < 1 or self.neighbor_temperature <= 0 or self.neighbor_max_pairs < 1:
+            raise ConfigError("neighbor_k and neighbor_max_pairs must be >= 1 and neighbor_temperature > 0.")
         if self.min_pairs < 4:
             raise ConfigError("min_pairs must be at least 4 (a student needs pairs to train and to validate on).")
 

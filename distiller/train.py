@@ -27,6 +27,7 @@ from distiller.evaluate import agreement_vector, evaluate_confidence
 from router.calibration import fit_calibrator
 from router.label_student import ABSENT, Head, LabelModel
 from router.lexical import EmptyVocabulary, LexicalFeatures
+from router.neighbors import NeighborVotes
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,15 @@ def fit_lexical(
     return lexical, fit_heads(heads, lexical.transform(texts), config, C=config.lexical_c)
 
 
+def fit_neighbors(heads: Sequence[HeadTargets], X: np.ndarray, config: DistillerConfig) -> NeighborVotes | None:
+    """The neighbour memory over embeddings X: each pair's class per head (the teacher's answer, or
+    its most likely label where it gave logprobs). None when the view is off (``neighbor_weight`` 0)."""
+    if config.neighbor_weight <= 0 or X.shape[0] == 0:
+        return None
+    return NeighborVotes.fit(X, [ht.targets.argmax(axis=1) for ht in heads], max_pairs=config.neighbor_max_pairs,
+                             k=config.neighbor_k, temperature=config.neighbor_temperature)
+
+
 def calibrate_and_evaluate(
     model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0
 ) -> tuple[dict[str, Any], list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
@@ -252,10 +262,11 @@ def calibrate_and_evaluate(
 
 
 def _label_model(
-    detection: Detection, dataset: RouteDataset, heads: Any, lexical: tuple[Any, Any], config: DistillerConfig
+    detection: Detection, dataset: RouteDataset, heads: Any, lexical: tuple[Any, Any], config: DistillerConfig,
+    neighbors: NeighborVotes | None = None,
 ) -> LabelModel:
-    """A student over ``heads`` (and the lexical features and heads, if any) that answers in the
-    route's format (frozen or fine-tuned encoder alike)."""
+    """A student over ``heads`` (and the lexical features and heads, and the neighbour memory, if
+    any) that answers in the route's format (frozen or fine-tuned encoder alike)."""
     return LabelModel(
         kind=detection.kind,
         heads=heads,
@@ -266,6 +277,8 @@ def _label_model(
         lexical=lexical[0],
         lexical_heads=lexical[1],
         lexical_weight=config.lexical_weight,
+        neighbors=neighbors,
+        neighbor_weight=config.neighbor_weight,
     )
 
 
@@ -281,7 +294,7 @@ def refit_on_all(
     targets = prepare_targets(cand.detection, examples)
     heads = fit_heads(targets, X_all, config)
     lexical = fit_lexical(targets, [e.text for e in examples], config)
-    model = _label_model(cand.detection, dataset, heads, lexical, config)
+    model = _label_model(cand.detection, dataset, heads, lexical, config, fit_neighbors(targets, X_all, config))
     model.calibrator = cand.model.calibrator
     return model
 
@@ -341,7 +354,7 @@ def train_candidate(
         **extra: Any,
     ) -> tuple[Candidate, list[Head]]:
         heads = fit_heads(targets, Xt, config)
-        model = _label_model(detection, dataset, heads, lexical, config)
+        model = _label_model(detection, dataset, heads, lexical, config, fit_neighbors(targets, Xt, config))
         metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
         metrics.update(encoder=name, **common, **extra)
         log.info("route %s %s student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)", dataset.route,

@@ -6,7 +6,8 @@ Artifact layout (see :mod:`router.artifact`)::
     student.json        template, heads (names, classes, served mask), label spellings, JSON fields
                         and format, calibration
     heads.safetensors   head{i}.W (classes x dim) and head{i}.b (classes), float32; with lexical
-                        features also lex{i}.W / lex{i}.b and lexical.idf
+                        features also lex{i}.W / lex{i}.b and lexical.idf; with neighbour votes
+                        knn.X and knn.y{i} (see :mod:`router.neighbors`)
     encoder/            only when the encoder was fine-tuned: a sentence-transformers directory
                         (safetensors weights, JSON config, tokenizer files)
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from router.calibration import Calibrator, IdentityCalibrator, calibrator_from_dict
 from router.lexical import LexicalFeatures
+from router.neighbors import NeighborVotes
 from router.student import StudentError, StudentOutput, register_kind
 from router.template import Template, scrub_pii
 
@@ -83,6 +85,8 @@ class LabelModel:
         lexical: LexicalFeatures | None = None,
         lexical_heads: list[Head] | None = None,
         lexical_weight: float = 0.0,
+        neighbors: NeighborVotes | None = None,
+        neighbor_weight: float = 0.0,
     ):
         if kind not in ("label", "structured"):
             raise ValueError(f"LabelModel kind must be label or structured, not {kind!r}")
@@ -100,6 +104,13 @@ class LabelModel:
         self.lexical_weight = float(lexical_weight) if self.lexical is not None else 0.0
         if self.lexical is not None and len(self.lexical_heads) != len(heads):
             raise ValueError("LabelModel: one lexical head per embedding head is needed")
+        # Optional third view: the votes of the nearest training pairs in the embedding space.
+        self.neighbors = neighbors if neighbor_weight > 0 else None
+        self.neighbor_weight = float(neighbor_weight) if self.neighbors is not None else 0.0
+        if self.neighbors is not None and len(self.neighbors.labels) != len(heads):
+            raise ValueError("LabelModel: the neighbour memory needs one label column per head")
+        if self.lexical_weight + self.neighbor_weight >= 1.0:
+            raise ValueError("LabelModel: the lexical and neighbour weights must leave the embedding head a share")
 
     # -- inputs -------------------------------------------------------------------------------
     def text_of(self, messages: list[dict[str, Any]]) -> str:
@@ -109,21 +120,28 @@ class LabelModel:
 
     # -- outputs ------------------------------------------------------------------------------
     def head_probs(self, X: np.ndarray, texts: list[str] | None = None) -> list[np.ndarray]:
-        """Per head, the class distribution: the embedding head's, blended with the lexical head's
-        (weighted geometric mean, renormalized) when the model has lexical features."""
-        if self.lexical is None:
-            return [head.probs(X) for head in self.heads]
-        if texts is None or len(texts) != X.shape[0]:
-            raise ValueError("this student has lexical features: decide() needs the texts as well")
-        L = self.lexical.transform(texts)
-        w = self.lexical_weight
+        """Per head, the class distribution: the embedding head's, blended with the lexical head's and
+        the neighbour votes (a weighted geometric mean, renormalized) where the model has them."""
+        views: list[tuple[float, list[np.ndarray]]] = []
+        if self.lexical is not None:
+            if texts is None or len(texts) != X.shape[0]:
+                raise ValueError("this student has lexical features: decide() needs the texts as well")
+            L = self.lexical.transform(texts)
+            views.append((self.lexical_weight, [lex.probs(L) for lex in self.lexical_heads]))
+        if self.neighbors is not None:
+            views.append((self.neighbor_weight, self.neighbors.probs(X, [len(h.classes) for h in self.heads])))
+        own = [head.probs(X) for head in self.heads]
+        if not views:
+            return own
+        w_own = 1.0 - sum(w for w, _ in views)
         out = []
-        for head, lex in zip(self.heads, self.lexical_heads):
-            pe, pl = head.probs(X), lex.probs(L)
+        for h, pe in enumerate(own):
             if pe.shape[1] == 1:
                 out.append(pe)
                 continue
-            z = (1.0 - w) * np.log(pe + 1e-12) + w * np.log(pl + 1e-12)
+            z = w_own * np.log(pe + 1e-12)
+            for w, probs in views:
+                z = z + w * np.log(probs[h] + 1e-12)
             z -= z.max(axis=1, keepdims=True)
             e = np.exp(z)
             out.append(e / e.sum(axis=1, keepdims=True))
@@ -186,6 +204,10 @@ class LabelModel:
                 tensors[f"lex{i}.b"] = np.ascontiguousarray(h.b, dtype=np.float32)
             tensors["lexical.idf"] = self.lexical.idf
             lexical = {**self.lexical.to_dict(), "weight": self.lexical_weight}
+        neighbors = None
+        if self.neighbors is not None:
+            tensors.update(self.neighbors.tensors())
+            neighbors = {**self.neighbors.to_dict(), "weight": self.neighbor_weight}
         save_file(tensors, str(directory / "heads.safetensors"))
         body = {
             "kind": self.kind,
@@ -196,6 +218,7 @@ class LabelModel:
             "calibration": self.calibrator.to_dict(),
             "pii_scrub": self.pii_scrub,
             "lexical": lexical,
+            "neighbors": neighbors,
             **(extra or {}),
         }
         (directory / "student.json").write_text(json.dumps(body, ensure_ascii=False, indent=1))
@@ -225,6 +248,10 @@ class LabelModel:
                 for i, h in enumerate(heads)
             ]
             weight = float(body["lexical"].get("weight", 0.0))
+        neighbors, neighbor_weight = None, 0.0
+        if body.get("neighbors"):
+            neighbors = NeighborVotes.from_saved(body["neighbors"], tensors, len(heads))
+            neighbor_weight = float(body["neighbors"].get("weight", 0.0))
         model = cls(
             kind=body["kind"],
             heads=heads,
@@ -236,6 +263,8 @@ class LabelModel:
             lexical=lexical,
             lexical_heads=lexical_heads,
             lexical_weight=weight,
+            neighbors=neighbors,
+            neighbor_weight=neighbor_weight,
         )
         return model, body
 

@@ -256,7 +256,7 @@ def test_worker_serves_the_head_first_then_fine_tunes_only_as_data_grows(ledger)
     assert [h["encoder"] for h in v3["history"]] == ["frozen", "finetuned (v2's, reused)"]
 
 
-def test_lexical_features_blend_and_survive_the_artifact(ledger, fast_config) -> None:
+def test_lexical_features_and_neighbour_votes_blend_and_survive_the_artifact(ledger, fast_config) -> None:
     rows = load_fixture("banking77_small.jsonl")
     report = _trained(ledger, "triage", rows, fast_config)
     row = registry.live(ledger, "triage")
@@ -264,22 +264,33 @@ def test_lexical_features_blend_and_survive_the_artifact(ledger, fast_config) ->
     student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
     model = student.model
     assert model.lexical is not None and model.lexical_weight == fast_config.lexical_weight
+    # the refit model remembers every deduplicated pair, as float16
+    assert model.neighbors is not None and model.neighbor_weight == fast_config.neighbor_weight
+    assert model.neighbors.pairs == row["metrics"]["refit_pairs"] - row["metrics"]["dropped"].get("duplicate", 0)
     texts = [model.text_of(r["messages"]) for r in rows[:40]]
     X = student.embedder.encode(texts)
     blended = model.head_probs(X, texts)[0]
     alone = model.heads[0].probs(X)
     lexical = model.lexical_heads[0].probs(model.lexical.transform(texts))
-    w = model.lexical_weight
-    expect = np.exp((1 - w) * np.log(alone + 1e-12) + w * np.log(lexical + 1e-12))
+    votes = model.neighbors.probs(X, [len(model.heads[0].classes)])[0]
+    assert np.allclose(votes.sum(axis=1), 1.0)
+    # a training request is its own nearest neighbour: the votes lean to the teacher's answer
+    classes = model.heads[0].classes
+    from distiller.detect import label_key
+
+    assert np.mean([classes[i] == label_key(r["answer"]) for i, r in zip(votes.argmax(axis=1), rows)]) > 0.9
+    wl, wn = model.lexical_weight, model.neighbor_weight
+    expect = np.exp((1 - wl - wn) * np.log(alone + 1e-12) + wl * np.log(lexical + 1e-12) + wn * np.log(votes + 1e-12))
     assert np.allclose(blended, expect / expect.sum(axis=1, keepdims=True), atol=1e-5)
-    assert not np.allclose(blended, alone, atol=1e-3)  # the lexical head does change the answer
+    assert not np.allclose(blended, alone, atol=1e-3)  # the other views do change the answer
     with pytest.raises(ValueError, match="texts"):
         model.decide(X)
-    # without the blend, the artifact has no lexical part and decide() needs no texts
-    plain = distill_route(ledger, "triage", fast_config.with_overrides({"lexical_weight": 0.0}))
+    # without the blend, the artifact has no lexical or neighbour part and decide() needs no texts
+    plain = distill_route(ledger, "triage", fast_config.with_overrides({"lexical_weight": 0.0, "neighbor_weight": 0.0}))
     assert plain.version == report.version + 1
     off = load_student(registry.get(ledger, "triage", plain.version)["artifact_path"])
-    assert off.model.lexical is None and off.model.decide(X)[0]
+    assert off.model.lexical is None and off.model.neighbors is None and off.model.decide(X)[0]
+    assert np.allclose(off.model.head_probs(X)[0], off.model.heads[0].probs(X))
 
 
 def test_shadow_checks_join_the_dataset_weighted_by_their_sampling_rate(ledger, fast_config) -> None:
