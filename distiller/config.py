@@ -29,6 +29,7 @@ class DistillerConfig:
     min_pairs: int = _f(50, "Fewest usable (deduplicated) teacher pairs a route needs before a student is trained.")
     min_val_pairs: int = _f(20, "Fewest validation pairs; the split takes at least this many when it can.")
     val_fraction: float = _f(0.2, "Share of the newest pairs held out for validation and calibration.")
+    min_val_checks: int = _f(0, "Cascade mode: the validation split reaches back (at most to half the pairs) until it holds this many shadow checks, and is then scored out of fold (0, the default: newest pairs only; see docs/architecture.md for what 150 did in a replay).")
     max_val_pairs: int = _f(2000, "Cap on validation pairs (the newest ones), so big routes keep most data for training.")
     target_agreement: float = _f(0.98, "Agreement with the teacher the route must reach on the requests a student serves.")
     embedder: str = _f("all-MiniLM-L6-v2", "Sentence-transformers model name or path (default: the offline packaged MiniLM).")

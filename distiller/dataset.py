@@ -66,6 +66,14 @@ class RouteDataset:
     val: list[Example]
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count
     pii_scrub: bool = False
+    # Validation pairs older than the plain newest-pairs split, taken to reach config.min_val_checks
+    # shadow checks (cascade mode). Validation is then scored out of fold (see distiller.train).
+    val_reach_back: int = 0
+
+    @property
+    def val_checks(self) -> int:
+        """Shadow checks (pairs standing for more than one request) among the validation pairs."""
+        return sum(1 for e in self.val if e.weight > 1.0)
 
     @property
     def examples(self) -> list[Example]:
@@ -104,6 +112,7 @@ def build_dataset(
     *,
     template: Template | None = None,
     dropped: dict[str, int] | None = None,
+    val_floor_id: int | None = None,
 ) -> RouteDataset:
     """Strip, scrub, deduplicate and split ``examples`` (any order; sorted by id here).
 
@@ -132,6 +141,8 @@ def build_dataset(
     n_val = int(round(len(unique) * config.val_fraction))
     n_val = max(n_val, min(config.min_val_pairs, len(unique) // 2))
     n_val = min(n_val, config.max_val_pairs, len(unique) - 2)
+    plain = n_val
+    n_val = _reach_back_for_checks(unique, n_val, config.min_val_checks, val_floor_id)
     return RouteDataset(
         route=route,
         template=template,
@@ -139,10 +150,32 @@ def build_dataset(
         val=unique[len(unique) - n_val :],
         dropped=dropped,
         pii_scrub=config.pii_scrub,
+        val_reach_back=n_val - plain,
     )
 
 
-def load_route_dataset(ledger: Any, route: str, config: DistillerConfig) -> RouteDataset:
+def _reach_back_for_checks(unique: Sequence[Example], n_val: int, min_checks: int, floor_id: int | None) -> int:
+    """The validation size that holds ``min_checks`` shadow checks, reaching back from ``n_val``.
+
+    In cascade mode the teacher sees the student's escalations and a sampled few of the requests it
+    served; the newest fifth of the pairs then holds a few dozen checks, too few to certify what a
+    new version would serve (at 98% with 95% confidence that takes well over a hundred). The split
+    reaches back until it holds ``min_checks`` of them, never past half the pairs nor to pairs at or
+    before ``floor_id`` (the newest data a reusable fine-tuned encoder was trained on: its scores
+    there would be optimistic). Unchanged when the route has no checks (shadow mode, plain logs) or
+    already holds enough.
+    """
+    positions = [i for i, e in enumerate(unique) if e.weight > 1.0]
+    if min_checks <= 0 or not positions:
+        return n_val
+    start = positions[-min_checks] if len(positions) >= min_checks else positions[0]
+    reach = min(len(unique) - start, len(unique) // 2)
+    if floor_id is not None:
+        reach = min(reach, sum(1 for e in unique if e.id > floor_id))
+    return max(n_val, reach)
+
+
+def load_route_dataset(ledger: Any, route: str, config: DistillerConfig, *, val_floor_id: int | None = None) -> RouteDataset:
     """The route's dataset from the ledger's successful teacher exchanges (see :func:`build_dataset`)."""
     examples: list[Example] = []
     dropped: dict[str, int] = {}
@@ -155,7 +188,7 @@ def load_route_dataset(ledger: Any, route: str, config: DistillerConfig) -> Rout
             Example(id=pair.id, ts=pair.ts, messages=pair.messages, answer=pair.answer, logprobs=pair.teacher_logprobs,
                     weight=pair.weight)
         )
-    return build_dataset(route, examples, config, dropped=dropped)
+    return build_dataset(route, examples, config, dropped=dropped, val_floor_id=val_floor_id)
 
 
 def examples_from_jsonl(path: str | Path, *, limit: int | None = None) -> list[Example]:

@@ -212,12 +212,9 @@ def _latest_encoder(
     version that has meanwhile trained on its validation pairs). Its embeddings are stored like the
     frozen ones. None when no version has a fine-tuned encoder of this base model, or it cannot be read.
     """
-    rows = ledger.query(
-        "SELECT version, artifact_path, checksum FROM students WHERE route = ? AND kind IN ('label', 'structured') "
-        "AND json_extract(metrics, '$.encoder') = 'finetuned' ORDER BY version DESC LIMIT 1", (route,))
-    if not rows:
+    row = _latest_finetuned(ledger, route)
+    if row is None:
         return None
-    row = rows[0]
     directory = Path(row["artifact_path"])
     try:
         from router.artifact import load_manifest
@@ -236,7 +233,20 @@ def _latest_encoder(
     key = embedding_key(f"kdgate:{route}/v{origin}", dataset)
     vectors = embed_with_store(ledger, dataset.examples, encoder, key, batch_size=config.embed_batch_size,
                                progress=progress)
-    return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=_lookup(vectors, encoder.dim))
+    return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=_lookup(vectors, encoder.dim),
+                         trained_through=row["trained_through"])
+
+
+def _latest_finetuned(ledger: Any, route: str) -> dict[str, Any] | None:
+    """The route's newest version with a fine-tuned encoder, with ``trained_through``: the newest
+    exchange id that encoder was fine-tuned on (older versions did not record it: their newest
+    exchange, which is later, stands in)."""
+    rows = ledger.query(
+        "SELECT version, artifact_path, checksum, COALESCE(json_extract(metrics, '$.encoder_trained_through'), "
+        "json_extract(metrics, '$.last_exchange_id'), 0) AS trained_through FROM students WHERE route = ? AND "
+        "kind IN ('label', 'structured') AND json_extract(metrics, '$.encoder') = 'finetuned' "
+        "ORDER BY version DESC LIMIT 1", (route,))
+    return dict(rows[0]) if rows else None
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:
@@ -304,8 +314,12 @@ def distill_route(
     config = config.for_route(route_row["settings"] if route_row else None)
     root = Path(artifacts_root) if artifacts_root else config.artifacts_root(ledger.path)
     last_id = ledger.max_exchange_id(route)
+    # Validation that reaches back for shadow checks stops at the data a reusable fine-tuned encoder
+    # was trained on (see distiller.dataset._reach_back_for_checks).
+    tuned = _latest_finetuned(ledger, route)
     try:
-        dataset = load_route_dataset(ledger, route, config)
+        dataset = load_route_dataset(ledger, route, config,
+                                     val_floor_id=int(tuned["trained_through"]) if tuned else None)
     except NotEnoughData as exc:
         ledger.record_event(route, "distill.insufficient", actor="distiller", detail={"have": exc.have, "need": exc.need})
         log.info("%s", exc)

@@ -233,16 +233,18 @@ def fit_neighbors(heads: Sequence[HeadTargets], X: np.ndarray, config: Distiller
 
 
 def calibrate_and_evaluate(
-    model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0
+    model: LabelModel, X_val: np.ndarray, val: Sequence[Example], config: DistillerConfig, *, seed: int = 0,
+    decided: tuple[list[str], np.ndarray, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, float]], tuple[np.ndarray, np.ndarray]]:
     """Fit the model's calibrator on the validation split and evaluate it there.
 
     The reported figures use cross-fitted confidences (each half calibrated on the other half), so
     the curve and ECE are not scored on the data the calibrator saw; the stored calibrator is then
     fitted on the whole split. Returns the metrics, the curve and, per validation pair, the
-    cross-fitted confidence and agreement.
+    cross-fitted confidence and agreement. ``decided`` (answers, raw scores, servable mask) replaces
+    the model's own decisions on the split (out-of-fold scores, see :func:`score_out_of_fold`).
     """
-    answers, raw, servable, _ = model.decide(X_val, [e.text for e in val])
+    answers, raw, servable = decided or model.decide(X_val, [e.text for e in val])[:3]
     correct = agreement_vector(model.kind, answers, [e.answer for e in val])
     n = len(val)
     conf = np.zeros(n)
@@ -259,6 +261,41 @@ def calibrate_and_evaluate(
     metrics, curve = evaluate_confidence(conf, correct, target=config.target_agreement, weights=[e.weight for e in val])
     metrics["calibration_method"] = model.calibrator.method
     return metrics, curve, (conf, correct)
+
+
+def score_out_of_fold(
+    detection: Detection, dataset: RouteDataset, X_train: np.ndarray, X_val: np.ndarray, config: DistillerConfig,
+    *, folds: int = 2,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Answers, raw scores and servable mask for every validation pair, each from a model that never
+    saw it: per fold, heads, lexical features and neighbour memory fit on the training pairs plus the
+    other folds.
+
+    Used when the validation split reached back for shadow checks (cascade mode): a model fit on the
+    training pairs alone would then learn from far fewer pairs than the version that ships (half the
+    route's pairs at worst), and lose every comparison for it. Each fold model here misses only a
+    ``1/folds`` share of the validation pairs.
+    """
+    n = len(dataset.val)
+    fold = np.random.default_rng(config.seed + 1).permutation(n) % folds
+    answers: list[str] = [""] * n
+    raw = np.zeros(n)
+    servable = np.zeros(n, dtype=bool)
+    for f in range(folds):
+        fit_idx, score_idx = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
+        if len(score_idx) == 0:
+            continue
+        examples = dataset.train + [dataset.val[i] for i in fit_idx]
+        X = np.concatenate([X_train, X_val[fit_idx]])
+        targets = prepare_targets(detection, examples)
+        lexical = fit_lexical(targets, [e.text for e in examples], config)
+        model = _label_model(detection, dataset, fit_heads(targets, X, config), lexical, config,
+                             fit_neighbors(targets, X, config))
+        a, r, s, _ = model.decide(X_val[score_idx], [dataset.val[i].text for i in score_idx])
+        for j, i in enumerate(score_idx):
+            answers[i] = a[j]
+        raw[score_idx], servable[score_idx] = r, s
+    return answers, raw, servable
 
 
 def _label_model(
@@ -307,6 +344,7 @@ class ReusedEncoder:
     path: Path  # its sentence-transformers directory
     origin: int  # the version whose run fine-tuned it
     embed: EmbedFn  # its (stored) embeddings of the route's texts
+    trained_through: int = 0  # the newest exchange id it was fine-tuned on
 
 
 def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -345,6 +383,8 @@ def train_candidate(
     common = {
         "lexical_features": lexical[0].dim if lexical[0] is not None else 0,
         "soft_label_rows": int(sum(t.soft_rows for t in targets)),
+        "val_checks": dataset.val_checks,
+        "val_reach_back": dataset.val_reach_back,
     }
 
     history: list[dict[str, Any]] = []  # every variant tried, shared by the candidates
@@ -355,7 +395,11 @@ def train_candidate(
     ) -> tuple[Candidate, list[Head]]:
         heads = fit_heads(targets, Xt, config)
         model = _label_model(detection, dataset, heads, lexical, config, fit_neighbors(targets, Xt, config))
-        metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
+        # (a model that ships without the refit is the one its own validation scores describe)
+        oof = dataset.val_reach_back > 0 and config.refit_on_validation
+        decided = score_out_of_fold(detection, dataset, Xt, Xv, config) if oof else None
+        metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed,
+                                                        decided=decided)
         metrics.update(encoder=name, **common, **extra)
         log.info("route %s %s student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)", dataset.route,
                  label or name, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
@@ -373,7 +417,7 @@ def train_candidate(
         Xr_train = reuse_encoder.embed([e.text for e in dataset.train])
         Xr_val = reuse_encoder.embed([e.text for e in dataset.val])
         reused, _ = variant("finetuned", Xr_train, Xr_val, label=f"finetuned (v{reuse_encoder.origin}'s, reused)",
-                            encoder_origin=reuse_encoder.origin)
+                            encoder_origin=reuse_encoder.origin, encoder_trained_through=reuse_encoder.trained_through)
         if _better(reused.metrics, best.metrics):
             reused.encoder_dir = reuse_encoder.path
             best, X_train, X_val = reused, Xr_train, Xr_val
@@ -402,7 +446,8 @@ def train_candidate(
         tuned._model = result.model  # already in memory
         Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
         Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
-        fresh, _ = variant("finetuned", Xt_train, Xt_val, tried=result.summary(), finetune=result.summary())
+        fresh, _ = variant("finetuned", Xt_train, Xt_val, tried=result.summary(), finetune=result.summary(),
+                           encoder_trained_through=dataset.train[-1].id if dataset.train else 0)
         timings["finetune_seconds"] = time.perf_counter() - t0
         log.info("route %s: encoder fine-tuning took %.0f s", dataset.route, timings["finetune_seconds"])
         if _better(fresh.metrics, best.metrics):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from distiller import registry
-from distiller.config import DistillerConfig
+from distiller.config import ConfigError, DistillerConfig
 from distiller.pipeline import DistillReport, distill_route
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,11 @@ class Worker:
         return report
 
     def _train_pairs(self, route: str, report: DistillReport) -> int:
-        n = self.ledger.scalar("SELECT train_pairs FROM students WHERE route = ? AND version = ?", (route, report.version))
+        """The version's training pairs, counting those its validation reached back for (cascade
+        mode), so the growth rule measures the route's data rather than how it was split."""
+        n = self.ledger.scalar(
+            "SELECT train_pairs + COALESCE(json_extract(metrics, '$.val_reach_back'), 0) FROM students "
+            "WHERE route = ? AND version = ?", (route, report.version))
         return int(n or 0)
 
     def _wants_finetune(self, cfg: DistillerConfig, st: RouteState, report: DistillReport) -> bool:
@@ -281,11 +285,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", default=None, help="distiller settings as a JSON object")
     parser.add_argument("--nice", type=int, default=0, help="raise this process's niceness by this much")
     parser.add_argument("--once", action="store_true", help="one pass over the routes, then exit")
+    parser.add_argument("--check-config", action="store_true", help="only check --config-json, then exit (2: invalid)")
     args = parser.parse_args(argv)
+    try:
+        overrides = json.loads(args.config_json) if args.config_json else None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError("--config-json must be a JSON object")
+        config = DistillerConfig.from_dict(overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: distiller settings: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.nice:
         os.nice(args.nice)
-    config = DistillerConfig.from_dict(json.loads(args.config_json) if args.config_json else None)
     worker = Worker(args.db, config, Path(args.artifacts) if args.artifacts else None)
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -305,6 +305,7 @@ def run_replay(
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
         "route_settings": route_settings or {},
+        "distiller": distiller,
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
         "latency_in_gateway": latency,
         "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
@@ -419,6 +420,28 @@ def print_table(m: dict[str, Any]) -> None:
                   f"{v['coverage_at_target']:>12.1%}{v['served_at_own_threshold']:>8.1%}{agree:>8}")
 
 
+def _distiller_overrides(text: str | None) -> dict[str, Any]:
+    """``--config-json``: distiller settings for the replayed gateway, checked before anything starts
+    by the distiller itself (its worker's ``--check-config``, in a process of its own, as the gateway
+    runs it): an unknown key would otherwise stop the distiller after the replay began, and the run
+    would measure a teacher-only gateway."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except ValueError as exc:
+        raise SystemExit(f"error: --config-json is not JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise SystemExit("error: --config-json must be a JSON object")
+    from gateway.procs import child_env
+
+    check = subprocess.run([sys.executable, "-m", "distiller.worker", "--check-config", "--config-json", json.dumps(overrides)],
+                           env=child_env(), capture_output=True, text=True, timeout=120)
+    if check.returncode != 0:
+        raise SystemExit(check.stderr.strip() or f"error: distiller settings refused (exit {check.returncode})")
+    return overrides
+
+
 def register_bench(bench_sub: Any) -> None:
     p = bench_sub.add_parser("replay", help="replay a request stream through the live gateway with a stand-in teacher")
     p.add_argument("--dataset", required=True, type=Path, help="JSONL stream: {messages, answer} per line")
@@ -433,16 +456,18 @@ def register_bench(bench_sub: Any) -> None:
     p.add_argument("--score-versions", action="store_true",
                    help="after the run, score every student version on the last quarter's answers (version_scores)")
     p.add_argument("--name", help="results name (default: from the path)")
+    p.add_argument("--config-json", help='distiller settings as a JSON object, e.g. \'{"min_val_checks": 150}\'')
 
     def run(args: Any) -> int:
         if not 0.0 <= args.shadow_rate <= 1.0:
             raise SystemExit("--shadow-rate must be between 0 and 1")
+        distiller = _distiller_overrides(args.config_json)
         rows = load_stream(args.dataset, args.limit)
         name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
         m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
                           concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement,
                                                                              "shadow_rate": args.shadow_rate},
-                          score_versions_on_last_quarter=args.score_versions)
+                          distiller=distiller, score_versions_on_last_quarter=args.score_versions)
         print_table(m)
         print(f"\nresults: bench/results/replay-{name}.json and .png")
         return 0

@@ -126,3 +126,31 @@ def test_config_rejects_unknown_keys_and_applies_route_overrides() -> None:
     cfg = DistillerConfig().for_route({"target_agreement": 0.95, "distill": {"min_pairs": 80, "pii_scrub": True}})
     assert (cfg.target_agreement, cfg.min_pairs, cfg.pii_scrub) == (0.95, 80, True)
     assert "min_pairs" in DistillerConfig.help()
+
+
+def _examples(n: int, checks_at: set[int]) -> list:
+    from distiller.dataset import Example
+
+    return [Example(id=i, messages=_req(_words(i)), answer="card", weight=50.0 if i in checks_at else 1.0)
+            for i in range(n)]
+
+
+def test_validation_reaches_back_for_shadow_checks_in_cascade_mode() -> None:
+    from distiller.dataset import build_dataset
+
+    cfg = DistillerConfig(min_pairs=10, val_fraction=0.2, min_val_checks=10)
+    # shadow mode (no checks): the plain newest fifth
+    plain = build_dataset("r", _examples(200, set()), cfg)
+    assert len(plain.val) == 40 and plain.val_reach_back == 0 and plain.val_checks == 0
+    # cascade: a check every 8th pair; the newest fifth holds 5, so the split reaches back to the 10th newest
+    checks = set(range(3, 200, 8))
+    ds = build_dataset("r", _examples(200, checks), cfg)
+    assert ds.val_checks == 10 and ds.val[0].id == sorted(checks)[-10]
+    assert ds.val_reach_back == len(ds.val) - 40 and max(e.id for e in ds.train) < ds.val[0].id
+    # never past half the pairs, nor to pairs a reusable fine-tuned encoder was trained on
+    assert len(build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 1000})).val) == 100
+    floored = build_dataset("r", _examples(200, checks), cfg, val_floor_id=150)
+    assert floored.val[0].id == 151 and floored.val_checks == 6
+    # enough checks already, or the setting off: the plain split
+    assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 5})).val_reach_back == 0
+    assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 0})).val_reach_back == 0

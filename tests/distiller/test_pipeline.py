@@ -376,3 +376,39 @@ def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_c
     seed_exchanges(ledger, "triage", rows[:10])
     third = distill_route(ledger, "triage", config)
     assert not third.gate.unseen_only and third.gate.pairs > 100
+
+
+def test_validation_reached_back_is_scored_out_of_fold(fast_config) -> None:
+    """A validation split that reached back for shadow checks is scored by fold models that learnt
+    from the rest of it: an intent the teacher only began to use inside that window is still
+    learnt, as the shipped (refit) version learns it; a model fit on the older pairs alone never
+    could."""
+    from distiller.dataset import Example, build_dataset
+    from distiller.train import train_candidate
+    from router.embedding import get_embedder
+
+    rows = load_fixture("banking77_small.jsonl")
+    others = [r for r in rows if r["answer"] != "pin_blocked"]
+    pins = [r for r in rows if r["answer"] == "pin_blocked"]
+    recent = [x for pair in zip(others[160:], pins) for x in pair] + others[160 + len(pins):] + pins[len(others) - 160:]
+    stream = others[:160] + recent  # the last 80 pairs, every third of them a shadow check
+    examples = [Example(id=i, messages=r["messages"], answer=r["answer"], weight=50.0 if i >= 160 and i % 3 == 1 else 1.0)
+                for i, r in enumerate(stream)]
+    embedder = get_embedder(fast_config.embedder)
+    cfg = fast_config.with_overrides({"min_val_checks": 27})
+
+    def scored(config):
+        ds = build_dataset("pins", [Example(**vars(e)) for e in examples], config)
+        cand = train_candidate(ds, config, embed=embedder.encode)
+        is_pin = np.array([e.answer == "pin_blocked" for e in ds.val])
+        return ds, cand, np.asarray(cand.val_scores[1], dtype=float)[is_pin]
+
+    ds, cand, pin_correct = scored(cfg)
+    assert ds.val[0].id == 160 and ds.val_reach_back == 80 - 48 and ds.val_checks == 27 and not any(e.answer == "pin_blocked" for e in ds.train)
+    assert cand.metrics["val_reach_back"] == 32 and cand.metrics["val_checks"] == 27
+    assert len(pin_correct) == len(pins) and pin_correct.mean() > 0.6
+    assert "pin_blocked" in cand.model.heads[0].classes  # the shipped model, refit on all pairs
+    # the same split without the refit: the model that ships is the one fit on the older pairs, and its
+    # own scores (which never get a pin right) are what describe it
+    _, plain, plain_pins = scored(cfg.with_overrides({"refit_on_validation": False}))
+    assert plain_pins.sum() == 0 and "pin_blocked" not in plain.model.heads[0].classes

@@ -43,6 +43,17 @@ def test_replay_metrics_add_up():
     assert m["cpt"]["95"] == pytest.approx(3 / 8)
 
 
+def test_replay_distiller_settings_are_checked_before_anything_starts():
+    from gateway.replay import _distiller_overrides
+
+    assert _distiller_overrides('{"min_val_checks": 150}') == {"min_val_checks": 150}
+    assert _distiller_overrides(None) == {}
+    with pytest.raises(SystemExit, match="Unknown distiller setting.*min_val_check"):
+        _distiller_overrides('{"min_val_check": 150}')
+    with pytest.raises(SystemExit, match="JSON object"):
+        _distiller_overrides("[1]")
+
+
 def test_demo_stream_is_bundled():
     rows = demo_stream(limit=5)
     assert len(rows) == 5 and rows[0]["messages"][0]["role"] == "system" and "card_arrival" in rows[0]["messages"][0]["content"]
@@ -52,9 +63,12 @@ def test_demo_stream_is_bundled():
 def test_short_replay_through_real_processes(tmp_path):
     rows = demo_stream(limit=120)
     out = tmp_path / "replay.json"
-    m, stack = run_replay(rows, name="pytest-short", out=out, rate=0, concurrency=2, workdir=tmp_path / "work", progress=False, results_dir=tmp_path / "results")
+    m, stack = run_replay(rows, name="pytest-short", out=out, rate=0, concurrency=2, workdir=tmp_path / "work", progress=False,
+                          results_dir=tmp_path / "results", distiller={"min_val_checks": 150})
     assert stack is None
     saved = json.loads(out.read_text())
+    assert saved["distiller"]["min_val_checks"] == 150  # what the gateway's distiller ran with is recorded
+    assert "min_val_checks = 150" in (tmp_path / "work" / "kdgate.toml").read_text()
     for key in ("overall", "last_quarter"):
         assert set(saved[key]) >= {"student_share", "agreement", "saved_fraction"}
     assert set(saved["cpt"]) == {"50", "80", "95"} and "apgr" in saved
