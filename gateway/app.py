@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import gc
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -75,6 +76,21 @@ def _reply(reply: Reply) -> Response:
     return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
 
 
+def _freeze_startup_objects() -> None:
+    """Move everything alive at startup (the imported libraries and litellm's price map: about
+    310k tracked objects) out of the garbage collector's reach.
+
+    A full collection walks every tracked object: with these loaded it took 115-135 ms on this
+    machine, found nothing to free, and under load came every 0.7 s, stalling the event loop; at
+    concurrency 32 the 99th percentile was about 170 ms against a 12 ms median. Frozen objects are
+    never collected as cycles (reference counting still frees them), which is right for modules and
+    startup state that live as long as the process.
+    """
+    gc.collect()
+    gc.freeze()
+    log.debug("froze %d startup objects out of the garbage collector", gc.get_freeze_count())
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the gateway. Clients, the ledger writer and the students start in the lifespan."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -90,6 +106,10 @@ def create_app(settings: Settings) -> FastAPI:
             await state.students.start()
         if state.distiller is not None:
             state.distiller.start()
+        # The teacher's prices: the first lookup loads litellm's price map (most of the objects
+        # frozen below); loaded here, it is not paid by the first request nor left to the collector.
+        state.prices.prices(settings.teacher)
+        _freeze_startup_objects()
         log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
         try:
             yield
