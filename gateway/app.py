@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import asyncio
 import gc
 import logging
 import os
@@ -77,8 +78,9 @@ def _reply(reply: Reply) -> Response:
 
 
 def _freeze_startup_objects() -> None:
-    """Move everything alive at startup (the imported libraries and litellm's price map: about
-    310k tracked objects) out of the garbage collector's reach.
+    """Move everything alive at startup (the imported libraries, those a student load needs included,
+    and litellm's price map: about 310k tracked objects without the student libraries) out of the
+    garbage collector's reach.
 
     A full collection walks every tracked object: with these loaded it took 115-135 ms on this
     machine, found nothing to free, and under load came every 0.7 s, stalling the event loop; at
@@ -109,6 +111,10 @@ def create_app(settings: Settings) -> FastAPI:
         # The teacher's prices: the first lookup loads litellm's price map (most of the objects
         # frozen below); loaded here, it is not paid by the first request nor left to the collector.
         state.prices.prices(settings.teacher)
+        if state.students is not None and settings.student_backend == "embedded":
+            from router.embedding import preload_libraries
+
+            await asyncio.to_thread(preload_libraries)  # what the first student load would import
         _freeze_startup_objects()
         log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
         try:
