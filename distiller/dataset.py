@@ -57,6 +57,11 @@ class Example:
     text: str = ""  # the varying text, after template stripping (and PII scrubbing)
     weight: float = 1.0  # requests of the traffic this pair stands for (see Ledger.teacher_pairs)
 
+    @property
+    def is_check(self) -> bool:
+        """A shadow check of a student-served request (it stands for more than itself)."""
+        return self.weight > 1.0
+
 
 @dataclass
 class RouteDataset:
@@ -73,7 +78,7 @@ class RouteDataset:
     @property
     def val_checks(self) -> int:
         """Shadow checks (pairs standing for more than one request) among the validation pairs."""
-        return sum(1 for e in self.val if e.weight > 1.0)
+        return sum(1 for e in self.val if e.is_check)
 
     @property
     def examples(self) -> list[Example]:
@@ -165,7 +170,7 @@ def _reach_back_for_checks(unique: Sequence[Example], n_val: int, min_checks: in
     there would be optimistic). Unchanged when the route has no checks (shadow mode, plain logs) or
     already holds enough.
     """
-    positions = [i for i, e in enumerate(unique) if e.weight > 1.0]
+    positions = [i for i, e in enumerate(unique) if e.is_check]
     if min_checks <= 0 or not positions:
         return n_val
     start = positions[-min_checks] if len(positions) >= min_checks else positions[0]

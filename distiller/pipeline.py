@@ -202,9 +202,11 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
 
 
 def _latest_encoder(
-    ledger: Any, route: str, dataset: RouteDataset, config: DistillerConfig, *, progress: bool = False
+    ledger: Any, route: str, dataset: RouteDataset, config: DistillerConfig, row: dict[str, Any] | None, *,
+    progress: bool = False,
 ) -> ReusedEncoder | None:
-    """The route's newest fine-tuned encoder, to retrain heads on without fine-tuning again.
+    """The route's newest fine-tuned encoder (``row``, from :func:`_latest_finetuned`), to retrain
+    heads on without fine-tuning again.
 
     Fine-tuning takes minutes; new pairs arrive all the time. Between fine-tunings each head retrain
     also fits heads on the newest fine-tuned encoder (live or not: a background fine-tuning run is
@@ -212,7 +214,6 @@ def _latest_encoder(
     version that has meanwhile trained on its validation pairs). Its embeddings are stored like the
     frozen ones. None when no version has a fine-tuned encoder of this base model, or it cannot be read.
     """
-    row = _latest_finetuned(ledger, route)
     if row is None:
         return None
     directory = Path(row["artifact_path"])
@@ -335,7 +336,7 @@ def distill_route(
 
     from distiller.finetune import FinetuneInterrupted
 
-    reuse = _latest_encoder(ledger, route, dataset, config, progress=progress)
+    reuse = _latest_encoder(ledger, route, dataset, config, tuned, progress=progress)
     try:
         cand = train_candidate(dataset, config, embed=embed, progress=progress, stop=stop, reuse_encoder=reuse)
     except FinetuneInterrupted as exc:

@@ -285,12 +285,8 @@ def score_out_of_fold(
         fit_idx, score_idx = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         if len(score_idx) == 0:
             continue
-        examples = dataset.train + [dataset.val[i] for i in fit_idx]
-        X = np.concatenate([X_train, X_val[fit_idx]])
-        targets = prepare_targets(detection, examples)
-        lexical = fit_lexical(targets, [e.text for e in examples], config)
-        model = _label_model(detection, dataset, fit_heads(targets, X, config), lexical, config,
-                             fit_neighbors(targets, X, config))
+        model = fit_model(detection, dataset, dataset.train + [dataset.val[i] for i in fit_idx],
+                          np.concatenate([X_train, X_val[fit_idx]]), config)
         a, r, s, _ = model.decide(X_val[score_idx], [dataset.val[i].text for i in score_idx])
         for j, i in enumerate(score_idx):
             answers[i] = a[j]
@@ -327,13 +323,20 @@ def refit_on_all(
     2k-pair route otherwise serves from a model that never saw a fifth of its data. The version's
     metrics stay those measured on validation by the model trained without it (a conservative
     estimate of the refit model)."""
-    examples = dataset.train + dataset.val
-    targets = prepare_targets(cand.detection, examples)
-    heads = fit_heads(targets, X_all, config)
-    lexical = fit_lexical(targets, [e.text for e in examples], config)
-    model = _label_model(cand.detection, dataset, heads, lexical, config, fit_neighbors(targets, X_all, config))
+    model = fit_model(cand.detection, dataset, dataset.train + dataset.val, X_all, config)
     model.calibrator = cand.model.calibrator
     return model
+
+
+def fit_model(
+    detection: Detection, dataset: RouteDataset, examples: Sequence[Example], X: np.ndarray, config: DistillerConfig
+) -> LabelModel:
+    """A student fit on ``examples`` (embeddings ``X``, same order): heads, lexical features and
+    heads, neighbour memory; its calibrator is the caller's to set."""
+    targets = prepare_targets(detection, examples)
+    lexical = fit_lexical(targets, [e.text for e in examples], config)
+    return _label_model(detection, dataset, fit_heads(targets, X, config), lexical, config,
+                        fit_neighbors(targets, X, config))
 
 
 @dataclass

@@ -59,9 +59,9 @@ class NeighborVotes:
         k = min(int(self.params["k"]), self.pairs)
         tau = float(self.params["temperature"])
         smooth = float(self.params["smoothing"])
-        out = [np.zeros((n, c), dtype=np.float64) for c in n_classes]
         if n == 0 or k == 0:
             return [np.full((n, c), 1.0 / c) for c in n_classes]
+        out = [np.zeros((n, c), dtype=np.float64) for c in n_classes]
         Q = np.asarray(X, dtype=np.float32)
         for start in range(0, n, chunk):  # bounded memory: a chunk x pairs similarity matrix at a time
             q = Q[start : start + chunk]
