@@ -113,6 +113,13 @@ def _cmd_learning_curve(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"config": config, "progress": True, "min_test": args.min_test}
     if sizes:
         kwargs["sizes"] = sizes
+    if args.targets:
+        try:
+            kwargs["targets"] = [float(t) for t in args.targets.split(",")]
+            if not all(0.0 < t <= 1.0 for t in kwargs["targets"]):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--targets: comma-separated agreements in (0, 1] expected, got {args.targets!r}") from None
     result = run_learning_curve(args.dataset, **kwargs)
     path = write_results(result, results_dir=Path(args.results_dir), out=Path(args.out) if args.out else None)
     print(format_table(result))
@@ -127,6 +134,7 @@ def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
                    help="request stream(s) ({\"messages\", \"answer\"} per line); several files are concatenated in order")
     p.add_argument("--out", help="also write the results JSON here")
     p.add_argument("--sizes", help="comma-separated N values (default 250,500,1000,2000,5000,10000)")
+    p.add_argument("--targets", help="comma-separated agreements to report coverage at (default 0.95,0.98,0.99)")
     p.add_argument("--min-test", type=int, default=500, help="fewest held-back pairs (default 500)")
     p.add_argument("--results-dir", default="bench/results", help="where results go (default bench/results)")
     p.add_argument("--config-json", help="distiller settings as a JSON object, e.g. '{\"finetune\": \"never\"}'")

@@ -1,7 +1,7 @@
 """The distiller's settings: every knob declared once, with its default and what it does.
 
 A route can override any of them in its ``settings`` JSON (``routes.settings``), either at the top
-level for the shared names (``target_agreement``) or under a ``"distill"`` object.
+level for the shared names (``target_agreement``, ``target_confidence``) or under a ``"distill"`` object.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class DistillerConfig:
     min_val_checks: int = _f(0, "Cascade mode: the validation split reaches back (at most to half the pairs) until it holds this many shadow checks, and is then scored out of fold (0, the default: newest pairs only; see docs/architecture.md for what 150 did in a replay).")
     max_val_pairs: int = _f(2000, "Cap on validation pairs (the newest ones), so big routes keep most data for training.")
     target_agreement: float = _f(0.98, "Agreement with the teacher the route must reach on the requests a student serves.")
+    target_confidence: float = _f(0.95, "How sure a version's validation curve must make the router that it meets the target before it gets a threshold (a one-sided Wilson bound; 0.5: the plain curve).")
     embedder: str = _f("all-MiniLM-L6-v2", "Sentence-transformers model name or path (default: the offline packaged MiniLM).")
     embed_batch_size: int = _f(64, "Batch size when embedding exchanges.")
     head_c: float = _f(10.0, "Inverse L2 strength of the logistic-regression head (embeddings are unit vectors).")
@@ -111,6 +112,8 @@ class DistillerConfig:
         overrides = dict(s.get("distill") or {})
         if "target_agreement" in s and "target_agreement" not in overrides:
             overrides["target_agreement"] = s["target_agreement"]
+        if s.get("target_confidence") is not None and "target_confidence" not in overrides:
+            overrides["target_confidence"] = s["target_confidence"]
         if "pii_scrub" in s and "pii_scrub" not in overrides:
             overrides["pii_scrub"] = s["pii_scrub"]
         return self.with_overrides(overrides) if overrides else self
@@ -120,6 +123,8 @@ class DistillerConfig:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
         if not 0.5 <= self.target_agreement <= 1.0:
             raise ConfigError(f"target_agreement must be between 0.5 and 1, got {self.target_agreement}.")
+        if not 0.5 <= self.target_confidence < 1.0:
+            raise ConfigError(f"target_confidence must be at least 0.5 and below 1, got {self.target_confidence}.")
         if self.head_solver not in ("torch", "sklearn"):
             raise ConfigError(f"head_solver must be torch or sklearn, got {self.head_solver!r}.")
         if self.finetune not in ("auto", "always", "never"):

@@ -137,11 +137,14 @@ class GateResult:
         return (self.candidate, self.candidate_raw) > live
 
 
-def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100) -> GateResult:
+def gate(
+    ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100,
+    confidence: float | None = None,
+) -> GateResult:
     """Compare a candidate with the live version on validation pairs the live version never saw.
 
     Each version is run as the router would run it: at the threshold its own validation curve gives
-    for ``target`` (with the 95% bound), and the candidate wins if it serves a larger share of the
+    for ``target`` (with the route's ``confidence`` bound, 95% by default), and the candidate wins if it serves a larger share of the
     same pairs while what it serves there is not significantly below the target. Read off these
     pairs alone, a bounded curve has little to go on in cascade mode (a few shadow checks and the
     hardest requests), and both versions would tie at serving nothing; the thresholds come from
@@ -160,7 +163,7 @@ def gate(ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target
     use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
     picked = [e for e, u in zip(dataset.val, use) if u]
     weights = [e.weight for e in picked]
-    settings = {"target_agreement": target}
+    settings = {"target_agreement": target, "target_confidence": confidence}
 
     def run(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
         """Served share, its agreement and pairs at the version's own threshold, and the plain
@@ -369,7 +372,7 @@ def _register_and_gate(
         train_pairs=len(dataset.train), val_pairs=len(dataset.val), metrics=metrics, curve=cand.curve,
         calibration=cand.model.calibrator.to_dict(),
     )
-    result = gate(ledger, route, dataset, cand, config.target_agreement)
+    result = gate(ledger, route, dataset, cand, config.target_agreement, confidence=config.target_confidence)
     live_cov, cov = result.live, result.candidate
     report = DistillReport(route, "trained", "", version=version, metrics=metrics, live_coverage=live_cov,
                            last_exchange_id=last_id, gate=result)

@@ -19,6 +19,7 @@ class RouteUpdate(BaseModel):
     mode: Literal["off", "shadow", "cascade"] | None = None
     threshold: float | None = Field(default=None, ge=0, le=1)
     target_agreement: float | None = Field(default=None, gt=0, le=1)
+    target_confidence: float | None = Field(default=None, ge=0.5, lt=1)
     shadow_rate: float | None = Field(default=None, ge=0, le=1)
     auto_cascade: bool | None = None
     allow_student_when_teacher_down: bool | None = None

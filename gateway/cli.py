@@ -131,7 +131,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
         changes: dict[str, Any] = {}
         for item in args.values:
             key, _, value = item.partition("=")
-            if key not in ("mode", "threshold", "target_agreement", "shadow_rate", "auto_cascade", "allow_student_when_teacher_down", "pii_scrub"):
+            if key not in ("mode", "threshold", "target_agreement", "target_confidence", "shadow_rate", "auto_cascade", "allow_student_when_teacher_down", "pii_scrub"):
                 print(f"unknown route setting {key!r}", file=sys.stderr)
                 return 2
             changes[key] = _parse_value(key, value)
@@ -169,7 +169,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
 def _parse_value(key: str, value: str) -> Any:
     if value in ("", "none", "null"):
         return None
-    if key in ("threshold", "target_agreement", "shadow_rate"):
+    if key in ("threshold", "target_agreement", "target_confidence", "shadow_rate"):
         return float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
     if key in ("auto_cascade", "allow_student_when_teacher_down", "pii_scrub"):
         return value.lower() in ("1", "true", "yes", "on")

@@ -217,6 +217,7 @@ class CurveOut(BaseModel):
     mode: str | None
     threshold_setting: float | None = Field(description="the route's own threshold, if set")
     target_agreement: float | None
+    target_confidence: float | None = Field(description="the route's setting (None: 0.95)")
     effective_threshold: float | None = Field(description="the threshold in force (None: no answer reaches it)")
     expected: Expected | None
     curve: list[CurvePoint] = Field(description="highest threshold first")
@@ -458,7 +459,7 @@ def build_stats_router() -> APIRouter:
         return {
             "route": name, "version": version, "mode": settings.get("mode"),
             "threshold_setting": settings.get("threshold"), "target_agreement": settings.get("target_agreement"),
-            "effective_threshold": threshold, "expected": expected, "curve": points,
+            "target_confidence": settings.get("target_confidence"), "effective_threshold": threshold, "expected": expected, "curve": points,
         }
 
     @router.get("/routes/{name}/preview", response_model=PreviewOut)
@@ -468,20 +469,23 @@ def build_stats_router() -> APIRouter:
         threshold: float | None = Query(None, ge=0, le=1),
         target_agreement: float | None = Query(None, gt=0, le=1),
     ) -> dict[str, Any]:
-        """What the live version's curve predicts for a threshold or a target agreement, before saving."""
+        """What the live version's curve predicts for a threshold or a target agreement, before saving.
+
+        A target is turned into a threshold as the router would turn it, with the route's
+        ``target_confidence``."""
         admin_principal(request)
-        _route_or_404(request, name)
+        route = _route_or_404(request, name)
         if (threshold is None) == (target_agreement is None):
             raise BadRequest("Give exactly one of threshold or target_agreement.", param="threshold")
-        from router.curve import threshold_for_target
-        from router.policy import expected_at
+        from router.policy import NEVER, effective_threshold, expected_at
 
         version, points = stats_of(request).live_curve(name)
         reachable = True
         if target_agreement is not None:
-            found = threshold_for_target(points, target_agreement) if points else None
-            reachable = found is not None
-            threshold = found
+            settings = {"target_agreement": target_agreement, "target_confidence": route.settings.get("target_confidence")}
+            found = effective_threshold(settings, points) if points else NEVER
+            reachable = found != NEVER
+            threshold = found if reachable else None
         expected = expected_at(points, threshold) if threshold is not None else {"coverage": 0.0, "agreement": 1.0}
         return {"route": name, "version": version, "threshold": threshold, "target_agreement": target_agreement,
                 "reachable": reachable, **expected}

@@ -300,7 +300,8 @@ def run_replay(
     if score_versions_on_last_quarter:
         metrics["version_scores"] = score_versions(ledger, "replay", rows[len(rows) * 3 // 4:],
                                                    float((route_settings or {}).get("target_agreement", 0.98)),
-                                                   progress=progress)
+                                                   progress=progress,
+                                                   confidence=(route_settings or {}).get("target_confidence"))
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
@@ -323,7 +324,8 @@ def run_replay(
 
 
 def score_versions(
-    ledger: Any, route: str, rows: list[dict[str, Any]], target: float, *, limit: int = 1000, progress: bool = False
+    ledger: Any, route: str, rows: list[dict[str, Any]], target: float, *, limit: int = 1000, progress: bool = False,
+    confidence: float | None = None,
 ) -> list[dict[str, Any]]:
     """Every registered label/structured version of ``route``, scored on ``rows``' own answers.
 
@@ -361,7 +363,8 @@ def score_versions(
         correct = np.array([normalize_answer(o.text) == normalize_answer(r["answer"]) for o, r in zip(outputs, sample)],
                            dtype=np.float64)
         curve = coverage_curve(conf, correct, max_points=None)
-        served = point_at(curve, effective_threshold({"target_agreement": target}, json.loads(v["curve"] or "[]")))
+        own = effective_threshold({"target_agreement": target, "target_confidence": confidence}, json.loads(v["curve"] or "[]"))
+        served = point_at(curve, own)
         out.append({
             "version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
             "trained_through": json.loads(v["metrics"] or "{}").get("last_exchange_id"),
@@ -451,6 +454,8 @@ def register_bench(bench_sub: Any) -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--limit", type=int, help="replay only the first N requests")
     p.add_argument("--target-agreement", type=float, default=0.98, help="the route's target agreement (for the student's own answers)")
+    p.add_argument("--target-confidence", type=float,
+                   help="how sure the router must be that a version meets the target before it serves (default 0.95)")
     p.add_argument("--shadow-rate", type=float, default=0.02,
                    help="share of student answers also sent to the teacher to measure live agreement (default 0.02)")
     p.add_argument("--score-versions", action="store_true",
@@ -461,12 +466,16 @@ def register_bench(bench_sub: Any) -> None:
     def run(args: Any) -> int:
         if not 0.0 <= args.shadow_rate <= 1.0:
             raise SystemExit("--shadow-rate must be between 0 and 1")
+        if args.target_confidence is not None and not 0.5 <= args.target_confidence < 1.0:
+            raise SystemExit("--target-confidence must be at least 0.5 and below 1")
         distiller = _distiller_overrides(args.config_json)
+        route_settings = {"target_agreement": args.target_agreement, "shadow_rate": args.shadow_rate}
+        if args.target_confidence is not None:
+            route_settings["target_confidence"] = args.target_confidence
         rows = load_stream(args.dataset, args.limit)
         name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
         m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
-                          concurrency=args.concurrency, route_settings={"target_agreement": args.target_agreement,
-                                                                             "shadow_rate": args.shadow_rate},
+                          concurrency=args.concurrency, route_settings=route_settings,
                           distiller=distiller, score_versions_on_last_quarter=args.score_versions)
         print_table(m)
         print(f"\nresults: bench/results/replay-{name}.json and .png")

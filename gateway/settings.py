@@ -54,6 +54,8 @@ class RouteSettings(BaseModel):
     mode: Mode | None = Field(default=None, description="off | shadow | cascade; default: the gateway's default_mode")
     threshold: float | None = Field(default=None, ge=0, le=1, description="escalate below this confidence")
     target_agreement: float | None = Field(default=None, gt=0, le=1, description="derive the threshold from this")
+    target_confidence: float | None = Field(default=None, ge=0.5, lt=1,
+                                            description="how sure the target must be met before a threshold is used (default 0.95)")
     shadow_rate: float | None = Field(default=None, ge=0, le=1)
     auto_cascade: bool | None = Field(default=None, description="move shadow -> cascade when the student is good enough")
     allow_student_when_teacher_down: bool | None = None

@@ -267,7 +267,8 @@ class StudentRouter:
         s = route.settings
         if s.get("mode") == "shadow" and s.get("auto_cascade") and not s.get("paused_by_drift"):
             target = float(s.get("target_agreement") or self.settings.default_target_agreement)
-            if ready_for_cascade(live.metrics, live.curve, target, n_val=live.val_pairs):
+            if ready_for_cascade(live.metrics, live.curve, target, n_val=live.val_pairs,
+                                 confidence=s.get("target_confidence")):
                 self.routes.update_settings(route_name, {"mode": "cascade"}, actor="router")
                 self.ledger.record_event(route_name, "mode.auto_cascade", detail={"version": live.version, "target": target})
 

@@ -7,7 +7,9 @@ Modes
              otherwise the request escalates to the teacher
 
 A threshold is set directly, or derived from a target agreement on the live version's validation
-curve (the lowest threshold whose served share still agrees with the teacher at the target).
+curve (the lowest threshold whose served share still agrees with the teacher at the target, with
+``target_confidence``, 95% by default, that it really does: a one-sided Wilson bound on the pairs
+behind each point of the curve).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any
 
 from router.curve import coverage_at, point_at, threshold_for_target
@@ -25,6 +28,8 @@ from router.curve import coverage_at, point_at, threshold_for_target
 __all__ = [
     "Decision",
     "effective_threshold",
+    "certainty_z",
+    "DEFAULT_TARGET_CONFIDENCE",
     "decide",
     "ready_for_cascade",
     "LiveAgreement",
@@ -34,6 +39,20 @@ __all__ = [
 ]
 
 NEVER = math.inf  # a threshold no confidence reaches: no point of the curve meets the target
+DEFAULT_TARGET_CONFIDENCE = 0.95
+
+
+def certainty_z(confidence: float | None) -> float:
+    """The one-sided normal quantile of a route's ``target_confidence`` (None: 95%, z = 1.645).
+
+    0.5 gives z = 0: the plain validation curve, no allowance for how few pairs stand behind it.
+    Lower confidence serves more of a young student's traffic and risks agreeing below the target;
+    the drift monitor (:meth:`LiveAgreement.drifted`) is then the only guard.
+    """
+    c = DEFAULT_TARGET_CONFIDENCE if confidence is None else float(confidence)
+    if not 0.5 <= c < 1.0:
+        raise ValueError(f"target_confidence must be in [0.5, 1), got {c}")
+    return NormalDist().inv_cdf(c)
 
 
 @dataclass(frozen=True)
@@ -73,13 +92,15 @@ def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: 
 
 def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None, n_val: int | None = None) -> float:
     """The confidence a student answer needs: the route's own threshold, else the lowest threshold at
-    which the live version's validation curve meets the target agreement with 95% confidence."""
+    which the live version's validation curve meets the target agreement with the route's
+    ``target_confidence`` (95% unless set)."""
     if settings.get("threshold") is not None:
         return float(settings["threshold"])
     target = settings.get("target_agreement")
     if target is None or not curve:
         return NEVER
-    threshold = threshold_for_target(conservative_curve(curve, n_val), float(target))
+    z = certainty_z(settings.get("target_confidence"))
+    threshold = threshold_for_target(conservative_curve(curve, n_val, z), float(target))
     return NEVER if threshold is None else float(threshold)
 
 
@@ -105,12 +126,13 @@ def decide(*, mode: str, confidence: float, threshold: float, force_teacher: boo
 
 
 def ready_for_cascade(
-    metrics: dict[str, Any], curve: Sequence[dict[str, float]] | None, target: float, *, n_val: int | None = None, min_coverage: float = 0.01
+    metrics: dict[str, Any], curve: Sequence[dict[str, float]] | None, target: float, *, n_val: int | None = None,
+    min_coverage: float = 0.01, confidence: float | None = None,
 ) -> bool:
-    """A live student earns cascade when, on validation, it meets the target (with 95% confidence)
-    on a useful share of requests."""
+    """A live student earns cascade when, on validation, it meets the target (with ``confidence``,
+    95% unless given) on a useful share of requests."""
     if curve:
-        return coverage_at(conservative_curve(curve, n_val), target) >= min_coverage
+        return coverage_at(conservative_curve(curve, n_val, certainty_z(confidence)), target) >= min_coverage
     return float(metrics.get("coverage_at_target") or 0.0) >= min_coverage
 
 

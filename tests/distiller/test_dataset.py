@@ -125,6 +125,10 @@ def test_config_rejects_unknown_keys_and_applies_route_overrides() -> None:
         DistillerConfig.from_dict({"min_pairs": "many"})
     cfg = DistillerConfig().for_route({"target_agreement": 0.95, "distill": {"min_pairs": 80, "pii_scrub": True}})
     assert (cfg.target_agreement, cfg.min_pairs, cfg.pii_scrub) == (0.95, 80, True)
+    assert DistillerConfig().for_route({"target_confidence": 0.8}).target_confidence == 0.8
+    assert DistillerConfig().for_route({"target_confidence": None}).target_confidence == 0.95  # unset: the default
+    with pytest.raises(ConfigError, match="target_confidence"):
+        DistillerConfig().for_route({"target_confidence": 0.3})
     assert "min_pairs" in DistillerConfig.help()
 
 

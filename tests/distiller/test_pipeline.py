@@ -172,16 +172,22 @@ def test_worker_picks_up_new_pairs(ledger, fast_config) -> None:
 
 
 def test_learning_curve_bench_on_a_tiny_stream(tmp_path) -> None:
-    from distiller.bench_learning_curve import run_learning_curve, write_results
+    from distiller.bench_learning_curve import format_table, run_learning_curve, write_results
     from tests.distiller.conftest import FIXTURES
 
     result = run_learning_curve([FIXTURES / "banking77_small.jsonl"], sizes=[60, 120, 10_000],
-                                config=DistillerConfig(finetune="never"), min_test=60)
+                                config=DistillerConfig(finetune="never"), min_test=60, targets=(0.99, 0.5, 0.988))
     assert result["skipped_sizes"] == [10_000] and result["test_pairs"] == 120
-    assert [p["n"] for p in result["points"]] == [60, 120]
+    assert [p["n"] for p in result["points"]] == [60, 120] and result["targets"] == [0.5, 0.988, 0.99]
     for p in result["points"]:
-        assert set(p["coverage"]) == {"0.95", "0.98", "0.99"} and p["train_seconds"] >= 0
+        cov = p["coverage"]
+        assert list(cov) == ["0.5", "0.988", "0.99"] and p["train_seconds"] >= 0
+        # a stricter agreement never covers more; at 50% a 120-pair student covers something
+        assert cov["0.5"] >= cov["0.988"] >= cov["0.99"] and cov["0.5"] > 0
         assert 0.0 <= p["agreement"] <= 1.0
+    assert "| cov@50 | cov@98.8 | cov@99 |" in format_table(result)
+    with pytest.raises(ValueError):
+        run_learning_curve([FIXTURES / "banking77_small.jsonl"], sizes=[60], targets=(98,))
     out = tmp_path / "lc.json"
     path = write_results(result, results_dir=tmp_path / "results", out=out)
     assert path.exists() and path.with_suffix(".md").exists()

@@ -345,3 +345,27 @@ def test_install_dashboard_is_idempotent(make_dash_gateway):
     before = len(app.routes)
     install_dashboard(app)
     assert len(app.routes) == before
+
+
+def test_target_confidence_decides_how_a_thin_curve_is_read(make_dash_gateway):
+    """30 and 100 validation pairs that agree 100% and 99% do not show 98% with 95% confidence:
+    the route serves nothing until its admin accepts a weaker guarantee."""
+    gw = make_dash_gateway()
+    thin = [{"threshold": 0.95, "coverage": 0.3, "agreement": 1.0, "pairs": 30},
+            {"threshold": 0.8, "coverage": 0.6, "agreement": 0.99, "pairs": 100},
+            {"threshold": 0.5, "coverage": 0.9, "agreement": 0.95, "pairs": 300}]
+    seed_route(gw, "thin", curve=thin)
+    url = gw.url + "/admin/routes/thin"
+    assert httpx.patch(url, json={"target_agreement": 0.98}, headers=admin(gw)).status_code == 200
+    shown = httpx.get(url + "/curve", headers=admin(gw)).json()
+    assert shown["effective_threshold"] is None and shown["target_confidence"] is None
+    preview = httpx.get(url + "/preview?target_agreement=0.98", headers=admin(gw)).json()
+    assert preview["reachable"] is False and preview["coverage"] == 0.0
+    assert httpx.patch(url, json={"target_confidence": 0.5}, headers=admin(gw)).status_code == 200
+    shown = httpx.get(url + "/curve", headers=admin(gw)).json()
+    assert shown["effective_threshold"] == 0.8 and shown["target_confidence"] == 0.5
+    assert shown["expected"] == {"coverage": 0.6, "agreement": 0.99}
+    preview = httpx.get(url + "/preview?target_agreement=0.98", headers=admin(gw)).json()
+    assert preview["reachable"] and preview["threshold"] == 0.8
+    bad = httpx.patch(url, json={"target_confidence": 1.0}, headers=admin(gw))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] is not None

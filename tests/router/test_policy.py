@@ -31,3 +31,33 @@ def test_drift_monitor_ignores_chance_but_catches_a_teacher_that_changed() -> No
     assert not young.drifted(0.98)
     young.add(False)
     assert young.drifted(0.98)
+
+
+def test_target_confidence_sets_how_much_evidence_a_threshold_needs() -> None:
+    import numpy as np
+    import pytest
+
+    from router.curve import coverage_curve, threshold_for_target
+    from router.policy import NEVER, effective_threshold, ready_for_cascade
+
+    # 1,200 validation pairs: 8 misses among the 1,000 most confident, a quarter of the rest wrong
+    conf = np.linspace(0.999, 0.5, 1200)
+    correct = np.ones(1200)
+    correct[np.arange(50, 1000, 120)] = 0.0
+    correct[1000:][::4] = 0.0
+    curve = coverage_curve(conf, correct, max_points=None)
+    plain = threshold_for_target(curve, 0.98)
+    at = {c: effective_threshold({"target_agreement": 0.98, "target_confidence": c}, curve) for c in (0.5, 0.8, 0.95, 0.99)}
+    assert at[0.5] == plain  # z = 0: the plain curve
+    # the surer the router must be, the higher the threshold (the fewer requests the student serves)
+    assert at[0.5] < at[0.8] < at[0.95] < at[0.99] < NEVER
+    assert effective_threshold({"target_agreement": 0.98}, curve) == at[0.95]  # the default
+    # a young curve: 30 pairs all right certify 98% at 50% confidence, not at 95%
+    young = coverage_curve(np.linspace(0.99, 0.9, 30), np.ones(30), max_points=None)
+    assert effective_threshold({"target_agreement": 0.98}, young) == NEVER
+    assert not ready_for_cascade({}, young, 0.98)
+    assert ready_for_cascade({}, young, 0.98, confidence=0.5)
+    # a set threshold wins over the target either way
+    assert effective_threshold({"threshold": 0.7, "target_agreement": 0.98, "target_confidence": 0.99}, curve) == 0.7
+    with pytest.raises(ValueError):
+        effective_threshold({"target_agreement": 0.98, "target_confidence": 1.0}, curve)
