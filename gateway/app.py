@@ -112,9 +112,10 @@ def create_app(settings: Settings) -> FastAPI:
         # frozen below); loaded here, it is not paid by the first request nor left to the collector.
         state.prices.prices(settings.teacher)
         if state.students is not None and settings.student_backend == "embedded":
-            from router.embedding import preload_libraries
+            from router.embedding import prepare_serving_process
 
-            await asyncio.to_thread(preload_libraries)  # what the first student load would import
+            # what the first student load would import, and oneDNN off (the student path's memory)
+            await asyncio.to_thread(prepare_serving_process)
         _freeze_startup_objects()
         log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
         try:

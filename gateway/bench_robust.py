@@ -187,21 +187,37 @@ def _write(results: dict[str, Any], name: str, out: Path | None, results_dir: Pa
         out.write_text(text)
 
 
-def _warm_student(stack: Stack, rows: list[dict[str, Any]], *, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Send teacher traffic until the embedded distiller has a live student and the route cascades."""
+def _warm_student(stack: Stack, rows: list[dict[str, Any]], *, first: int, timeout_s: float = 300.0,
+                  chunk: int = 250, every_s: float = 30.0) -> tuple[dict[str, Any], int]:
+    """Send teacher traffic until the embedded distiller has a live student and the route cascades.
+
+    ``first`` requests go out at once. While no student is in cascade mode the traffic goes on, as
+    it would in production: ``chunk`` more requests every ``every_s`` seconds (whether a version is
+    certified on the first pairs depends on which pairs the distiller's first runs happened to see).
+    Returns the live student and how many of ``rows`` the warm-up used.
+    """
     import httpx
 
-    with httpx.Client(timeout=60) as client:
-        for row in rows:
+    def send(batch: list[dict[str, Any]]) -> None:
+        for row in batch:
             client.post(stack.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": row["messages"]})
+
+    with httpx.Client(timeout=60) as client:
+        used = min(first, len(rows))
+        send(rows[:used])
         deadline = time.monotonic() + timeout_s
+        more_at = time.monotonic() + every_s
         while time.monotonic() < deadline:
             routes = client.get(stack.url + "/admin/routes").json()
             ready = [r for r in routes if r.get("student") and r["settings"].get("mode") == "cascade"]
             if ready:
-                return {"route": ready[0]["name"], "version": ready[0]["student"]["version"]}
+                return {"route": ready[0]["name"], "version": ready[0]["student"]["version"]}, used
+            if time.monotonic() >= more_at and used < len(rows):
+                send(rows[used:used + chunk])
+                used = min(used + chunk, len(rows))
+                more_at = time.monotonic() + every_s
             time.sleep(2)
-    raise TimeoutError("no student reached cascade mode during the warm-up")
+    raise TimeoutError(f"no student reached cascade mode during the warm-up ({used} teacher requests)")
 
 
 def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None, student: bool = True,
@@ -209,8 +225,8 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
     """Hold ``connections`` concurrent connections for ``minutes``; report errors, RSS and lost exchanges.
 
     With ``student`` (the default) the stream is the bundled banking77 one: a warm-up of ``warmup``
-    teacher requests lets the embedded distiller train a student, and the load then runs against a
-    route in cascade mode (student answers and escalations to the stand-in teacher).
+    teacher requests (more while no student is in cascade mode) lets the embedded distiller train a
+    student, and the load then runs against a route in cascade mode (student answers and escalations to the stand-in teacher).
     """
     from gateway.replay import demo_stream
 
@@ -231,8 +247,9 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
         stack.start_gateway()
         if student:
             _progress(f"warm-up: {warmup} teacher requests, then waiting for a student in cascade mode")
-            live = _warm_student(stack, rows[:warmup])
-            _progress(f"student v{live['version']} serves route {live['route']} in cascade mode")
+            live, warmup = _warm_student(stack, rows, first=warmup)
+            _progress(f"student v{live['version']} serves route {live['route']} in cascade mode "
+                      f"after {warmup} teacher requests")
         payloads = [json.dumps({"model": "gpt-4o-mini", "messages": r["messages"]}).encode() for r in rows[warmup:]] or None
         _progress(f"soak: {connections} connections for {minutes:g} min against {stack.url} (workdir {workdir})")
         t0 = time.monotonic()
@@ -258,6 +275,7 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
         "rss_end_mb": rss[-1] if rss else None,
         "rss_max_mb": max(rss) if rss else None,
         "rss_samples_mb": rss,
+        "warmup_requests": warmup if student else 0,
         "rss_every_s": RSS_EVERY_S,
         "rps": round(len(answered) / max(elapsed, 1e-9), 1),
         "minutes": minutes,

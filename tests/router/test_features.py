@@ -46,3 +46,29 @@ def test_one_text_fast_path_equals_the_batch_encoder() -> None:
     assert embedder._plain_mean_pooling()
     one = np.concatenate([embedder.encode([t]) for t in TEXTS[:4] + TEXTS[6:]])
     assert one.dtype == np.float32 and np.allclose(one, batch, atol=1e-5)
+
+
+def test_serving_process_turns_onednn_off_and_embeds_the_same() -> None:
+    """The gateway's startup (prepare_serving_process) switches oneDNN off for the student path's
+    memory; the embeddings must not change. In a child process: the flag is global to torch."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, os, numpy as np, torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from router.embedding import get_embedder, prepare_serving_process
+texts = json.loads({json.dumps(json.dumps(TEXTS))})
+emb = get_embedder("all-MiniLM-L6-v2")
+assert torch.backends.mkldnn.enabled
+on = emb.encode(texts)
+prepare_serving_process()
+assert torch.backends.mkldnn.enabled is False
+off = emb.encode(texts)
+print(json.dumps(float(np.abs(on - off).max())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) < 1e-5
