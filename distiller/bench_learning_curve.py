@@ -32,10 +32,18 @@ from router.curve import coverage_at, coverage_curve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SIZES", "split_stream", "run_learning_curve", "format_table", "write_results"]
+__all__ = ["DEFAULT_SIZES", "check_targets", "split_stream", "run_learning_curve", "format_table", "write_results"]
 
 DEFAULT_SIZES = (250, 500, 1000, 2000, 5000, 10000)
 TARGETS = (0.95, 0.98, 0.99)
+
+
+def check_targets(targets: Sequence[float]) -> list[float]:
+    """The agreements to report coverage at, sorted and deduplicated; ValueError unless each is in (0, 1]."""
+    out = sorted({float(t) for t in targets})
+    if not out or not all(0.0 < t <= 1.0 for t in out):
+        raise ValueError(f"targets must be agreements in (0, 1], got {list(targets)}")
+    return out
 
 
 def split_stream(
@@ -85,9 +93,7 @@ def run_learning_curve(
     ``{"dataset", "stream_pairs", "test_pairs", "config", "points": [{"n", "agreement",
     "coverage": {"0.95", "0.98", "0.99"}, "train_seconds", ...}]}`` (coverage keyed by ``targets``)
     """
-    targets = sorted({float(t) for t in targets})
-    if not targets or not all(0.0 < t <= 1.0 for t in targets):
-        raise ValueError(f"targets must be agreements in (0, 1], got {targets}")
+    targets = check_targets(targets)
     config = config or DistillerConfig()
     stream: list[Example] = []
     for p in paths:

@@ -106,7 +106,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_learning_curve(args: argparse.Namespace) -> int:
-    from distiller.bench_learning_curve import format_table, run_learning_curve, write_results
+    from distiller.bench_learning_curve import check_targets, format_table, run_learning_curve, write_results
 
     config = _config(args)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
@@ -115,9 +115,7 @@ def _cmd_learning_curve(args: argparse.Namespace) -> int:
         kwargs["sizes"] = sizes
     if args.targets:
         try:
-            kwargs["targets"] = [float(t) for t in args.targets.split(",")]
-            if not all(0.0 < t <= 1.0 for t in kwargs["targets"]):
-                raise ValueError
+            kwargs["targets"] = check_targets([float(t) for t in args.targets.split(",")])
         except ValueError:
             raise SystemExit(f"--targets: comma-separated agreements in (0, 1] expected, got {args.targets!r}") from None
     result = run_learning_curve(args.dataset, **kwargs)

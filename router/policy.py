@@ -76,8 +76,11 @@ def wilson_upper(agreement: float, n: float, z: float = 1.645) -> float:
     return 1.0 - wilson_lower(1.0 - agreement, n, z)
 
 
-def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: float = 1.645) -> list[dict[str, float]]:
-    """The curve with each point's agreement replaced by its lower confidence bound.
+def conservative_curve(
+    curve: Sequence[dict[str, float]], n_val: int | None, confidence: float | None = None
+) -> list[dict[str, float]]:
+    """The curve with each point's agreement replaced by its one-sided lower bound at ``confidence``
+    (a route's ``target_confidence``; None: 95%).
 
     A threshold chosen on the raw curve of a small validation split is optimistic: 28 pairs all
     right at the top says little about the next 10,000 requests. With the bound, a target is met only
@@ -85,6 +88,7 @@ def conservative_curve(curve: Sequence[dict[str, float]], n_val: int | None, z: 
     """
     if not n_val and not (curve and "pairs" in curve[0]):
         return list(curve)
+    z = certainty_z(confidence)
     # the evidence behind a point: the pairs scored there (older curves: coverage x validation pairs)
     return [{**p, "agreement": wilson_lower(p["agreement"], p.get("pairs", p["coverage"] * (n_val or 0)), z)}
             for p in curve]
@@ -99,8 +103,8 @@ def effective_threshold(settings: dict[str, Any], curve: Sequence[dict[str, floa
     target = settings.get("target_agreement")
     if target is None or not curve:
         return NEVER
-    z = certainty_z(settings.get("target_confidence"))
-    threshold = threshold_for_target(conservative_curve(curve, n_val, z), float(target))
+    bounded = conservative_curve(curve, n_val, settings.get("target_confidence"))
+    threshold = threshold_for_target(bounded, float(target))
     return NEVER if threshold is None else float(threshold)
 
 
@@ -132,7 +136,7 @@ def ready_for_cascade(
     """A live student earns cascade when, on validation, it meets the target (with ``confidence``,
     95% unless given) on a useful share of requests."""
     if curve:
-        return coverage_at(conservative_curve(curve, n_val, certainty_z(confidence)), target) >= min_coverage
+        return coverage_at(conservative_curve(curve, n_val, confidence), target) >= min_coverage
     return float(metrics.get("coverage_at_target") or 0.0) >= min_coverage
 
 
