@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -26,7 +25,7 @@ from distiller.config import DistillerConfig
 from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
 from distiller.evaluate import agreement_vector
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
-from router.artifact import write_manifest
+from router.artifact import artifact_dir, new_artifact_dir, write_manifest
 from router.curve import coverage_at, coverage_curve, point_at
 from router.policy import effective_threshold, wilson_upper
 
@@ -98,12 +97,6 @@ def _lookup(vectors: dict[str, np.ndarray], dim: int) -> Callable[[Sequence[str]
         return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, dim), np.float32)
 
     return embed
-
-
-def artifact_dir(root: Path, route: str, version: int) -> Path:
-    """``<root>/<route>/v<version>``, the route name made safe for a path."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", route).strip("._") or "route"
-    return Path(root) / safe / f"v{version}"
 
 
 @dataclass
@@ -267,10 +260,7 @@ def _write_artifact(
     root: Path, route: str, version: int, cand: Candidate, dataset: RouteDataset, config: DistillerConfig,
     embedder_key: str, emb_key: str,
 ) -> tuple[Path, str]:
-    directory = artifact_dir(root, route, version)
-    if directory.exists():  # a leftover from a run that died before registering
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
+    directory = new_artifact_dir(root, route, version)
     extra: dict[str, Any] = {"embedder": config.embedder, "embedding_key": emb_key}
     if cand.encoder_dir is not None:
         _copy_encoder(cand.encoder_dir, directory / "encoder")

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 from gateway.auth import Principal, bearer_token, create_key
-from gateway.errors import NotFound, UnknownRoute
+from gateway.errors import NotFound, PermissionDenied, UnknownRoute
+
+CSRF_HEADER = "x-kdgate-csrf"
 
 __all__ = ["build_admin_router", "admin_principal"]
 
@@ -24,7 +26,10 @@ class RouteUpdate(BaseModel):
     auto_cascade: bool | None = None
     allow_student_when_teacher_down: bool | None = None
     pii_scrub: bool | None = None
+    allowed_keys: list[str] | None = Field(default=None, description="key ids or names that may use the route")
+    train_on_allowed_keys_only: bool | None = None
     clear_threshold: bool = Field(default=False, description="forget a direct threshold and use the target again")
+    clear_allowed_keys: bool = Field(default=False, description="let every key use the route again")
 
 
 class RouteCreate(BaseModel):
@@ -41,10 +46,15 @@ class KeyLimits(BaseModel):
     tpm: int | None = Field(default=None, ge=1, le=10**15, description="tokens per minute")
     budget_day_usd: float | None = Field(default=None, ge=0, le=1e12, description="spend per UTC day")
     budget_month_usd: float | None = Field(default=None, ge=0, le=1e12, description="spend per UTC month")
+    routes: list[str] | None = Field(default=None, max_length=1000,
+                                     description="route names or globs the key may use (null: every route)")
 
 
 class KeyCreate(KeyLimits):
     name: str = Field(min_length=1, max_length=100)
+
+
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def admin_principal(request: Request) -> Principal:
@@ -52,6 +62,16 @@ def admin_principal(request: Request) -> Principal:
     token = bearer_token(request.headers.get("authorization"))
     if token is None and hasattr(request.app.state, "sessions"):
         token = request.app.state.sessions.token_for(request)
+    if not state.settings.auth and request.method.upper() not in _SAFE_METHODS and token is None:
+        # Without auth, anything on the operator's machine can reach the admin API; a page in their
+        # browser can too, with a plain form post. A custom header cannot be sent cross-site without a
+        # CORS preflight, which the gateway never grants, so writes must carry it.
+        if not request.headers.get(CSRF_HEADER):
+            raise PermissionDenied(
+                f"Admin writes without auth need the {CSRF_HEADER} header (any value); the dashboard and the "
+                "CLI send it. It keeps other web pages from changing routes through your browser.",
+                code="csrf_required",
+            )
     return state.keys.admin_principal(token)
 
 
@@ -101,9 +121,11 @@ def build_admin_router() -> APIRouter:
         """Change a route's mode or threshold; takes effect on the next request and survives restarts."""
         who = admin_principal(request)
         state = request.app.state.kdgate
-        changes = body.model_dump(exclude_none=True, exclude={"clear_threshold"})
+        changes = body.model_dump(exclude_none=True, exclude={"clear_threshold", "clear_allowed_keys"})
         if body.clear_threshold:
             changes["threshold"] = None
+        if body.clear_allowed_keys:
+            changes["allowed_keys"] = None
         if not changes:
             return route_view(state, name)
         state.routes.update_settings(name, changes, actor=who.name)

@@ -19,7 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import KeyStore, Principal
 from gateway.costs import PriceBook
-from gateway.errors import BodyTooLarge, GatewayError, error_body
+from gateway.errors import BodyTooLarge, GatewayError, UnsupportedMediaType, error_body
 from gateway.ledger import Ledger, LedgerWriter
 from gateway.protocol import CHAT_SCHEMA, parse_json_body
 from gateway.routing import RouteTable
@@ -218,17 +218,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> Response:
-        """Ready to serve: the ledger writer runs and its queue is not full (rows would be dropped)."""
+        """Ready to serve: the ledger writer runs and its queue is not full (rows would be dropped).
+        Behind the admin key when ``ops_auth`` is on; teacher endpoints are shown by host only."""
         state = state_of(request)
+        if settings.ops_auth:
+            from gateway.admin import admin_principal
+
+            admin_principal(request)
         writer = state.writer
         ok = writer.alive and not writer.saturated
         checks = {
             "ledger_writer": writer.alive,
             "ledger_queue_depth": writer.depth,
             "ledger_queue_max": writer.max_queue,
+            "ledger_queue_bytes": writer.queued_bytes,
             "ledger_dropped": writer.dropped + writer.rejected,
             "ledger_failing_since": writer.failing_since,
-            "teacher_circuits": {f"{k[0]}@{k[1] or 'default'}": b.state for k, b in state.teacher.breakers.items()},
+            "teacher_circuits": {f"{k[0]}@{endpoint_host(k[1])}": b.state for k, b in state.teacher.breakers.items()},
         }
         return _json(200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks})
 
@@ -238,7 +244,89 @@ def create_app(settings: Settings) -> FastAPI:
     from gateway.dashboard import install_dashboard
 
     install_dashboard(app)
+    if not settings.auth:
+        app.add_middleware(LoopbackOnly)
     return app
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def _loopback(authority: str) -> bool:
+    """``host[:port]`` names this machine's loopback interface."""
+    host = authority.strip().lower()
+    if host.startswith("["):
+        host = host[: host.find("]") + 1] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in _LOOPBACK_HOSTS
+
+
+class LoopbackOnly:
+    """Without auth (``--no-auth``, loopback only), every request must name a loopback host and come
+    from no other site: a ``Host`` that is not 127.0.0.1/localhost/[::1] is a DNS-rebinding page in
+    the operator's browser, and an ``Origin`` of another host is a cross-site request."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            host = headers.get("host", "")
+            origin = headers.get("origin")
+            problem = None
+            if not _loopback(host):
+                problem = "The gateway runs without auth and answers only requests to a loopback host (127.0.0.1, localhost, [::1])."
+            elif origin is not None and origin != "null":
+                from urllib.parse import urlsplit
+
+                try:
+                    netloc = urlsplit(origin).netloc
+                except ValueError:
+                    netloc = ""
+                if not _loopback(netloc):
+                    problem = "The gateway runs without auth and refuses requests sent by other web sites."
+            if problem is not None:
+                body = orjson.dumps(error_body(problem, type="permission_error", code="host_not_allowed"))
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def endpoint_host(base_url: str | None) -> str:
+    """What of a teacher's base URL may be shown: its host and port, never a path, query or the
+    credentials a URL can carry."""
+    if not base_url:
+        return "default"
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname or "?"
+        return f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        return "?"
+
+
+def check_json_content_type(request: Request, *, auth: bool) -> None:
+    """JSON endpoints take JSON. A browser can send ``text/plain`` (or no type, from a Blob) to any
+    site without asking first; ``application/json`` needs a CORS preflight, which the gateway never
+    grants. Without auth a missing type is refused too, so no other web page can call the gateway."""
+    kind = request.headers.get("content-type")
+    if kind is None:
+        if auth:
+            return
+        raise UnsupportedMediaType(
+            "The request has no Content-Type; send the body as application/json.", param="content-type")
+    media = kind.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    shown = "".join(ch if ch.isprintable() else "?" for ch in media[:80])
+    raise UnsupportedMediaType(f"Content-Type {shown!r} is not supported; send the body as application/json.",
+                               param="content-type")
 
 
 async def _read_json(state: GatewayState, request: Request, principal: Principal, endpoint: str) -> dict[str, Any]:
@@ -249,6 +337,7 @@ async def _read_json(state: GatewayState, request: Request, principal: Principal
 
     t0 = time.perf_counter()
     try:
+        check_json_content_type(request, auth=state.settings.auth)
         return parse_json_body(await read_body(request, state.settings.max_body_bytes))
     except GatewayError as exc:
         state.chat._log_failure(uid=new_uid(), ts=time.time(), t0=t0, route=None, body=None, principal=principal, exc=exc, endpoint=endpoint)
@@ -261,7 +350,8 @@ def _lower_headers(request: Request) -> dict[str, str]:
 
 def build_state(settings: Settings) -> GatewayState:
     ledger = Ledger(settings.db)
-    writer = LedgerWriter(settings.db, flush_ms=settings.ledger_flush_ms, batch_size=settings.ledger_batch, max_queue=settings.ledger_max_queue)
+    writer = LedgerWriter(settings.db, flush_ms=settings.ledger_flush_ms, batch_size=settings.ledger_batch,
+                          max_queue=settings.ledger_max_queue, max_queue_bytes=settings.ledger_max_queue_bytes)
     keys = KeyStore(
         ledger,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
@@ -282,7 +372,10 @@ def build_state(settings: Settings) -> GatewayState:
     from gateway.metrics import Metrics
 
     metrics = Metrics(queue_depth=lambda: writer.depth)
-    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger), metrics=metrics)
+    from gateway.params import ParamPolicy
+
+    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger), metrics=metrics,
+                       params=ParamPolicy(settings.teacher_extra_params))
     state = GatewayState(
         settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat,
         metrics=metrics,

@@ -48,6 +48,7 @@ class Principal:
     name: str
     admin: bool = False
     limits: dict | None = None  # rpm, tpm, budget_day_usd, budget_month_usd (None: unlimited)
+    routes: tuple[str, ...] | None = None  # route names or globs this key may use (None: every route)
 
 
 ANONYMOUS = Principal(key_id="", name="anonymous")
@@ -94,7 +95,8 @@ class KeyStore:
                 principal = None
             else:
                 limits = {k: row[k] for k in ("rpm", "tpm", "budget_day_usd", "budget_month_usd") if row.get(k) is not None}
-                principal = Principal(key_id=row["id"], name=row["name"], limits=limits or None)
+                scope = tuple(row["routes"]) if row.get("routes") is not None else None
+                principal = Principal(key_id=row["id"], name=row["name"], limits=limits or None, routes=scope)
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()

@@ -41,7 +41,23 @@ def _cell(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
-    return str(v)
+    if isinstance(v, (list, tuple)):
+        return ",".join(_cell(x) for x in v)
+    return safe_text(str(v))
+
+
+def safe_text(text: str) -> str:
+    """``text`` with control characters escaped: names and models come from clients, and a raw
+    escape sequence in one would reach the operator's terminal."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _when(ts: Any) -> str | None:
+    import datetime
+
+    if not isinstance(ts, (int, float)):
+        return None
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 # -- serve ----------------------------------------------------------------------------------
@@ -70,34 +86,48 @@ def cmd_keys(args: argparse.Namespace) -> int:
     ledger = Ledger(_settings(args).db)
     if args.action == "create":
         key_id, key = create_key(ledger, args.name)
+        scope = _routes_arg(getattr(args, "routes", None))
+        if scope is not None:
+            ledger.set_key_limits(key_id, {"routes": scope})
         if args.json:
-            print(json.dumps({"id": key_id, "name": args.name, "key": key}))
+            print(json.dumps({"id": key_id, "name": args.name, "key": key, "routes": scope}))
         else:
-            print(f"created {key_id} ({args.name}). The key is shown only once:\n{key}")
+            print(f"created {key_id} ({safe_text(args.name)}). The key is shown only once:\n{key}")
     elif args.action == "list":
         rows = ledger.keys()
         if args.json:
             print(json.dumps(rows))
         else:
-            _print_table(rows, ["id", "name", "created", "revoked"])
+            shown = [{**r, "created": _when(r["created"]), "revoked": _when(r["revoked"])} for r in rows]
+            _print_table(shown, ["id", "name", "created", "revoked", "rpm", "tpm", "budget_day_usd", "budget_month_usd", "routes"])
     elif args.action == "limit":
-        limits = {}
+        limits: dict[str, Any] = {}
         for flag, col in (("rpm", "rpm"), ("tpm", "tpm"), ("budget_day", "budget_day_usd"), ("budget_month", "budget_month_usd")):
             value = getattr(args, flag)
             if value is not None:
                 limits[col] = None if value < 0 else value
+        if getattr(args, "routes", None) is not None:
+            limits["routes"] = _routes_arg(args.routes)
         if not ledger.set_key_limits(args.name, limits):
-            print(f"no key {args.name!r}", file=sys.stderr)
+            print(f"no key {safe_text(args.name)!r}", file=sys.stderr)
             return 1
         row = next(k for k in ledger.keys() if args.name in (k["id"], k["name"]))
-        print(json.dumps(row) if args.json else f"{row['id']} ({row['name']}): rpm={row['rpm']} tpm={row['tpm']} "
-              f"budget_day_usd={row['budget_day_usd']} budget_month_usd={row['budget_month_usd']}")
+        print(json.dumps(row) if args.json else f"{row['id']} ({safe_text(row['name'])}): rpm={row['rpm']} tpm={row['tpm']} "
+              f"budget_day_usd={row['budget_day_usd']} budget_month_usd={row['budget_month_usd']} routes={_cell(row['routes'])}")
     elif args.action == "revoke":
         if not ledger.revoke_key(args.name):
             print(f"no active key {args.name!r}", file=sys.stderr)
             return 1
         print(f"revoked {args.name}")
     return 0
+
+
+def _routes_arg(value: str | None) -> list[str] | None:
+    """``--routes a,b`` as a list; ``--routes all`` (or empty) clears the scope."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return None if not names or names == ["all"] else names
 
 
 # -- routes ---------------------------------------------------------------------------------
@@ -131,8 +161,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
         changes: dict[str, Any] = {}
         for item in args.values:
             key, _, value = item.partition("=")
-            if key not in ("mode", "threshold", "target_agreement", "target_confidence", "shadow_rate", "auto_cascade", "allow_student_when_teacher_down", "pii_scrub"):
-                print(f"unknown route setting {key!r}", file=sys.stderr)
+            if key not in ("mode", "threshold", "target_agreement", "target_confidence", "shadow_rate", "auto_cascade",
+                           "allow_student_when_teacher_down", "pii_scrub", "allowed_keys", "train_on_allowed_keys_only"):
+                print(f"unknown route setting {safe_text(key)!r}", file=sys.stderr)
                 return 2
             changes[key] = _parse_value(key, value)
         from gateway.admin import RouteUpdate
@@ -145,9 +176,17 @@ def cmd_routes(args: argparse.Namespace) -> int:
             return 2
         table.update_settings(args.name, changes, actor=os.environ.get("USER", "cli"))
         route = table.get(args.name)
-    if args.rename if args.action == "rename" else False:
+    if args.action == "rename":
+        from gateway.settings import ROUTE_NAME_PATTERN, valid_route_name
+
+        if not valid_route_name(args.rename):
+            print(f"invalid route name {safe_text(args.rename)!r}: route names must match {ROUTE_NAME_PATTERN}", file=sys.stderr)
+            return 2
+        if table.get(args.rename) is not None:
+            print(f"a route named {safe_text(args.rename)!r} already exists", file=sys.stderr)
+            return 2
         ledger.rename_route(args.name, args.rename)
-        print(f"renamed {args.name} -> {args.rename}")
+        print(f"renamed {safe_text(args.name)} -> {safe_text(args.rename)}")
         return 0
     view = {"name": route.name, "teacher": route.teacher.model, "origin": route.origin, "settings": route.settings,
             "exchanges": ledger.count_exchanges(route.name), "template": (ledger.route(route.name) or {}).get("template")}
@@ -157,9 +196,9 @@ def cmd_routes(args: argparse.Namespace) -> int:
         print(json.dumps(view, indent=2))
     else:
         for k in ("name", "teacher", "origin", "exchanges"):
-            print(f"{k:>12}: {view[k]}")
+            print(f"{k:>12}: {_cell(view[k])}")
         for k, v in route.settings.items():
-            print(f"{k:>12}: {v}")
+            print(f"{k:>12}: {_cell(v)}")
         for s in view["students"]:
             m = s["metrics"]
             print(f"  v{s['version']} {s['kind']} {s['status']}: agreement {m.get('agreement')}, coverage@target {m.get('coverage_at_target')}")
@@ -171,8 +210,10 @@ def _parse_value(key: str, value: str) -> Any:
         return None
     if key in ("threshold", "target_agreement", "target_confidence", "shadow_rate"):
         return float(value.rstrip("%")) / (100 if value.endswith("%") else 1)
-    if key in ("auto_cascade", "allow_student_when_teacher_down", "pii_scrub"):
+    if key in ("auto_cascade", "allow_student_when_teacher_down", "pii_scrub", "train_on_allowed_keys_only"):
         return value.lower() in ("1", "true", "yes", "on")
+    if key == "allowed_keys":
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 
@@ -198,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ks = p.add_subparsers(dest="action", required=True)
     kc = ks.add_parser("create")
     kc.add_argument("name")
+    kc.add_argument("--routes", help="comma-separated route names or globs the key may use (default: every route)")
     common(kc)
     kl = ks.add_parser("list")
     common(kl)
@@ -207,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     kli.add_argument("--tpm", type=int, help="tokens per minute")
     kli.add_argument("--budget-day", type=float, help="USD per UTC day")
     kli.add_argument("--budget-month", type=float, help="USD per UTC month")
+    kli.add_argument("--routes", help="comma-separated route names or globs the key may use ('all' clears)")
     common(kli)
     kr = ks.add_parser("revoke")
     kr.add_argument("name", help="key id or name")

@@ -17,7 +17,9 @@ from gateway.settings import PriceOverride
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prices", "PriceBook", "Usage", "load_litellm"]
+__all__ = ["Prices", "PriceBook", "Usage", "load_litellm", "DEFAULT_MAX_OUTPUT_TOKENS"]
+
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 
 def load_litellm() -> Any:
@@ -98,6 +100,18 @@ class PriceBook:
                 )
         log.warning("no price known for model %r: its exchanges are recorded at cost 0", model)
         return Prices(0.0, 0.0, 0.0, 0.0, known=False)
+
+    def max_output_tokens(self, model: str) -> int:
+        """The most tokens ``model`` answers with (litellm's price map), else DEFAULT_MAX_OUTPUT_TOKENS:
+        what a budget reserves for a request that sets no ``max_tokens``."""
+        table = _model_cost()
+        bare = model.split("/", 1)[1] if "/" in model else model
+        for name in (model, bare):
+            entry = table.get(name) or {}
+            value = entry.get("max_output_tokens") or entry.get("max_tokens")
+            if isinstance(value, (int, float)) and value > 0:
+                return int(value)
+        return DEFAULT_MAX_OUTPUT_TOKENS
 
     def cost(self, model: str, usage: Usage) -> float:
         p = self.prices(model)

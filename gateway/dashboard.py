@@ -37,7 +37,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from pydantic import BaseModel, Field
 from starlette.responses import RedirectResponse, Response
 
-from gateway.admin import admin_principal
+from gateway.admin import CSRF_HEADER, admin_principal
 from gateway.errors import BadRequest, GatewayError, NotFound, UnknownRoute
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.stats import Stats, parse_since
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 __all__ = ["install_dashboard", "SessionStore", "SESSION_COOKIE", "CSRF_HEADER"]
 
 SESSION_COOKIE = "kdgate_session"
-CSRF_HEADER = "x-kdgate-csrf"
 STATIC_DIR = Path(__file__).parent / "static"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".html": "text/html"}
@@ -132,6 +131,42 @@ class SessionStore:
                 log.info("refused a %s %s with a session cookie but no valid CSRF token", request.method, request.url.path)
                 return None
         return session.token
+
+
+class LoginThrottle:
+    """Failed dashboard logins per client address: past ``per_minute`` in the last minute, further
+    attempts are refused (429) until the oldest failure is a minute old, right key or not."""
+
+    def __init__(self, per_minute: int = 10, *, max_clients: int = 10_000):
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(client, []) if now - t < 60.0]
+        if times:
+            self._failures[client] = times
+        else:
+            self._failures.pop(client, None)
+        return times
+
+    def retry_after(self, client: str) -> int | None:
+        """Seconds until ``client`` may try again, or None if it may now."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(client, now)
+            if len(times) < self.per_minute:
+                return None
+            return max(1, int(60.0 - (now - times[0])) + 1)
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) >= self.max_clients and client not in self._failures:
+                self._failures.pop(next(iter(self._failures)))
+            self._recent(client, now)
+            self._failures.setdefault(client, []).append(now)
 
 
 # -- API models (documented in /openapi.json) ------------------------------------------------
@@ -362,11 +397,19 @@ def build_dashboard_router() -> APIRouter:
         """Exchange the admin key (form field ``key``) for a session cookie."""
         if not _same_origin(request):
             return _html(_page("login.html", ERROR="Cross-site login refused."), 403)
+        throttle: LoginThrottle = request.app.state.login_throttle
+        client = request.client.host if request.client else "?"
+        wait = throttle.retry_after(client)
+        if wait is not None:
+            log.warning("dashboard login throttled for %s", client)
+            return _html(_page("login.html", ERROR=f"Too many failed logins; try again in {wait} s."), 429,
+                         {"retry-after": str(wait)})
         body = (await request.body())[:10_000].decode("utf-8", "replace")
         key = (parse_qs(body).get("key") or [""])[0].strip()
         try:
             admin_principal_for_key(request, key)
         except GatewayError as exc:
+            throttle.failed(client)
             log.info("dashboard login refused: %s", exc.message)
             return _html(_page("login.html", ERROR=exc.message), exc.status)
         session = request.app.state.sessions.create(key)
@@ -401,7 +444,11 @@ def build_dashboard_router() -> APIRouter:
 
     @router.get("/metrics", tags=["ops"], response_class=Response)
     async def metrics(request: Request) -> Response:
-        """Prometheus metrics: requests, escalations, latency, tokens, cost, savings, distiller, queue."""
+        """Prometheus metrics: requests, escalations, latency, tokens, cost, savings, distiller, queue
+        (behind the admin key when ``ops_auth`` is on)."""
+        state = getattr(request.app.state, "kdgate", None)
+        if state is not None and state.settings.ops_auth:
+            admin_principal(request)
         return Response(metrics_of(request.app).render(), media_type=CONTENT_TYPE_LATEST)
 
     return router
@@ -553,6 +600,7 @@ def install_dashboard(app: FastAPI, *, refresh_every_s: float = 5.0) -> None:
         return
     app.state.dashboard_installed = True
     app.state.sessions = SessionStore()
+    app.state.login_throttle = LoginThrottle()
     app.state.metrics = Metrics()
     app.state.stats = None
     app.include_router(build_dashboard_router())
@@ -588,6 +636,7 @@ def _attach(app: FastAPI, refresh_every_s: float) -> asyncio.Task | None:
     for part in (state.chat, state.students):  # the serving path and the student router report here
         if part is not None and getattr(part, "metrics", None) is None:
             part.metrics = state.metrics
+    app.state.login_throttle = LoginThrottle(state.settings.login_attempts_per_minute)
     writer = state.writer
     metrics_of(app).set_queue_depth(lambda: writer.depth)
     stats = app.state.stats = Stats(state.ledger)

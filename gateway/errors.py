@@ -3,9 +3,12 @@
     GatewayError                      500 api_error (never raised on purpose: a bug)
     ├── BadRequest                    400 invalid_request_error
     │   ├── BodyTooLarge              413 invalid_request_error
-    │   └── UnknownRoute              404 invalid_request_error (code route_not_found)
+    │   ├── UnsupportedMediaType      415 invalid_request_error (a JSON endpoint got another content type)
+    │   ├── UnknownRoute              404 invalid_request_error (code route_not_found)
+    │   └── ModelNotFound             404 invalid_request_error (code model_not_found)
     ├── AuthenticationFailed          401 authentication_error (code invalid_api_key)
     ├── PermissionDenied              403 permission_error
+    │   └── RouteNotAllowed           403 permission_error (the key's scope does not include the route)
     ├── NotFound                      404 invalid_request_error
     └── UpstreamError                 502 api_error: the teacher failed
         ├── UpstreamTimeout           504 timeout
@@ -25,8 +28,11 @@ __all__ = [
     "BadRequest",
     "BodyTooLarge",
     "UnknownRoute",
+    "ModelNotFound",
+    "UnsupportedMediaType",
     "AuthenticationFailed",
     "PermissionDenied",
+    "RouteNotAllowed",
     "NotFound",
     "UpstreamError",
     "UpstreamTimeout",
@@ -78,6 +84,18 @@ class UnknownRoute(BadRequest):
     code = "route_not_found"
 
 
+class ModelNotFound(BadRequest):
+    """The requested model is neither a route, an alias nor a configured teacher (OpenAI's 404)."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class UnsupportedMediaType(BadRequest):
+    status = 415
+    code = "unsupported_media_type"
+
+
 class AuthenticationFailed(GatewayError):
     status = 401
     type = "authentication_error"
@@ -88,6 +106,10 @@ class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     code = "insufficient_permissions"
+
+
+class RouteNotAllowed(PermissionDenied):
+    code = "route_not_allowed"
 
 
 class NotFound(GatewayError):

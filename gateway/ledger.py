@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -143,19 +144,35 @@ def _m004_key_limits(db: sqlite_utils.Database) -> None:
     db["exchanges"].create_index(["key_id", "ts"], if_not_exists=True)
 
 
+def _m005_key_scopes(db: sqlite_utils.Database) -> None:
+    if "routes" not in db["api_keys"].columns_dict:
+        db["api_keys"].add_column("routes", str)  # JSON list of route names or globs; NULL: every route
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_students", _m002_students),
     ("003_student_answer", _m003_student_answer),
     ("004_key_limits", _m004_key_limits),
+    ("005_key_scopes", _m005_key_scopes),
 ]
+
+
+def _private_file(path: Path) -> None:
+    """Create the ledger file readable by its owner only (it holds every prompt and answer); SQLite
+    gives its -wal and -shm files the database file's permissions."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the ledger with the pragmas every connection needs (WAL, busy timeout)."""
     path = str(path)
-    if path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if path != ":memory:" and not readonly:
+        _private_file(Path(path))
     conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=30000")
     if not readonly:
@@ -265,12 +282,14 @@ class Ledger:
         student version's measured check rate, so that the pairs together stand for the traffic:
         in cascade mode the teacher-answered pairs alone are the escalations, the hardest requests.
         """
+        keys = self.training_keys(route)
+        key_filter = f" AND key_id IN ({','.join('?' * len(keys))})" if keys is not None else ""
         sql = (
             "SELECT id, ts, route, request, answer, finish_reason, teacher_logprobs, served_by "
             "FROM exchanges WHERE route = ? AND id > ? AND status = 200 AND served_by = 'teacher' "
-            "AND endpoint = 'chat.completions' AND answer IS NOT NULL ORDER BY id"
+            "AND endpoint = 'chat.completions' AND answer IS NOT NULL" + key_filter + " ORDER BY id"
         )
-        params: list[Any] = [route, since_id]
+        params: list[Any] = [route, since_id, *(keys or [])]
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
@@ -288,10 +307,39 @@ class Ledger:
             for row in self.conn.execute(sql, params)
         ]
         if shadow_checks:
-            pairs = sorted(pairs + self._checked_pairs(route, since_id), key=lambda p: p.id)
+            checked = self._checked_pairs(route, since_id)
+            if keys is not None:
+                allowed = set(keys)
+                owners = self._key_ids_of([p.id for p in checked])
+                checked = [p for p in checked if owners.get(p.id) in allowed]
+            pairs = sorted(pairs + checked, key=lambda p: p.id)
             if limit is not None:
                 pairs = pairs[:limit]
         yield from pairs
+
+    def training_keys(self, route: str) -> list[str] | None:
+        """The key ids whose traffic may train ``route``'s students: None for every key's (the
+        default), else the ids of the route's ``allowed_keys`` when ``train_on_allowed_keys_only``."""
+        row = self.route(route)
+        settings = (row or {}).get("settings") or {}
+        allowed = settings.get("allowed_keys")
+        if not settings.get("train_on_allowed_keys_only") or allowed is None:
+            return None
+        names = [str(a) for a in allowed]
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        ids = {r[0] for r in self.conn.execute(
+            f"SELECT id FROM api_keys WHERE id IN ({marks}) OR name IN ({marks})", [*names, *names])}
+        return sorted(ids)
+
+    def _key_ids_of(self, ids: list[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            out.update(dict(self.conn.execute(
+                f"SELECT id, key_id FROM exchanges WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()))
+        return out
 
     def _checked_pairs(self, route: str, since_id: int) -> list[Pair]:
         """Student-served exchanges the teacher also answered (shadow checks), as weighted pairs."""
@@ -468,28 +516,36 @@ class Ledger:
                 (key_id, name, key_hash, time.time()),
             )
 
+    @staticmethod
+    def _key_row(row: dict[str, Any]) -> dict[str, Any]:
+        row["routes"] = json.loads(row["routes"]) if row.get("routes") else None
+        return row
+
     def keys(self) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT id, name, created, revoked, rpm, tpm, budget_day_usd, budget_month_usd FROM api_keys ORDER BY created"
-        )
+        return [self._key_row(r) for r in self.query(
+            "SELECT id, name, created, revoked, rpm, tpm, budget_day_usd, budget_month_usd, routes FROM api_keys ORDER BY created"
+        )]
 
     def key_by_hash(self, key_hash: str) -> dict[str, Any] | None:
         rows = self.query(
-            "SELECT id, name, revoked, rpm, tpm, budget_day_usd, budget_month_usd FROM api_keys WHERE hash = ?", (key_hash,)
+            "SELECT id, name, revoked, rpm, tpm, budget_day_usd, budget_month_usd, routes FROM api_keys WHERE hash = ?",
+            (key_hash,),
         )
-        return rows[0] if rows else None
+        return self._key_row(rows[0]) if rows else None
 
     def set_key_limits(self, key_id: str, limits: dict[str, Any]) -> bool:
-        """Set (or clear, with None) a key's rpm, tpm, budget_day_usd, budget_month_usd."""
-        allowed = {"rpm", "tpm", "budget_day_usd", "budget_month_usd"}
+        """Set (or clear, with None) a key's rpm, tpm, budget_day_usd, budget_month_usd and routes
+        (the route names or globs it may use; None: every route)."""
+        allowed = {"rpm", "tpm", "budget_day_usd", "budget_month_usd", "routes"}
         unknown = set(limits) - allowed
         if unknown:
             raise ValueError(f"unknown key limit(s): {sorted(unknown)}; known: {sorted(allowed)}")
         if not limits:
             return self.scalar("SELECT count(*) FROM api_keys WHERE id = ? OR name = ?", (key_id, key_id)) > 0
-        sets = ", ".join(f"{k} = ?" for k in limits)
+        values = {k: (json.dumps(list(v)) if k == "routes" and v is not None else v) for k, v in limits.items()}
+        sets = ", ".join(f"{k} = ?" for k in values)
         with self.conn:
-            cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*limits.values(), key_id, key_id])
+            cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*values.values(), key_id, key_id])
         return cur.rowcount > 0
 
     def key_spend_since(self, key_id: str, since: float) -> float:
@@ -515,17 +571,25 @@ class LedgerWriter:
     window is lost. ``close`` drains everything: on a clean shutdown every submitted row is written.
 
     When the database cannot be written (disk full, locked, I/O error) the batch is retried with
-    backoff and new rows wait in the queue; the queue holds at most ``max_queue`` items, past which
-    rows are dropped and counted (``dropped``), and ``saturated`` tells ``/readyz`` and the metrics.
+    backoff and new rows wait in the queue; the queue holds at most ``max_queue`` items and
+    ``max_queue_bytes`` bytes of row data (rows of up to a few MiB each would exhaust memory long
+    before the item bound), past which rows are dropped and counted (``dropped``), and ``saturated``
+    tells ``/readyz`` and the metrics.
     A row the database refuses outright (a constraint) is dropped alone, counted, and never blocks
     the rows behind it.
     """
 
-    def __init__(self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512, max_queue: int = 100_000):
+    def __init__(
+        self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512, max_queue: int = 100_000,
+        max_queue_bytes: int = 512 * 1024 * 1024,
+    ):
         self.path = str(path)
         self.flush_s = flush_ms / 1000.0
         self.batch_size = batch_size
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        self.queued_bytes = 0  # row data submitted and not yet written (or dropped)
+        self._bytes_lock = threading.Lock()
         self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -555,16 +619,31 @@ class LedgerWriter:
 
     @property
     def saturated(self) -> bool:
-        return self.depth >= self.max_queue
+        return self.depth >= self.max_queue or self.queued_bytes >= self.max_queue_bytes
+
+    @staticmethod
+    def _size(kind: str, payload: Any) -> int:
+        """About the memory a queued item holds: its text and blob values plus a per-value overhead."""
+        values = payload.values() if kind == "exchange" else (payload[1] if kind == "sql" else ())
+        return sum(len(v) if isinstance(v, (str, bytes)) else 0 for v in values) + 64 * len(values)
+
+    def _release(self, items: Iterable[tuple[str, Any]]) -> None:
+        size = sum(self._size(k, p) for k, p in items if k != "marker")
+        with self._bytes_lock:
+            self.queued_bytes -= size
 
     def _put(self, item: tuple[str, Any]) -> bool:
-        if self._queue.qsize() >= self.max_queue:
+        size = self._size(*item)
+        if self._queue.qsize() >= self.max_queue or self.queued_bytes + size > self.max_queue_bytes:
             self.dropped += 1
             now = time.monotonic()
             if now - self._last_drop_log > 5:
                 self._last_drop_log = now
-                log.error("ledger queue full (%d): dropping rows (%d dropped so far)", self.max_queue, self.dropped)
+                log.error("ledger queue full (%d rows, %d bytes waiting): dropping rows (%d dropped so far)",
+                          self.depth, self.queued_bytes, self.dropped)
             return False
+        with self._bytes_lock:
+            self.queued_bytes += size
         self._queue.put(item)
         return True
 
@@ -676,6 +755,14 @@ class LedgerWriter:
     def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, Any]]) -> None:
         markers = [payload for kind, payload in batch if kind == "marker"]
         work = [(kind, payload) for kind, payload in batch if kind != "marker"]
+        try:
+            self._write_work(conn, work)
+        finally:
+            self._release(work)
+            for marker in markers:
+                marker.set()
+
+    def _write_work(self, conn: sqlite3.Connection, work: list[tuple[str, Any]]) -> None:
         attempt = 0
         while work:
             try:
@@ -708,5 +795,3 @@ class LedgerWriter:
                     self.dropped += len(work)
                     break
                 time.sleep(min(5.0, 0.05 * 2**attempt))
-        for marker in markers:
-            marker.set()

@@ -12,26 +12,42 @@ second one reveals it, so a task's history ends up in one route.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.errors import BadRequest, UnknownRoute
+from gateway.catalog import TeacherCatalog
+from gateway.errors import BadRequest, RouteNotAllowed, UnknownRoute
 from gateway.ledger import Ledger, LedgerWriter
-from gateway.settings import ROUTE_NAME_PATTERN, RouteSettings, Settings
+from gateway.settings import ROUTE_NAME_PATTERN, RouteSettings, Settings, valid_route_name
 from gateway.teacher import TeacherTarget
 
-__all__ = ["Route", "RouteTable", "message_text", "common_affixes"]
+__all__ = ["Route", "RouteTable", "message_text", "common_affixes", "route_allowed", "catalog_for"]
 
-_ROUTE_RE = re.compile(ROUTE_NAME_PATTERN)
 _SLUG_RE = re.compile(r"[^A-Za-z0-9._-]+")
 MIN_STATIC_CHARS = 12
 PENDING_PER_CONTEXT = 32
+# The text a context keeps of each pending request: its head and its tail. A wrapper longer than this
+# is learned as this much of it; the rest of the prompt is never needed to find one.
+KEEP_HEAD_CHARS = 4096
+KEEP_TAIL_CHARS = 4096
+
+
+def _clip(text: str) -> str:
+    if len(text) <= KEEP_HEAD_CHARS + KEEP_TAIL_CHARS:
+        return text
+    return text[:KEEP_HEAD_CHARS] + text[-KEEP_TAIL_CHARS:]
+
+
+def _text_bytes(text: str) -> int:
+    """About what a str costs in memory (CPython stores 1, 2 or 4 bytes per character)."""
+    return 64 + len(text) * (1 if text.isascii() else 4)
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -135,7 +151,39 @@ class _Wrapper:
 @dataclass
 class _Context:
     wrappers: list[_Wrapper] = field(default_factory=list)
+    # (clipped final-turn text, uid) of requests that showed no known wrapper yet
     pending: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=PENDING_PER_CONTEXT))
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(_text_bytes(t) for t, _ in self.pending)
+
+
+def catalog_for(settings: Settings) -> TeacherCatalog:
+    """The teachers clients may name under these settings (see :mod:`gateway.catalog`)."""
+    teachers = list(settings.teachers)
+    for cfg in settings.routes.values():
+        if cfg.teacher:
+            teachers.append(cfg.teacher)
+        teachers.extend(f.model for f in cfg.fallback_teachers)
+    return TeacherCatalog(
+        default=settings.teacher, teachers=teachers, patterns=settings.model_patterns,
+        unknown=settings.teacher_for_unknown_models,
+    )
+
+
+def route_allowed(principal: Any, route: "Route") -> bool:
+    """Whether the caller may use ``route``: within the key's route scope (if it has one), and among
+    the route's ``allowed_keys`` (if it has them). The admin key and auth-less local use may use any."""
+    if principal is None or getattr(principal, "admin", False) or not getattr(principal, "key_id", ""):
+        return True
+    scope = getattr(principal, "routes", None)
+    if scope is not None and not any(fnmatch.fnmatchcase(route.name, p) for p in scope):
+        return False
+    allowed = route.settings.get("allowed_keys")
+    if allowed is not None and principal.key_id not in allowed and principal.name not in allowed:
+        return False
+    return True
 
 
 class RouteTable:
@@ -148,7 +196,11 @@ class RouteTable:
         self._lock = threading.Lock()
         self._routes: dict[str, Route] = {}
         self._aliases: dict[str, str] = {}
-        self._contexts: dict[tuple[str, str], _Context] = {}
+        # Contexts in least-recently-used order; the pending texts of all of them together are kept
+        # under template_memory_bytes (the oldest contexts' are dropped first).
+        self._contexts: OrderedDict[tuple[str, str], _Context] = OrderedDict()
+        self._pending_bytes = 0
+        self.catalog = catalog_for(settings)
         self.reload()
 
     # -- loading --------------------------------------------------------------------------
@@ -190,14 +242,23 @@ class RouteTable:
         with self._lock:
             self._routes = routes
             self._aliases = aliases
+            for route in routes.values():
+                self.catalog.add(route.teacher.model)
             # keep pending texts learned since start; replace wrappers with the stored truth
-            for key, ctx in contexts.items():
-                old = self._contexts.get(key)
-                if old is not None:
-                    ctx.pending = old.pending
+            merged: OrderedDict[tuple[str, str], _Context] = OrderedDict()
             for key, ctx in self._contexts.items():
-                contexts.setdefault(key, ctx)
-            self._contexts = contexts
+                fresh = contexts.pop(key, None)
+                if fresh is not None:
+                    fresh.pending = ctx.pending
+                    merged[key] = fresh
+                elif ctx.pending:
+                    ctx.wrappers = []
+                    merged[key] = ctx
+            for key, ctx in contexts.items():
+                merged[key] = ctx
+                merged.move_to_end(key, last=False)  # stored, not recently used
+            self._contexts = merged
+            self._pending_bytes = sum(c.pending_bytes for c in merged.values())
 
     def _defaults(self) -> dict[str, Any]:
         s = self.settings
@@ -230,7 +291,7 @@ class RouteTable:
         return route
 
     def create(self, name: str, *, teacher: str | None = None, settings: dict[str, Any] | None = None, actor: str = "admin") -> Route:
-        if not _ROUTE_RE.match(name):
+        if not valid_route_name(name):
             raise BadRequest(f"Route names must match {ROUTE_NAME_PATTERN}.", param="name")
         self.ledger.upsert_route(name, teacher_model=teacher or self.settings.teacher, settings=settings or {}, origin="admin")
         self.ledger.record_event(name, "created", actor=actor, detail={"teacher": teacher})
@@ -238,8 +299,10 @@ class RouteTable:
         return self._routes[name]
 
     # -- resolution -----------------------------------------------------------------------
-    def resolve(self, body: dict[str, Any], header_route: str | None, uid: str) -> Route:
-        """The route of one request; raises UnknownRoute/BadRequest for a bad explicit name."""
+    def resolve(self, body: dict[str, Any], header_route: str | None, uid: str, *, principal: Any = None) -> Route:
+        """The route of one request. Raises UnknownRoute/BadRequest for a bad explicit name,
+        ModelNotFound for a model that is neither a route, an alias nor a configured teacher, and
+        RouteNotAllowed when the caller's key may not use the route."""
         name = header_route
         if name is None:
             meta = body.get("metadata")
@@ -249,9 +312,9 @@ class RouteTable:
                     raise BadRequest("metadata.route must be a string.", param="metadata.route")
         model = body.get("model")
         if name is None and isinstance(model, str) and model in self._aliases:
-            return self._routes[self._aliases[model]]
+            return self._check_allowed(principal, self._routes[self._aliases[model]], uid)
         if name is not None:
-            if not _ROUTE_RE.match(name):
+            if not valid_route_name(name):
                 raise BadRequest(
                     f"Invalid route name: route names must match {ROUTE_NAME_PATTERN}.", param="route"
                 )
@@ -263,28 +326,67 @@ class RouteTable:
                         "or set allow_new_routes = true.",
                         param="route",
                     )
-                route = self._add_route(name, teacher=self._teacher_for(model), origin="auto", template=None)
+                if not route_allowed(principal, Route(name=name, teacher=TeacherTarget(self.settings.teacher), origin="auto")):
+                    raise RouteNotAllowed(f"This key may not use route {name!r}.", param="route")
+                route = self._add_route(name, teacher=self.teacher_for(model), origin="auto", template=None)
+            return self._check_allowed(principal, route, uid)
+        teacher = self.teacher_for(model)  # an unknown model is refused before anything is learned from it
+        tenant = getattr(principal, "key_id", "") if self.settings.auto_routes_per_key else ""
+        route = self._resolve_auto(model if isinstance(model, str) else "", body.get("messages") or [], uid, teacher,
+                                   tenant=tenant)
+        return self._check_allowed(principal, route, uid)
+
+    def _check_allowed(self, principal: Any, route: Route, uid: str) -> Route:
+        if route_allowed(principal, route):
             return route
-        return self._resolve_auto(model if isinstance(model, str) else "", body.get("messages") or [], uid)
+        self.forget(uid)
+        raise RouteNotAllowed(f"This key may not use route {route.name!r}.", param="model")
 
-    def _teacher_for(self, model: str | None) -> str:
-        """The teacher of an automatic route: the requested model when it is a provider model, else the default."""
-        default = self.settings.teacher
-        if not model:
-            return default
-        default_provider = default.split("/", 1)[0] if "/" in default else "openai"
-        if model == default or model == default.split("/", 1)[-1]:
-            return default
-        if "/" in model:
-            return model
-        from gateway.costs import _model_cost  # the price map doubles as the list of known models
+    def teacher_for(self, model: Any) -> str:
+        """The teacher a requested model names (raises ModelNotFound; see :mod:`gateway.catalog`)."""
+        return self.catalog.resolve(model if isinstance(model, str) else None)
 
-        if model in _model_cost():
-            return f"{default_provider}/{model}"
-        return default
+    def forget(self, uid: str) -> None:
+        """Drop what was learned from request ``uid`` (it failed: nobody should learn a template from it)."""
+        with self._lock:
+            for ctx in self._contexts.values():
+                for i, (text, other) in enumerate(ctx.pending):
+                    if other == uid:
+                        del ctx.pending[i]
+                        self._pending_bytes -= _text_bytes(text)
+                        return
 
-    def _resolve_auto(self, model: str, messages: list[Any], uid: str) -> Route:
-        context_parts = [model]
+    @property
+    def template_memory(self) -> int:
+        """Bytes of prompt text held for template learning (bounded by template_memory_bytes)."""
+        return self._pending_bytes
+
+    def _remember(self, ctx: _Context, text: str, uid: str) -> None:
+        """Keep a pending text (under the lock); past template_memory_bytes, the least recently used
+        contexts lose their pending texts first (a context's learned wrappers are kept: they are
+        bounded by the routes), then this context its oldest."""
+        if len(ctx.pending) == ctx.pending.maxlen:
+            self._pending_bytes -= _text_bytes(ctx.pending[0][0])
+        ctx.pending.append((text, uid))
+        self._pending_bytes += _text_bytes(text)
+        cap = self.settings.template_memory_bytes
+        if self._pending_bytes <= cap:
+            return
+        for key in list(self._contexts):
+            if self._pending_bytes <= cap:
+                break
+            other = self._contexts[key]
+            if other is ctx:
+                continue
+            self._pending_bytes -= other.pending_bytes
+            other.pending.clear()
+            if not other.wrappers:
+                del self._contexts[key]
+        while self._pending_bytes > cap and ctx.pending:
+            self._pending_bytes -= _text_bytes(ctx.pending.popleft()[0])
+
+    def _resolve_auto(self, model: str, messages: list[Any], uid: str, teacher: str, *, tenant: str = "") -> Route:
+        context_parts = [model, f"key:{tenant}"] if tenant else [model]
         final = ""
         if messages:
             *head, last = messages
@@ -296,29 +398,32 @@ class RouteTable:
                 final = message_text(last)
         context = _digest(*context_parts)
         key = (model, context)
+        clipped = _clip(final)
         with self._lock:
             ctx = self._contexts.get(key)
             if ctx is None:
                 ctx = self._contexts[key] = _Context()
+            else:
+                self._contexts.move_to_end(key)
             for wrapper in ctx.wrappers:
-                if wrapper.matches(final):
+                if wrapper.matches(final) and wrapper.route in self._routes:
                     return self._routes[wrapper.route]
             found: tuple[str, str, str] | None = None
             for other, other_uid in ctx.pending:
-                if other == final:
+                if other == clipped:
                     continue
-                prefix, suffix = _trim_to_boundaries(*common_affixes(final, other))
+                prefix, suffix = _trim_to_boundaries(*common_affixes(clipped, other))
                 if _is_template_boundary(prefix, suffix):
                     found = (prefix, suffix, other_uid)
                     break
             if found is None:
-                ctx.pending.append((final, uid))
+                self._remember(ctx, clipped, uid)
                 bare = f"{_slug(model)}-{context}"
                 route = self._routes.get(bare)
         if found is None:
             if route is None:
                 route = self._add_route(
-                    bare, teacher=self._teacher_for(model), origin="auto",
+                    bare, teacher=teacher, origin="auto",
                     template={"kind": "auto", "model": model, "context": context, "prefix": "", "suffix": ""},
                 )
             return route
@@ -341,12 +446,16 @@ class RouteTable:
             return self._routes[generalised.route]
         name = f"{_slug(model)}-{_digest(model, context, prefix, suffix)}"
         route = self._routes.get(name) or self._add_route(
-            name, teacher=self._teacher_for(model), origin="auto",
+            name, teacher=teacher, origin="auto",
             template={"kind": "auto", "model": model, "context": context, "prefix": prefix, "suffix": suffix},
         )
+        if route.name != name:  # past max_auto_routes: everything new shares the overflow route
+            return route
         with self._lock:
             ctx.wrappers.append(_Wrapper(prefix, suffix, name))
-            ctx.pending = deque(((t, u) for t, u in ctx.pending if not (t.startswith(prefix) and t.endswith(suffix))), maxlen=PENDING_PER_CONTEXT)
+            kept = deque(((t, u) for t, u in ctx.pending if not (t.startswith(prefix) and t.endswith(suffix))), maxlen=PENDING_PER_CONTEXT)
+            self._pending_bytes += sum(_text_bytes(t) for t, _ in kept) - ctx.pending_bytes
+            ctx.pending = kept
         if self.writer is not None:
             # the request that first showed this wrapper went to the bare route: move it here
             self.writer.submit_sql("UPDATE exchanges SET route = ? WHERE uid = ?", (name, first_uid))

@@ -17,8 +17,10 @@ import orjson
 
 from gateway.auth import Principal
 from gateway.costs import PriceBook, Usage
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import GatewayError, PermissionDenied, UpstreamError
 from gateway.ledger import LedgerWriter
+from gateway.limits import estimate_prompt_tokens, requested_output_tokens
+from gateway.params import ParamPolicy, is_provider_option
 from gateway.protocol import answer_of, assemble_stream, validate_chat, validate_embeddings
 from gateway.routing import Route, RouteTable
 from gateway.teacher import TeacherClient, TeacherTarget
@@ -46,9 +48,15 @@ def _fmt_usd(value: float) -> str:
     return f"{value:.10f}".rstrip("0").rstrip(".") if value else "0"
 
 
-def _teacher_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The body the teacher gets: the client's, less what only the gateway reads."""
-    out = {k: v for k, v in body.items() if k not in ("api_key", "api_base")}
+_DEFAULT_PARAMS = ParamPolicy()
+
+
+def teacher_body(body: dict[str, Any], *, surface: str = "chat.completions", params: ParamPolicy | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The body the teacher gets (the surface's allowed fields of the client's, less what only the
+    gateway reads: ``metadata.route``), and the ``x-kdgate-ignored-params`` header when fields were
+    dropped. Raises BadRequest for a provider option (see :mod:`gateway.params`)."""
+    forwarded = (params or _DEFAULT_PARAMS).forward(surface, body)
+    out = forwarded.body
     meta = out.get("metadata")
     if isinstance(meta, dict) and "route" in meta:
         rest = {k: v for k, v in meta.items() if k != "route"}
@@ -56,11 +64,12 @@ def _teacher_body(body: dict[str, Any]) -> dict[str, Any]:
             out["metadata"] = rest
         else:
             out.pop("metadata")
-    return out
+    return out, forwarded.header()
 
 
 def _logged_request(body: dict[str, Any]) -> str:
-    return orjson.dumps({k: v for k, v in body.items() if k not in ("api_key", "api_base")}).decode()
+    """The request as the ledger stores it: no provider options (a client-sent api_key included)."""
+    return orjson.dumps({k: v for k, v in body.items() if not is_provider_option(k)}).decode()
 
 
 class ChatService:
@@ -74,8 +83,10 @@ class ChatService:
         metrics: Any = None,
         students: Any = None,
         limiter: Any = None,
+        params: ParamPolicy | None = None,
     ):
         self.limiter = limiter
+        self.params = params or _DEFAULT_PARAMS
         self.routes = routes
         self.teacher = teacher
         self.prices = prices
@@ -91,8 +102,10 @@ class ChatService:
         route: Route | None = None
         try:
             validate_chat(body)
-            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
-            self._check_limits(principal, body)
+            self.params.forward("chat.completions", body)  # refuses provider options up front
+            self._check_limits(principal, body)  # before anything is learned from the request
+            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid, principal=principal)
+            self._reserve_budget(principal, route, body, uid)
             if self.students is not None:
                 reply = await self.students.try_student(
                     route=route, body=body, principal=principal, headers=headers, uid=uid, ts=ts, t0=t0
@@ -122,11 +135,12 @@ class ChatService:
         ``on_answer(answer_text)``, if given, is awaited once the teacher's answer is known and may
         return more columns for the ledger row (the shadow student's answer and confidence).
         """
-        upstream = _teacher_body(body)
+        upstream, ignored = teacher_body(body, params=self.params)
         headers = {
             "x-kdgate-route": route.name,
             "x-kdgate-served-by": "teacher",
             "x-request-id": uid,
+            **ignored,
             **(extra_headers or {}),
         }
         if body.get("stream"):
@@ -241,17 +255,35 @@ class ChatService:
             return
         est = 0
         if principal.limits.get("tpm"):
-            from gateway.standin import count_tokens
-
-            est = sum(count_tokens(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), str))
-            inp = body.get("input")
-            est += count_tokens(inp) if isinstance(inp, str) else 0
+            est = estimate_prompt_tokens(body) + (requested_output_tokens(body) or 0)
         self.limiter.check(principal, est_tokens=est)
 
+    def _reserve_budget(self, principal: Principal, route: Route, body: dict[str, Any], uid: str) -> None:
+        """Hold the request's maximum cost against the key's budgets (released when its row is
+        recorded). A teacher without a known price cannot be budgeted: refused for keys with one."""
+        if self.limiter is None or not self.limiter.has_budget(principal):
+            return
+        prompt = estimate_prompt_tokens(body)
+        worst = 0.0
+        for target in (route.teacher, *route.fallbacks):
+            if not self.prices.prices(target.model).known:
+                raise PermissionDenied(
+                    f"The teacher {target.model} has no known price, so this key's budget cannot be kept. "
+                    f"The operator can set price_overrides.\"{target.model}\".",
+                    code="model_price_unknown",
+                )
+            out = requested_output_tokens(body) or self.prices.max_output_tokens(target.model) * int(body.get("n") or 1)
+            worst = max(worst, self.prices.cost(target.model, Usage(prompt_tokens=prompt, completion_tokens=out)))
+        self.limiter.reserve(principal, uid, worst)
+
     def record(self, row: dict[str, Any]) -> None:
-        """Every ledger row of an exchange goes through here: the key's usage is counted, then it is queued."""
+        """Every ledger row of an exchange goes through here: the key's usage is counted (and its
+        budget reservation released), then it is queued."""
         if self.limiter is not None and row.get("key_id"):
-            self.limiter.record(row["key_id"], tokens=(row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0), cost=row.get("cost_usd") or 0.0)
+            self.limiter.record(
+                row["key_id"], tokens=(row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0),
+                cost=row.get("cost_usd") or 0.0, uid=row.get("uid"),
+            )
         self.writer.submit(row)
 
     # -- embeddings -----------------------------------------------------------------------
@@ -262,10 +294,12 @@ class ChatService:
         route: Route | None = None
         try:
             validate_embeddings(body)
-            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid)
+            upstream, ignored = teacher_body(body, surface="embeddings", params=self.params)
             self._check_limits(principal, body)
-            target = TeacherTarget(model=self.routes._teacher_for(body["model"]), api_base=route.teacher.api_base)
-            resp = await self.teacher.embeddings(target, _teacher_body(body))
+            route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid, principal=principal)
+            target = TeacherTarget(model=self.routes.teacher_for(body["model"]), api_base=route.teacher.api_base)
+            self._reserve_budget(principal, route, body, uid)
+            resp = await self.teacher.embeddings(target, upstream)
         except GatewayError as exc:
             self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="embeddings")
             raise
@@ -284,7 +318,8 @@ class ChatService:
         )
         return Reply(
             body=resp.raw if resp.raw is not None else orjson.dumps(resp.body),
-            headers={"x-kdgate-route": route.name, "x-kdgate-served-by": "teacher", "x-kdgate-cost-usd": _fmt_usd(cost), "x-request-id": uid},
+            headers={"x-kdgate-route": route.name, "x-kdgate-served-by": "teacher", "x-kdgate-cost-usd": _fmt_usd(cost),
+                     "x-request-id": uid, **ignored},
         )
 
     # -- ledger rows ----------------------------------------------------------------------
@@ -337,6 +372,8 @@ class ChatService:
             request = _logged_request(body) if isinstance(body, dict) else None
         except TypeError:
             request = None
+        if route is not None:
+            self.routes.forget(uid)  # a failed request teaches no template
         self.record(
             {
                 "uid": uid, "ts": ts, "route": route.name if route else "(unrouted)", "key_id": principal.key_id,

@@ -8,6 +8,7 @@ errors with a message that names them.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,10 +16,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings", "RouteSettings", "PriceOverride", "SettingsError", "load_settings", "ROUTE_NAME_PATTERN"]
+__all__ = [
+    "Settings", "RouteSettings", "PriceOverride", "SettingsError", "load_settings", "ROUTE_NAME_PATTERN",
+    "valid_route_name", "MIN_ADMIN_KEY_CHARS",
+]
 
-ROUTE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+# Matched against the whole name (``fullmatch``): ``$`` would let a trailing newline through.
+ROUTE_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}"
+_ROUTE_NAME = re.compile(ROUTE_NAME_PATTERN)
+MIN_ADMIN_KEY_CHARS = 16
 Mode = Literal["off", "shadow", "cascade"]
+
+
+def valid_route_name(name: object) -> bool:
+    """True for a route name kdgate accepts anywhere (config, admin API, header, rename)."""
+    return isinstance(name, str) and _ROUTE_NAME.fullmatch(name) is not None
 
 
 class SettingsError(Exception):
@@ -60,6 +72,10 @@ class RouteSettings(BaseModel):
     auto_cascade: bool | None = Field(default=None, description="move shadow -> cascade when the student is good enough")
     allow_student_when_teacher_down: bool | None = None
     pii_scrub: bool | None = None
+    allowed_keys: list[str] | None = Field(
+        default=None, description="gateway key ids or names that may use this route (default: every key)")
+    train_on_allowed_keys_only: bool | None = Field(
+        default=None, description="train the route's students only on traffic of its allowed_keys")
 
 
 class Settings(BaseSettings):
@@ -85,10 +101,20 @@ class Settings(BaseSettings):
     direct_http: bool = Field(
         default=True, description="call OpenAI-compatible teachers over HTTP directly (litellm for the rest)"
     )
+    teachers: list[str] = Field(
+        default_factory=list, description="more teacher models clients may name (litellm strings), besides `teacher`")
+    model_patterns: list[str] = Field(
+        default_factory=list, description="globs of litellm model strings clients may name, e.g. 'openai/gpt-4o*'")
+    teacher_for_unknown_models: Literal["reject", "default"] = Field(
+        default="reject", description="'reject': 404 model_not_found; 'default': the default teacher answers it")
+    teacher_extra_params: list[str] = Field(
+        default_factory=list, description="request fields passed to teachers beyond OpenAI's documented ones (e.g. top_k)")
 
     # auth
     auth: bool = Field(default=True, description="require gateway keys (disable only for local use)")
     admin_key: SecretStr | None = Field(default=None, description="key for the admin API and dashboard")
+    ops_auth: bool = Field(default=False, description="/metrics and /readyz need the admin key too (/healthz never does)")
+    login_attempts_per_minute: int = Field(default=10, ge=1, description="failed dashboard logins per client address per minute")
 
     # limits
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
@@ -97,6 +123,8 @@ class Settings(BaseSettings):
     ledger_flush_ms: float = Field(default=50.0, gt=0, description="the most a crash can lose")
     ledger_batch: int = Field(default=512, gt=0)
     ledger_max_queue: int = Field(default=100_000, gt=0, description="rows waiting for the disk before they are dropped (counted)")
+    ledger_max_queue_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="bytes of rows waiting for the disk before they are dropped (counted)")
 
     # routes and routing
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
@@ -104,6 +132,10 @@ class Settings(BaseSettings):
         default=False, description="accept route names (header/metadata) that are not configured yet"
     )
     max_auto_routes: int = Field(default=1000, ge=1, description="automatic routes kept apart; past this, new ones share 'auto-overflow'")
+    auto_routes_per_key: bool = Field(
+        default=False, description="automatic routes are per gateway key: no two keys share one (or its student)")
+    template_memory_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, description="prompt text kept in memory to learn automatic routes' templates")
     default_mode: Mode = "shadow"
     default_target_agreement: float = Field(default=0.98, gt=0, le=1)
     default_shadow_rate: float = Field(default=0.05, ge=0, le=1)
@@ -122,19 +154,33 @@ class Settings(BaseSettings):
     @field_validator("routes")
     @classmethod
     def _route_names(cls, routes: dict[str, RouteSettings]) -> dict[str, RouteSettings]:
-        import re
-
         for name in routes:
-            if not re.match(ROUTE_NAME_PATTERN, name):
+            if not valid_route_name(name):
                 raise ValueError(f"route name {name!r} must match {ROUTE_NAME_PATTERN}")
         return routes
 
     @field_validator("admin_key")
     @classmethod
     def _no_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value().strip().lower() in {"", "changeme", "change-me", "secret", "admin"}:
+        if value is None:
+            return value
+        secret = value.get_secret_value().strip()
+        if secret.lower() in {"", "changeme", "change-me", "secret", "admin", "password"}:
             raise ValueError("admin_key is a placeholder; set a real secret (e.g. `openssl rand -hex 32`)")
+        if len(secret) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"admin_key is {len(secret)} characters; use at least {MIN_ADMIN_KEY_CHARS} (e.g. `openssl rand -hex 32`)")
         return value
+
+    @field_validator("teacher_extra_params")
+    @classmethod
+    def _no_provider_options(cls, names: list[str]) -> list[str]:
+        from gateway.params import is_provider_option
+
+        bad = sorted(n for n in names if is_provider_option(n))
+        if bad:
+            raise ValueError(f"provider options cannot be passed from clients: {', '.join(bad)}")
+        return names
 
     @property
     def artifacts_path(self) -> Path:

@@ -169,6 +169,15 @@ def percentile_from_buckets(counts: dict[int, int], q: float) -> float | None:
 _SINCE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([mhdw])$")
 
 
+_LATEST_SINCE = 4102444800.0  # 2100-01-01: any later start time is a mistake
+
+
+def _in_range(ts: float, given: object) -> float:
+    if not math.isfinite(ts) or not 0.0 <= ts <= _LATEST_SINCE:
+        raise ValueError(f"Cannot read since={str(given)[:80]!r}: a start time must fall between 1970 and 2100.")
+    return ts
+
+
 def parse_since(value: str | float | None, *, now: float | None = None, default: float | None = None) -> float | None:
     """A start time from ``24h``/``7d``/``30m``/``2w``, ``all``, a unix time or an ISO date (UTC).
 
@@ -178,27 +187,32 @@ def parse_since(value: str | float | None, *, now: float | None = None, default:
     if value is None or value == "":
         return default
     if isinstance(value, (int, float)):
-        return float(value)
+        return _in_range(float(value), value)
     text = value.strip().lower()
     if text == "all":
         return None
     m = _SINCE_RE.match(text)
     if m:
         unit = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
-        return now - float(m.group(1)) * unit
+        return _in_range(now - float(m.group(1)) * unit, value)
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
+    else:
+        return _in_range(number, value)
     try:
         dt = datetime.fromisoformat(value.strip())
     except ValueError:
         raise ValueError(
-            f"Cannot read since={value!r}: use a span like 24h, 7d or 30m, 'all', a unix time, or an ISO date."
+            f"Cannot read since={value[:80]!r}: use a span like 24h, 7d or 30m, 'all', a unix time, or an ISO date."
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    try:
+        return _in_range(dt.timestamp(), value)
+    except OverflowError:
+        raise ValueError(f"Cannot read since={value[:80]!r}: a start time must fall between 1970 and 2100.") from None
 
 
 def _day_start(ts: float) -> float:

@@ -494,10 +494,10 @@ class StudentRouter:
         if self._shadow_slots.locked():
             return  # never queue unbounded background spend; the sample just gets smaller under load
         async with self._shadow_slots:
-            from gateway.serving import _teacher_body
+            from gateway.serving import teacher_body
 
             try:
-                upstream = _teacher_body(body)
+                upstream = teacher_body(body, params=self.chat.params)[0]
                 upstream.pop("stream", None)
                 upstream.pop("stream_options", None)
                 resp = await self.chat.teacher.chat(route.teacher, upstream)

@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 
 from gateway.costs import load_litellm
+from gateway.params import is_provider_option
 from gateway.errors import (
     GatewayError,
     UpstreamError,
@@ -265,8 +266,11 @@ class TeacherClient:
             )
         headers = {"content-type": "application/json"}
         key = self._api_key or os.environ.get(key_var)
+        base, basic = _split_credentials(base)
         if key:
             headers["authorization"] = f"Bearer {key}"
+        elif basic:
+            headers["authorization"] = basic  # a proxy in front of the teacher, by URL credentials
         return base.rstrip("/") + path, headers
 
     async def _post(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float) -> aiohttp.ClientResponse:
@@ -285,6 +289,9 @@ class TeacherClient:
             raise UpstreamTimeout(f"The teacher did not answer within {self.timeout_s:g}s.") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(f"Could not reach the teacher ({type(exc).__name__}).") from None
+        except ValueError as exc:  # aiohttp refuses a URL it cannot use; the operator's config, not the client's fault
+            log.error("teacher %s: unusable request (%s)", target.model, exc)
+            raise UpstreamError(f"The teacher's endpoint is misconfigured ({type(exc).__name__}).") from None
         if resp.status >= 400:
             try:
                 raw = await resp.read()
@@ -343,7 +350,10 @@ class TeacherClient:
 
     # -- litellm --------------------------------------------------------------------------
     def _litellm_kwargs(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> dict[str, Any]:
-        kwargs = {k: v for k, v in body.items() if k not in ("model",)}
+        # ``body`` is already the surface's allowlist (gateway.params); provider options are filtered
+        # again here because litellm reads them from the same keyword arguments, and ``metadata`` is
+        # litellm's own (its callbacks'), not the provider's.
+        kwargs = {k: v for k, v in body.items() if k not in ("model", "metadata") and not is_provider_option(k)}
         kwargs["model"] = target.model
         if target.api_base:
             kwargs["api_base"] = target.api_base
@@ -408,6 +418,22 @@ async def _sse_events(resp: aiohttp.ClientResponse, timeout_s: float) -> AsyncIt
         resp.release()
     if buffer.strip():
         yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+
+
+def _split_credentials(base: str) -> tuple[str, str | None]:
+    """A base URL without the ``user:password@`` it may carry, and those as a Basic header."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    if parts.username is None and parts.password is None:
+        return base, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    token = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()).decode()
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), f"Basic {token}"
 
 
 def _pass_headers(headers: Any) -> dict[str, str]:

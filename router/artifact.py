@@ -20,7 +20,33 @@ from typing import Any
 
 FORMAT = "kdgate-student/1"
 
-__all__ = ["FORMAT", "ArtifactError", "sha256_file", "write_manifest", "load_manifest", "checksum", "verify_registered"]
+__all__ = [
+    "FORMAT", "ArtifactError", "sha256_file", "write_manifest", "load_manifest", "checksum", "verify_registered",
+    "artifact_dir", "new_artifact_dir",
+]
+
+
+def artifact_dir(root: str | Path, route: str, version: int) -> Path:
+    """``<root>/<slug>-<id>/v<version>``: the slug keeps the directory readable, the id (a digest of
+    the exact route name) keeps ``triage``, ``triage.`` and ``triage:`` apart, and nothing in a route
+    name can reach outside ``root``."""
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in route)[:48].strip("_") or "route"
+    digest = hashlib.sha256(route.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return Path(root) / f"{slug}-{digest}" / f"v{int(version)}"
+
+
+def new_artifact_dir(root: str | Path, route: str, version: int) -> Path:
+    """Create an empty artifact directory (0700: it holds what was learned from the route's prompts).
+    A directory left by a run that died before registering is replaced."""
+    import shutil
+
+    directory = artifact_dir(root, route, version)
+    Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(exist_ok=True, mode=0o700)
+    directory.mkdir(mode=0o700)
+    return directory
 
 
 class ArtifactError(Exception):

@@ -374,7 +374,7 @@ def distill_lm_route(
     from distiller.lm import evaluate
     from distiller.lm.data import build_examples
     from distiller.lm.registry import next_version, register_student
-    from router.artifact import write_manifest
+    from router.artifact import new_artifact_dir, write_manifest
 
     if not config.base_model:
         raise ValueError("LMTrainConfig.base_model is empty: name a Hugging Face model id or a local path.")
@@ -408,10 +408,7 @@ def distill_lm_route(
             )
         version = next_version(ledger, route)
         root = Path(artifacts_dir) if artifacts_dir else Path(ledger_path).resolve().parent / "artifacts"
-        directory = root / route / f"v{version}"
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        directory = new_artifact_dir(root, route, version)
         weights = save_student_weights(result, config, directory)
         metrics = {
             **report.metrics,

@@ -38,7 +38,8 @@ def test_label_route_learned_served_in_teacher_format(ledger, fast_config, caplo
     assert row["train_pairs"] + row["val_pairs"] == len(rows)
     assert row["curve"] and set(row["curve"][0]) == {"threshold", "coverage", "agreement", "pairs"}
     assert row["calibration"]["method"] in ("isotonic", "platt")
-    assert Path(row["artifact_path"]).parent.name == "triage"
+    # <slug>-<digest of the exact route name>: routes whose names differ only in punctuation never share one
+    assert Path(row["artifact_path"]).parent.name.startswith("triage-")
 
     student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
     labels = {r["answer"] for r in rows}
@@ -207,7 +208,8 @@ def test_encoder_fine_tuning_within_budget(ledger) -> None:
         assert (Path(row["artifact_path"]) / "encoder").is_dir()
         student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
         out = student.predict(load_fixture("sst2_small.jsonl")[0]["messages"], {})
-        assert out.text in ("positive", "negative") and out.embedding_model == "kdgate:sentiment/v1"
+        # the stored-embedding key names the version that tuned the encoder and the template it strips
+        assert out.text in ("positive", "negative") and out.embedding_model.startswith("kdgate:sentiment/v1|t=")
 
 
 def test_worker_process_stops_cleanly_on_sigterm(tmp_path) -> None:

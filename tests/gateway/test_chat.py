@@ -90,13 +90,14 @@ def test_litellm_client_through_gateway(gw_noauth):
     assert resp.choices[0].message.content == "echo: via litellm"
 
 
-def test_embeddings_pass_through_and_logged(gw_noauth):
-    client = _client(gw_noauth)
+def test_embeddings_pass_through_and_logged(make_gateway):
+    gw = make_gateway(auth=False, teachers=["openai/text-embedding-3-small"])  # the operator names it
+    client = _client(gw)
     raw = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=["a b c", "d"])
     resp = raw.parse()
     assert len(resp.data) == 2
-    gw_noauth.flush()
-    row = gw_noauth.state.ledger.exchange(raw.headers["x-request-id"])
+    gw.flush()
+    row = gw.state.ledger.exchange(raw.headers["x-request-id"])
     assert row["endpoint"] == "embeddings" and row["cost_usd"] > 0
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.params import PROVIDER_OPTIONS
 from gateway.settings import ROUTE_NAME_PATTERN
 from gateway.standin import ReplayTeacher, ServerThread
 from tests.conftest import ADMIN_KEY, echo_answer
@@ -212,7 +213,7 @@ def test_hostile_model_names_never_reach_response_headers(gw, model):
         _envelope(resp, (400, 404))
     assert "set-cookie" not in resp.headers
     route = resp.headers.get("x-kdgate-route")
-    assert route is None or re.match(ROUTE_NAME_PATTERN, route), route
+    assert route is None or re.fullmatch(ROUTE_NAME_PATTERN, route), route
     assert all("\r" not in v and "\n" not in v for v in resp.headers.values())
 
 
@@ -396,6 +397,10 @@ def test_no_secret_in_any_response_log_line_or_ledger_row(make_gateway, teacher,
         for bad in ("{oops", json.dumps({**CHAT, "n": 10**9}), b"\xff\xfe"):
             record(_post(gw, bad, headers=auth))
         record(_post(gw, CHAT, headers={**auth, "x-kdgate-route": "<script>"}))
+        for option in sorted(PROVIDER_OPTIONS):  # issue 18: provider options in a body, carrying the key
+            resp = _post(gw, {**CHAT, option: provider_key}, headers=auth)
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == option, (option, resp.text[:200])
+            record(resp)
         record(_post(gw, CHAT, headers={"authorization": f"Bearer {gw_key}x"}))
         record(_post(gw, CHAT, headers={"authorization": f"Bearer {provider_key}"}))
         record(httpx.get(gw.url + "/admin/routes", headers=auth))

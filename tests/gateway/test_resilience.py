@@ -42,10 +42,12 @@ def test_requests_per_minute_limit(make_gateway):
 def test_daily_budget_refuses_before_the_teacher_is_called(make_gateway, teacher):
     standin, _ = teacher
     gw = make_gateway()
-    created = _key(gw, budget_day_usd=1e-9)
+    created = _key(gw, budget_day_usd=1e-4)
     client = openai.OpenAI(base_url=gw.base_url, api_key=created["key"], max_retries=0)
-    client.chat.completions.create(**BODY)  # spends a little over the budget
+    client.chat.completions.create(**BODY, max_tokens=16)  # at most ~1e-5: fits the budget
     calls = standin.calls
+    # Without max_tokens the request could cost gpt-4o-mini's 16,384 output tokens (~$0.0098): more
+    # than is left, so it is refused before the teacher is called (budgets never overshoot).
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(**BODY)
     assert err.value.body["code"] == "insufficient_quota"

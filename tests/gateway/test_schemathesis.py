@@ -15,7 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.params import PROVIDER_OPTIONS
 from tests.conftest import ADMIN_KEY
+
+PROVIDER_OPTIONS_SORTED = sorted(PROVIDER_OPTIONS)
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extras: pip install 'kdgate[test]'")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -70,6 +73,15 @@ def test_every_operation_survives_generated_input(live):
             resp = case.call(base_url=live.url, headers=headers, timeout=30)
             calls[0] += 1
             _check(case, resp, problems)
+            if isinstance(case.body, dict) and case.method.upper() == "POST" and case.formatted_path.startswith("/v1/"):
+                # issue 18: the same body with a provider option in it is refused, never used
+                option = PROVIDER_OPTIONS_SORTED[calls[0] % len(PROVIDER_OPTIONS_SORTED)]
+                case.body = {**case.body, option: "http://127.0.0.1:9/steal"}
+                resp = case.call(base_url=live.url, headers=headers, timeout=30)
+                calls[0] += 1
+                _check(case, resp, problems)
+                if resp.status_code == 200:
+                    problems.append(f"200 for a body with the provider option {option!r}: {case.formatted_path}")
 
         run()
     log.warning("schemathesis: %d operations, %d cases sent (at most %d each)", operations, calls[0], MAX_EXAMPLES)

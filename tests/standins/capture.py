@@ -1,0 +1,82 @@
+"""A capture server: a real HTTP server on loopback that records every request it gets.
+
+It stands for an attacker's host in the security tests (does the gateway ever send the operator's
+provider key, or anything, to it?) and for a provider whose requests a test inspects. It answers in
+the protocol the path asks for: Anthropic's Messages (``/v1/messages``) or OpenAI's chat completions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+__all__ = ["CaptureServer", "Captured"]
+
+
+@dataclass
+class Captured:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body) if self.body else None
+
+
+@dataclass
+class CaptureServer:
+    """ASGI app; ``requests`` holds what arrived, oldest first."""
+
+    answer: str = "captured"
+    requests: list[Captured] = field(default_factory=list)
+
+    def seen(self, text: str) -> bool:
+        """Whether ``text`` appeared anywhere in a captured request (headers, path or body)."""
+        needle = text.encode()
+        for r in self.requests:
+            if needle in r.body or text in r.path or text in r.query or any(text in v for v in r.headers.values()):
+                return True
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        raw = b""
+        while True:
+            msg = await receive()
+            raw += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        self.requests.append(Captured(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), headers, raw))
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            body = {}
+        if scope["path"].endswith("/messages"):
+            reply = {
+                "id": "msg_capture", "type": "message", "role": "assistant", "model": body.get("model", "claude"),
+                "content": [{"type": "text", "text": self.answer}], "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 2},
+            }
+        else:
+            reply = {
+                "id": "chatcmpl-capture", "object": "chat.completion", "created": int(time.time()), "model": body.get("model", "m"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+            }
+        out = orjson.dumps(reply)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
+        await send({"type": "http.response.body", "body": out})
