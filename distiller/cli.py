@@ -35,7 +35,7 @@ def _config(args: argparse.Namespace) -> Any:
 def _cmd_distill(args: argparse.Namespace) -> int:
     from distiller import registry
     from distiller.config import ConfigError
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     try:
         config = _config(args)
@@ -50,8 +50,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         return worker_main(argv)
     if not args.route:
         print("error: give --route R (or --watch). Routes with teacher traffic:", file=sys.stderr)
-        for r in ledger.query("SELECT route, count(*) AS n FROM exchanges GROUP BY route ORDER BY route"):
-            print(f"  {r['route']} ({r['n']} exchanges)", file=sys.stderr)
+        for route, n in ledger.exchange_counts().items():
+            print(f"  {route} ({n} exchanges)", file=sys.stderr)
         return 2
     try:
         if args.list:
@@ -106,7 +106,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cmd_learning_curve(args: argparse.Namespace) -> int:
-    from distiller.bench_learning_curve import check_targets, format_table, run_learning_curve, write_results
+    from bench.learning_curve import check_targets, format_table, run_learning_curve, write_results
 
     config = _config(args)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None

@@ -28,6 +28,7 @@ from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_ca
 from router.artifact import artifact_dir, new_artifact_dir, write_manifest
 from router.curve import coverage_at, coverage_curve, point_at
 from router.policy import effective_threshold, wilson_upper
+from store import registry as store_registry
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +236,8 @@ def _latest_encoder(
 
 
 def _latest_finetuned(ledger: Any, route: str) -> dict[str, Any] | None:
-    """The route's newest version with a fine-tuned encoder, with ``trained_through``: the newest
-    exchange id that encoder was fine-tuned on (older versions did not record it: their newest
-    exchange, which is later, stands in)."""
-    rows = ledger.query(
-        "SELECT version, artifact_path, checksum, COALESCE(json_extract(metrics, '$.encoder_trained_through'), "
-        "json_extract(metrics, '$.last_exchange_id'), 0) AS trained_through FROM students WHERE route = ? AND "
-        "kind IN ('label', 'structured') AND json_extract(metrics, '$.encoder') = 'finetuned' "
-        "ORDER BY version DESC LIMIT 1", (route,))
-    return dict(rows[0]) if rows else None
+    """The route's newest version with a fine-tuned encoder (see :func:`store.registry.latest_finetuned`)."""
+    return store_registry.latest_finetuned(ledger, route)
 
 
 def _copy_encoder(src: Path, dst: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 from distiller import registry
 from distiller.config import ConfigError, DistillerConfig
 from distiller.pipeline import DistillReport, distill_route
+from store import registry as store_registry
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Worker:
     reports: list[DistillReport] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from gateway.ledger import Ledger
+        from store import Ledger
 
         self.ledger = Ledger(self.db_path)
         self._finetunes: dict[str, threading.Thread] = {}
@@ -63,10 +64,7 @@ class Worker:
 
     def route_names(self) -> list[str]:
         """Routes with teacher traffic (configured or discovered)."""
-        rows = self.ledger.query(
-            "SELECT DISTINCT route FROM exchanges WHERE served_by = 'teacher' AND status = 200 ORDER BY route"
-        )
-        return [r["route"] for r in rows]
+        return self.ledger.routes_with_teacher_pairs()
 
     def _state(self, route: str) -> RouteState:
         st = self.states.get(route)
@@ -84,12 +82,7 @@ class Worker:
         now = time.time() if now is None else now
         st = self._state(route)
         cfg = self.config.for_route((self.ledger.route(route) or {}).get("settings"))
-        new = int(
-            self.ledger.scalar(
-                "SELECT count(*) FROM exchanges WHERE route = ? AND id > ? AND served_by = 'teacher' AND status = 200",
-                (route, st.last_exchange_id),
-            )
-        )
+        new = self.ledger.count_exchanges(route, since_id=st.last_exchange_id, served_by="teacher", status=200)
         if new == 0:
             return False, "no new pairs"
         if st.last_run == 0.0:
@@ -180,10 +173,7 @@ class Worker:
     def _train_pairs(self, route: str, report: DistillReport) -> int:
         """The version's training pairs, counting those its validation reached back for (cascade
         mode), so the growth rule measures the route's data rather than how it was split."""
-        n = self.ledger.scalar(
-            "SELECT train_pairs + COALESCE(json_extract(metrics, '$.val_reach_back'), 0) FROM students "
-            "WHERE route = ? AND version = ?", (route, report.version))
-        return int(n or 0)
+        return store_registry.counted_train_pairs(self.ledger, route, report.version)
 
     def _wants_finetune(self, cfg: DistillerConfig, st: RouteState, report: DistillReport) -> bool:
         if cfg.finetune == "never":

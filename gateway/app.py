@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import KeyStore, Principal
-from gateway.costs import PriceBook
+from gateway.money import Money, PriceBook
 from gateway.errors import BodyTooLarge, GatewayError, UnsupportedMediaType, error_body
-from gateway.ledger import Ledger, LedgerWriter
+from store import Ledger, LedgerWriter
 from gateway.protocol import CHAT_SCHEMA, parse_json_body
 from gateway.routing import RouteTable
 from gateway.serving import ChatService, Reply
@@ -40,7 +40,7 @@ class GatewayState:
     keys: KeyStore
     routes: RouteTable
     teacher: TeacherClient
-    prices: PriceBook
+    money: Money
     chat: ChatService
     students: Any = None
     metrics: Any = None
@@ -110,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
             state.distiller.start()
         # The teacher's prices: the first lookup loads litellm's price map (most of the objects
         # frozen below); loaded here, it is not paid by the first request nor left to the collector.
-        state.prices.prices(settings.teacher)
+        state.money.prices.prices(settings.teacher)
         if state.students is not None and settings.student_backend == "embedded":
             from router.embedding import prepare_serving_process
 
@@ -367,23 +367,24 @@ def build_state(settings: Settings) -> GatewayState:
         breaker_failures=settings.breaker_failures,
         breaker_reset_s=settings.breaker_reset_s,
     )
-    prices = PriceBook(settings.price_overrides)
+    money = Money(PriceBook(settings.price_overrides), student_per_1k_tokens=settings.student_price_per_1k_tokens,
+                  student_per_gpu_hour=settings.student_price_per_gpu_hour)
     from gateway.limits import Limiter
     from gateway.metrics import Metrics
 
     metrics = Metrics(queue_depth=lambda: writer.depth)
     from gateway.params import ParamPolicy
 
-    chat = ChatService(routes=routes, teacher=teacher, prices=prices, writer=writer, limiter=Limiter(ledger), metrics=metrics,
+    chat = ChatService(routes=routes, teacher=teacher, money=money, writer=writer, limiter=Limiter(ledger), metrics=metrics,
                        params=ParamPolicy(settings.teacher_extra_params))
     state = GatewayState(
-        settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, prices=prices, chat=chat,
+        settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, money=money, chat=chat,
         metrics=metrics,
     )
     from gateway.students import StudentRouter
 
     state.students = chat.students = StudentRouter(
-        settings=settings, ledger=ledger, writer=writer, routes=routes, chat=chat, prices=prices, metrics=metrics
+        settings=settings, ledger=ledger, writer=writer, routes=routes, chat=chat, money=money, metrics=metrics
     )
     if settings.embedded_distiller:
         state.distiller = DistillerProcess(settings)

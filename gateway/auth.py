@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from gateway.ledger import Ledger
+from store import Ledger
 
 __all__ = ["KeyStore", "Principal", "create_key", "hash_key", "bearer_token"]
 

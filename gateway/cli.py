@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- keys -----------------------------------------------------------------------------------
 def cmd_keys(args: argparse.Namespace) -> int:
     from gateway.auth import create_key
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     ledger = Ledger(_settings(args).db)
     if args.action == "create":
@@ -132,7 +132,7 @@ def _routes_arg(value: str | None) -> list[str] | None:
 
 # -- routes ---------------------------------------------------------------------------------
 def cmd_routes(args: argparse.Namespace) -> int:
-    from gateway.ledger import Ledger
+    from store import Ledger
     from gateway.routing import RouteTable
 
     settings = _settings(args)
@@ -190,8 +190,8 @@ def cmd_routes(args: argparse.Namespace) -> int:
         return 0
     view = {"name": route.name, "teacher": route.teacher.model, "origin": route.origin, "settings": route.settings,
             "exchanges": ledger.count_exchanges(route.name), "template": (ledger.route(route.name) or {}).get("template")}
-    students = ledger.query("SELECT version, kind, status, metrics FROM students WHERE route = ? ORDER BY version", (route.name,))
-    view["students"] = [{**s, "metrics": json.loads(s["metrics"] or "{}")} for s in students]
+    view["students"] = [{k: s[k] for k in ("version", "kind", "status", "metrics")}
+                        for s in reversed(ledger.student_versions(route.name))]
     if args.json:
         print(json.dumps(view, indent=2))
     else:
@@ -279,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks; results under bench/results/")
     bsub = bench.add_subparsers(dest="bench", required=True)
-    from gateway.bench_overhead import register as register_overhead
+    from bench.overhead import register as register_overhead
 
     register_overhead(bsub)
-    for module in ("gateway.replay", "distiller.cli", "distiller.lm.cli", "gateway.stats_cli", "gateway.bench_robust"):
+    for module in ("bench.replay", "distiller.cli", "distiller.lm.cli", "gateway.stats_cli", "bench.robust", "bench.dashboard"):
         _register(module, sub, bsub)
     return parser
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import html
-import json
 import logging
 import secrets
 import threading
@@ -549,7 +548,7 @@ def build_stats_router() -> APIRouter:
         _route_or_404(request, name)
         # The registry's rows are changed through the store API; the gateway never imports the
         # distiller. The artifact is verified first, as the distiller's own promotion does.
-        from gateway.ledger import StudentRefused
+        from store import StudentRefused
         from router.artifact import verify_registered
 
         reason, event = ("dashboard", "student.promoted") if action == "promote" else ("rollback", "student.rollback")
@@ -673,7 +672,7 @@ class DistillerRunTail:
     def __init__(self, ledger: Any, metrics: Metrics):
         self.ledger = ledger
         self.metrics = metrics
-        self.last_id = int(ledger.scalar("SELECT coalesce(max(id), 0) FROM route_events") or 0)
+        self.last_id = ledger.max_event_id()
         self._lock = threading.Lock()
 
     def poll(self) -> int:
@@ -682,13 +681,11 @@ class DistillerRunTail:
             return self._poll()
 
     def _poll(self) -> int:
-        rows = self.ledger.query(
-            "SELECT id, route, detail FROM route_events WHERE id > ? AND kind = ? ORDER BY id", (self.last_id, self.KIND)
-        )
+        rows = self.ledger.events_since(self.last_id, self.KIND)
         for row in rows:
             self.last_id = max(self.last_id, int(row["id"]))
             try:
-                detail = json.loads(row["detail"] or "{}")
+                detail = row["detail"]
                 seconds = float(detail.get("seconds", 0.0))
                 ok = bool(detail.get("ok", detail.get("status") != "failed"))
             except (ValueError, TypeError, AttributeError):

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import re
 import threading
-import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalog import TeacherCatalog
 from gateway.errors import BadRequest, RouteNotAllowed, UnknownRoute
-from gateway.ledger import Ledger, LedgerWriter
+from store import Ledger, LedgerWriter
 from gateway.settings import ROUTE_NAME_PATTERN, RouteSettings, Settings, valid_route_name
 from gateway.teacher import TeacherTarget
+from router.text import message_text
 
 __all__ = ["Route", "RouteTable", "message_text", "common_affixes", "route_allowed", "catalog_for"]
 
@@ -48,18 +47,6 @@ def _clip(text: str) -> str:
 def _text_bytes(text: str) -> int:
     """About what a str costs in memory (CPython stores 1, 2 or 4 bytes per character)."""
     return 64 + len(text) * (1 if text.isascii() else 4)
-
-
-def message_text(message: dict[str, Any]) -> str:
-    """The text of a chat message, whether its content is a string or a list of parts."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(
-            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
 
 
 def common_affixes(a: str, b: str) -> tuple[str, str]:
@@ -441,8 +428,8 @@ class RouteTable:
         if generalised is not None:
             template = {"kind": "auto", "model": model, "context": context, "prefix": prefix, "suffix": suffix}
             if self.writer is not None:
-                self.writer.submit_sql("UPDATE routes SET template = ? WHERE name = ?", (json.dumps(template), generalised.route))
-                self.writer.submit_sql("UPDATE exchanges SET route = ? WHERE uid = ?", (generalised.route, first_uid))
+                self.writer.set_route_template(generalised.route, template)
+                self.writer.move_exchange(first_uid, generalised.route)
             return self._routes[generalised.route]
         name = f"{_slug(model)}-{_digest(model, context, prefix, suffix)}"
         route = self._routes.get(name) or self._add_route(
@@ -458,7 +445,7 @@ class RouteTable:
             ctx.pending = kept
         if self.writer is not None:
             # the request that first showed this wrapper went to the bare route: move it here
-            self.writer.submit_sql("UPDATE exchanges SET route = ? WHERE uid = ?", (name, first_uid))
+            self.writer.move_exchange(first_uid, name)
         return route
 
     def _add_route(self, name: str, *, teacher: str, origin: str, template: dict[str, Any] | None) -> Route:
@@ -480,15 +467,8 @@ class RouteTable:
             if existing is not None:
                 return existing
             self._routes[name] = route
-        now = time.time()
-        sql = (
-            "INSERT OR IGNORE INTO routes (name, teacher_model, settings, template, origin, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)"
-        )
-        params = (name, teacher, "{}", json.dumps(template) if template else None, origin, now, now)
         if self.writer is not None:
-            self.writer.submit_sql(sql, params)
+            self.writer.add_route(name, teacher_model=teacher, template=template, origin=origin)
         else:
-            with self.ledger.conn:
-                self.ledger.conn.execute(sql, params)
+            self.ledger.add_route(name, teacher_model=teacher, template=template, origin=origin)
         return route

@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 
 from gateway.auth import Principal
-from gateway.costs import PriceBook, Usage
+from gateway.money import Money, Usage, format_usd
 from gateway.errors import GatewayError, PermissionDenied, UpstreamError
-from gateway.ledger import LedgerWriter
+from store import LedgerWriter
 from gateway.limits import estimate_prompt_tokens, requested_output_tokens
 from gateway.params import ParamPolicy, is_provider_option
 from gateway.protocol import answer_of, assemble_stream, validate_chat, validate_embeddings
@@ -42,10 +42,6 @@ class Reply:
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def _fmt_usd(value: float) -> str:
-    return f"{value:.10f}".rstrip("0").rstrip(".") if value else "0"
 
 
 _DEFAULT_PARAMS = ParamPolicy()
@@ -78,7 +74,7 @@ class ChatService:
         *,
         routes: RouteTable,
         teacher: TeacherClient,
-        prices: PriceBook,
+        money: Money,
         writer: LedgerWriter,
         metrics: Any = None,
         students: Any = None,
@@ -89,7 +85,7 @@ class ChatService:
         self.params = params or _DEFAULT_PARAMS
         self.routes = routes
         self.teacher = teacher
-        self.prices = prices
+        self.money = money
         self.writer = writer
         self.metrics = metrics
         self.students = students  # router hook (gateway.students.StudentRouter) when enabled
@@ -151,8 +147,8 @@ class ChatService:
         if on_answer is not None:
             extra_row = {**(extra_row or {}), **(await on_answer(answer_of(resp.body)[0]) or {})}
         usage = Usage.from_openai(resp.body.get("usage"))
-        cost = self.prices.cost(target.model, usage)
-        headers["x-kdgate-cost-usd"] = _fmt_usd(cost)
+        cost = self.money.teacher_cost(target.model, usage)
+        headers["x-kdgate-cost-usd"] = format_usd(cost)
         headers.update(resp.headers)
         if target is not route.teacher:
             headers["x-kdgate-teacher"] = target.model
@@ -221,7 +217,7 @@ class ChatService:
                 await stream.aclose()
                 response = assemble_stream(chunks)
                 usage = Usage.from_openai(response.get("usage"))
-                cost = self.prices.cost(target.model, usage)
+                cost = self.money.teacher_cost(target.model, usage)
                 if error is None and not response["choices"]:
                     error = UpstreamError("The teacher's stream ended without an answer.")
                 extra = dict(extra_row or {})
@@ -266,14 +262,14 @@ class ChatService:
         prompt = estimate_prompt_tokens(body)
         worst = 0.0
         for target in (route.teacher, *route.fallbacks):
-            if not self.prices.prices(target.model).known:
+            if not self.money.known(target.model):
                 raise PermissionDenied(
                     f"The teacher {target.model} has no known price, so this key's budget cannot be kept. "
                     f"The operator can set price_overrides.\"{target.model}\".",
                     code="model_price_unknown",
                 )
-            out = requested_output_tokens(body) or self.prices.max_output_tokens(target.model) * int(body.get("n") or 1)
-            worst = max(worst, self.prices.cost(target.model, Usage(prompt_tokens=prompt, completion_tokens=out)))
+            worst = max(worst, self.money.max_cost(target.model, prompt_tokens=prompt, completion_tokens=requested_output_tokens(body),
+                                                   n=int(body.get("n") or 1)))
         self.limiter.reserve(principal, uid, worst)
 
     def record(self, row: dict[str, Any]) -> None:
@@ -304,7 +300,7 @@ class ChatService:
             self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="embeddings")
             raise
         usage = Usage.from_openai(resp.body.get("usage"))
-        cost = self.prices.cost(target.model, usage)
+        cost = self.money.teacher_cost(target.model, usage)
         summary = {k: v for k, v in resp.body.items() if k != "data"}
         summary["data_count"] = len(resp.body.get("data") or [])
         self.record(
@@ -318,7 +314,7 @@ class ChatService:
         )
         return Reply(
             body=resp.raw if resp.raw is not None else orjson.dumps(resp.body),
-            headers={"x-kdgate-route": route.name, "x-kdgate-served-by": "teacher", "x-kdgate-cost-usd": _fmt_usd(cost),
+            headers={"x-kdgate-route": route.name, "x-kdgate-served-by": "teacher", "x-kdgate-cost-usd": format_usd(cost),
                      "x-request-id": uid, **ignored},
         )
 

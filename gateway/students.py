@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 
 from gateway.auth import Principal
-from gateway.costs import PriceBook, Usage
+from gateway.money import Money, TokenRatios, Usage, estimate_tokens, format_usd, saved
 from gateway.errors import GatewayError
-from gateway.ledger import Ledger, LedgerWriter
+from store import Ledger, LedgerWriter
 from gateway.routing import Route, RouteTable, message_text
-from gateway.serving import ChatService, Reply, _fmt_usd, _logged_request
+from gateway.serving import ChatService, Reply, _logged_request
 from gateway.settings import Settings
 from router.policy import (
     NEVER,
@@ -53,10 +53,9 @@ class LiveStudent:
     student: Any
     metrics: dict[str, Any]
     curve: list[dict[str, float]]
-    # tokens per character of the route's teacher traffic, to price what the teacher would have charged
     val_pairs: int | None = None
-    prompt_tokens_per_char: float = 0.25
-    completion_tokens_per_char: float = 0.25
+    # tokens per character of the route's teacher traffic, to price what the teacher would have charged
+    ratios: TokenRatios = field(default_factory=TokenRatios)
     batcher: "_Batcher | None" = None
 
 
@@ -125,7 +124,7 @@ class StudentRouter:
         writer: LedgerWriter,
         routes: RouteTable,
         chat: ChatService,
-        prices: PriceBook,
+        money: Money,
         metrics: Any = None,
     ):
         self.settings = settings
@@ -133,7 +132,7 @@ class StudentRouter:
         self.writer = writer
         self.routes = routes
         self.chat = chat
-        self.prices = prices
+        self.money = money
         self.metrics = metrics
         self.live: dict[str, LiveStudent] = {}
         self.state: dict[str, _RouteState] = {}
@@ -171,10 +170,7 @@ class StudentRouter:
 
     async def refresh(self) -> None:
         """Load newly promoted versions (hot swap); the old version serves until the new one is ready."""
-        rows = await asyncio.to_thread(
-            self.ledger.query,
-            "SELECT route, version, kind, checksum, artifact_path, metrics, curve, val_pairs FROM students WHERE status = 'live'",
-        )
+        rows = await asyncio.to_thread(self.ledger.live_students)
         wanted = {r["route"]: r for r in rows}
         for route_name, row in wanted.items():
             key = (row["version"], row["checksum"])
@@ -233,24 +229,16 @@ class StudentRouter:
         student = load_student(row["artifact_path"], expected_checksum=row["checksum"], **options)
         if hasattr(student, "warm"):
             student.warm()
-        ratios = self.ledger.query(
-            "SELECT sum(prompt_tokens) AS pt, sum(length(request)) AS pc, sum(completion_tokens) AS ct, sum(length(answer)) AS cc "
-            "FROM (SELECT prompt_tokens, request, completion_tokens, answer FROM exchanges "
-            "WHERE route = ? AND served_by = 'teacher' AND status = 200 AND prompt_tokens > 0 AND completion_tokens > 0 "
-            "ORDER BY id DESC LIMIT 2000)",
-            (row["route"],),
-        )[0]
         return LiveStudent(
             route=row["route"],
             version=int(row["version"]),
             kind=row["kind"],
             checksum=row["checksum"],
             student=student,
-            metrics=orjson.loads(row["metrics"] or "{}"),
-            curve=orjson.loads(row["curve"] or "[]"),
+            metrics=row["metrics"],
+            curve=row["curve"],
             val_pairs=row.get("val_pairs"),  # the bound's evidence for curves stored without "pairs"
-            prompt_tokens_per_char=(ratios["pt"] / ratios["pc"]) if ratios["pc"] else 0.25,
-            completion_tokens_per_char=(ratios["ct"] / ratios["cc"]) if ratios["cc"] else 0.25,
+            ratios=TokenRatios.from_sums(**self.ledger.token_ratios(row["route"])),
         )
 
     def _apply_settings(self, route_name: str) -> None:
@@ -411,14 +399,11 @@ class StudentRouter:
         n = int(body.get("n") or 1)
         prompt_chars = sum(len(message_text(m)) for m in body["messages"] if isinstance(m, dict))
         # the teacher's counts are estimated from the route's own tokens-per-character ratio
-        est_prompt = max(1, round(prompt_chars * live.prompt_tokens_per_char)) if not out.prompt_tokens else out.prompt_tokens
-        est_completion = max(1, round(len(out.text) * live.completion_tokens_per_char)) if not out.completion_tokens else out.completion_tokens
-        counterfactual = self.prices.cost(route.teacher.model, Usage(prompt_tokens=est_prompt, completion_tokens=est_completion * n))
+        est_prompt = out.prompt_tokens or estimate_tokens(prompt_chars, live.ratios.prompt)
+        est_completion = out.completion_tokens or estimate_tokens(len(out.text), live.ratios.completion)
+        counterfactual = self.money.counterfactual(route.teacher.model, prompt_tokens=est_prompt, completion_tokens=est_completion * n)
         latency_s = time.perf_counter() - t0
-        cost = (
-            self.settings.student_price_per_1k_tokens * (est_prompt + est_completion * n) / 1000.0
-            + self.settings.student_price_per_gpu_hour * latency_s / 3600.0
-        )
+        cost = self.money.student_cost(tokens=est_prompt + est_completion * n, seconds=latency_s)
         usage = {
             "prompt_tokens": est_prompt,
             "completion_tokens": est_completion * n,
@@ -438,8 +423,8 @@ class StudentRouter:
             "x-kdgate-served-by": "student",
             "x-kdgate-confidence": f"{out.confidence:.4f}",
             "x-kdgate-student-version": str(live.version),
-            "x-kdgate-cost-usd": _fmt_usd(cost),
-            "x-kdgate-saved-usd": _fmt_usd(counterfactual - cost),
+            "x-kdgate-cost-usd": format_usd(cost),
+            "x-kdgate-saved-usd": format_usd(saved(counterfactual, cost)),
             "x-request-id": uid,
         }
         response = {
@@ -507,16 +492,15 @@ class StudentRouter:
             from gateway.protocol import answer_of
 
             teacher_answer = answer_of(resp.body)[0]
-            cost = self.prices.cost(route.teacher.model, Usage.from_openai(resp.body.get("usage")))
-            self.writer.submit_sql("UPDATE exchanges SET cost_usd = cost_usd + ? WHERE uid = ?", (cost, uid))
+            # the check's cost goes on its own row only (gateway.money: counted once)
+            cost = self.money.check_cost(route.teacher.model, Usage.from_openai(resp.body.get("usage")))
             self._record_check(route, live, uid, student_answer, teacher_answer, answers_agree(student_answer, teacher_answer), cost=cost, in_cascade=True)
 
     def _record_check(self, route: Route, live: LiveStudent, uid: str, student_answer: str | None, teacher_answer: str | None, agree: bool, *, cost: float, in_cascade: bool) -> None:
-        self.writer.submit_sql(
-            "INSERT INTO shadow_checks (ts, route, exchange_uid, student_version, student_answer, teacher_answer, agree, cost_usd)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (time.time(), route.name, uid, live.version, student_answer, teacher_answer, int(agree), cost),
-        )
+        self.writer.submit_check({
+            "ts": time.time(), "route": route.name, "exchange_uid": uid, "student_version": live.version,
+            "student_answer": student_answer, "teacher_answer": teacher_answer, "agree": int(agree), "cost_usd": cost,
+        })
         if not in_cascade:
             return
         st = self.state.setdefault(route.name, _RouteState())

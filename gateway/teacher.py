@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.costs import load_litellm
+from gateway.money import load_litellm
 from gateway.params import is_provider_option
 from gateway.errors import (
     GatewayError,

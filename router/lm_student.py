@@ -33,6 +33,7 @@ import numpy as np
 
 from router.artifact import load_manifest
 from router.student import Student, StudentError, StudentOutput, register_kind
+from router.text import message_text
 
 __all__ = [
     "FEATURE_NAMES",
@@ -131,14 +132,7 @@ class Calibrator:
 
 def prompt_text(messages: Sequence[dict[str, Any]]) -> str:
     """What varies in a request: its user turns (the system prompt is the route's constant)."""
-    parts = []
-    for m in messages:
-        if m.get("role") == "user":
-            content = m.get("content")
-            if isinstance(content, list):  # OpenAI content parts
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            parts.append(str(content or ""))
-    return "\n".join(parts)
+    return "\n".join(message_text(m) for m in messages if m.get("role") == "user")
 
 
 def embed_prompts(texts: Sequence[str], model: str) -> np.ndarray:

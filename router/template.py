@@ -20,27 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.text import message_text
+
 __all__ = ["Template", "Slot", "learn_template", "message_text", "scrub_pii"]
 
 Messages = Sequence[dict[str, Any]]
-
-
-def message_text(message: dict[str, Any]) -> str:
-    """The text of one chat message (string content, or the text parts of a content list)."""
-    content = message.get("content")
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text":
-                parts.append(str(part.get("text", "")))
-            elif isinstance(part, str):
-                parts.append(part)
-        return "\n".join(parts)
-    return str(content)
 
 
 @dataclass

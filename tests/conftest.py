@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _k in [k for k in os.environ if k.startswith("KDGATE_")]:
     del os.environ[_k]
 
-from gateway.standin import ReplayTeacher, ServerThread  # noqa: E402
+from bench.standin import ReplayTeacher, ServerThread  # noqa: E402
 
 ADMIN_KEY = "test-admin-" + "a" * 32
 

@@ -5,7 +5,7 @@ transformers inside their functions. Public entry points:
 
 - :class:`distiller.lm.config.LMTrainConfig` and :func:`distiller.lm.config.preset`
 - :func:`distiller.lm.train.distill_lm_route` (ledger route -> registered ``lm`` student)
-- :func:`distiller.lm.bench.run_lm_student_bench` (``kdgate bench lm-student``)
+- :func:`bench.lm_student.run_lm_student_bench` (``kdgate bench lm-student``)
 """
 
 __all__ = ["LMTrainConfig", "preset", "ConfigError"]

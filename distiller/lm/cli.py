@@ -28,7 +28,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from distiller.lm.bench import run_lm_student_bench
+    from bench.lm_student import run_lm_student_bench
     from distiller.lm.config import ConfigError
 
     try:
@@ -94,10 +94,10 @@ def gpu_check(sizes: tuple[str, ...] = ("tiny", "small"), examples: int = 480) -
 
     import torch
 
-    from distiller.lm import synthetic
+    from bench import synthetic
     from distiller.lm.config import preset
     from distiller.lm.data import build_examples
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
     from distiller.lm.train import train_lm
 
     items = synthetic.examples(examples)

@@ -106,7 +106,7 @@ class LMTrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The locally built tiny model (distiller.lm.tiny): full fine-tuning from random init, on CPU.
+    # The locally built tiny model (bench.tiny): full fine-tuning from random init, on CPU.
     "tiny-cpu": dict(
         method="full",
         epochs=15.0,

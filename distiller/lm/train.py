@@ -369,7 +369,7 @@ def distill_lm_route(
     "distillation", "train_pairs", "val_pairs", "train_seconds"}``. ``judge(messages, teacher,
     student) -> (agree, cost_usd)`` optionally asks the teacher to judge ``config.judge_sample`` pairs.
     """
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     from distiller.lm import evaluate
     from distiller.lm.data import build_examples

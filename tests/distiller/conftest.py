@@ -63,7 +63,7 @@ def seed_exchanges(
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Any:
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     led = Ledger(tmp_path / "kdgate.db")
     yield led

@@ -13,6 +13,7 @@ from distiller.detect import detect_task, soft_label_distribution
 from distiller.pipeline import distill_route
 from distiller.train import prepare_targets
 from tests.distiller.conftest import seed_exchanges
+from tests.sql import sql_value
 
 SYSTEM = "You label support tickets. Answer with one word."
 
@@ -61,7 +62,7 @@ def test_route_with_three_pairs_is_refused_clearly(ledger, fast_config) -> None:
     assert report.status == "insufficient"
     assert (report.have, report.need) == (3, 50)
     assert "3 usable teacher pair(s)" in report.message and "at least 50" in report.message
-    assert ledger.scalar("SELECT count(*) FROM students") == 0
+    assert sql_value(ledger, "SELECT count(*) FROM students") == 0
     assert ledger.events("tiny")[0]["kind"] == "distill.insufficient"
     with pytest.raises(NotEnoughData):
         load_route_dataset(ledger, "tiny", fast_config)

@@ -1,5 +1,5 @@
 """A free-text route distilled end to end: ledger -> tiny LM student -> registry -> embedded serving
--> the gateway. The teacher is the synthetic templated rewrite (distiller.lm.synthetic)."""
+-> the gateway. The teacher is the synthetic templated rewrite (bench.synthetic)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from distiller.lm import synthetic
+from bench import synthetic
+from tests.sql import sql_rows
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +22,9 @@ ROUTE = "orders"
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     from distiller.lm.config import LMTrainConfig
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
     from distiller.lm.train import distill_lm_route
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     root = tmp_path_factory.mktemp("lm-e2e")
     train = synthetic.examples(960, seed=0)
@@ -43,7 +44,7 @@ def test_the_route_is_distilled_registered_and_promoted(distilled):
     for key in ("agreement", "coverage_at_target", "target_agreement", "threshold_at_target", "ece"):
         assert key in s["metrics"]
     assert s["metrics"]["agreement"] >= 0.95 and s["metrics"]["coverage_at_target"] > 0.5
-    row = distilled["ledger"].query("SELECT * FROM students WHERE route = ?", (ROUTE,))[0]
+    row = sql_rows(distilled["ledger"], "SELECT * FROM students WHERE route = ?", (ROUTE,))[0]
     assert row["kind"] == "lm" and row["checksum"] == s["checksum"]
     assert json.loads(row["curve"]) and json.loads(row["calibration"])["kind"] in ("logistic", "constant")
     manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])

@@ -6,13 +6,14 @@ import dataclasses
 
 import pytest
 
-from distiller.lm import synthetic
+from bench import synthetic
 from distiller.lm.config import preset
+from tests.sql import sql_value
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
 
     items = synthetic.examples(200)
     corpus = [f"{synthetic.SYSTEM_PROMPT} {e.messages[-1]['content']} {e.answer}" for e in items]
@@ -23,7 +24,7 @@ def _examples(base, n=32, teacher_logprobs=False):
     from transformers import AutoTokenizer
 
     from distiller.lm.data import build_examples
-    from gateway.ledger import Pair
+    from store import Pair
 
     tok = AutoTokenizer.from_pretrained(base)
     items = synthetic.examples(n, seed=11)
@@ -104,7 +105,7 @@ def test_distill_records_token_kl_judge_cost_and_keeps_a_weak_student_as_candida
 
     from distiller.lm.config import LMTrainConfig
     from distiller.lm.train import distill_lm_route
-    from gateway.ledger import Ledger
+    from store import Ledger
     from router.artifact import load_manifest
 
     tok = AutoTokenizer.from_pretrained(base)
@@ -132,4 +133,4 @@ def test_distill_records_token_kl_judge_cost_and_keeps_a_weak_student_as_candida
     assert len(calls) == 4 and summary["metrics"]["judge_cost_usd"] == pytest.approx(0.008)
     manifest = load_manifest(summary["artifact_path"], expected_checksum=summary["checksum"])
     assert manifest["distillation"] == "token-kl" and manifest["kind"] == "lm"
-    assert ledger.scalar("SELECT status FROM students WHERE route = 'r'") == "candidate"
+    assert sql_value(ledger, "SELECT status FROM students WHERE route = 'r'") == "candidate"

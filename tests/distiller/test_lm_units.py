@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from distiller.lm import synthetic
+from bench import synthetic
 from distiller.lm.config import ConfigError, LMTrainConfig, preset
+from tests.sql import sql_value
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def test_from_dict_overrides_a_preset():
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
 
     items = synthetic.examples(200)
     corpus = [f"{synthetic.SYSTEM_PROMPT} {e.messages[-1]['content']} {e.answer}" for e in items]
@@ -166,7 +167,7 @@ def test_long_answers_agree_by_embedding_cosine(monkeypatch):
 # -- registry gate ------------------------------------------------------------------------------
 def test_promotion_gate(tmp_path):
     from distiller.lm.registry import live_student, next_version, register_student
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     from router.artifact import write_manifest
 
@@ -189,4 +190,4 @@ def test_promotion_gate(tmp_path):
     assert add(0.4) == "candidate"
     assert add(0.7) == "live"
     assert live_student(ledger, "r")["version"] == 4
-    assert ledger.scalar("SELECT status FROM students WHERE version = 2") == "retired"
+    assert sql_value(ledger, "SELECT status FROM students WHERE version = 2") == "retired"

@@ -17,6 +17,7 @@ from distiller.pipeline import GateResult, distill_route
 from router.artifact import ArtifactError
 from router.student import load_student
 from tests.distiller.conftest import load_fixture, seed_exchanges
+from tests.sql import sql_rows, sql_value
 
 METRIC_KEYS = {"agreement", "coverage_at_target", "target_agreement", "threshold_at_target", "ece"}
 
@@ -48,18 +49,18 @@ def test_label_route_learned_served_in_teacher_format(ledger, fast_config, caplo
     assert sum(o.text == r["answer"] for o, r in zip(outs, rows)) >= 17
     assert len(outs[0].embedding) == 384 * 4 and outs[0].embedding_model.startswith("all-MiniLM-L6-v2|t=")
     # the stored embedding of an exchange is the one the student computes for the same request
-    stored = ledger.query("SELECT vector FROM embeddings WHERE exchange_id = 1 AND model = ?",
+    stored = sql_rows(ledger, "SELECT vector FROM embeddings WHERE exchange_id = 1 AND model = ?",
                           (outs[0].embedding_model,))[0]["vector"]
     assert np.allclose(np.frombuffer(stored, "<f4"), np.frombuffer(outs[0].embedding, "<f4"), atol=1e-4)
 
     # retraining reuses the stored embeddings: nothing is embedded again
-    n_vectors = ledger.scalar("SELECT count(*) FROM embeddings")
+    n_vectors = sql_value(ledger, "SELECT count(*) FROM embeddings")
     assert n_vectors == len(rows)
     with caplog.at_level(logging.INFO, logger="distiller.pipeline"):
         again = distill_route(ledger, "triage", fast_config)
     assert again.version == 2
     assert not any("new exchanges" in r.getMessage() for r in caplog.records)
-    assert ledger.scalar("SELECT count(*) FROM embeddings") == n_vectors
+    assert sql_value(ledger, "SELECT count(*) FROM embeddings") == n_vectors
 
 
 def test_structured_route_answers_in_the_teachers_exact_format(ledger, fast_config) -> None:
@@ -148,7 +149,7 @@ def test_free_text_route_is_recorded_not_trained(ledger, fast_config) -> None:
     assert report.status == "free_text" and "LM student" in report.message
     event = ledger.events("poems")[0]
     assert event["kind"] == "distill.detect" and event["detail"]["kind"] == "free_text"
-    assert ledger.scalar("SELECT count(*) FROM students") == 0
+    assert sql_value(ledger, "SELECT count(*) FROM students") == 0
 
 
 def test_worker_picks_up_new_pairs(ledger, fast_config) -> None:
@@ -173,7 +174,7 @@ def test_worker_picks_up_new_pairs(ledger, fast_config) -> None:
 
 
 def test_learning_curve_bench_on_a_tiny_stream(tmp_path) -> None:
-    from distiller.bench_learning_curve import format_table, run_learning_curve, write_results
+    from bench.learning_curve import format_table, run_learning_curve, write_results
     from tests.distiller.conftest import FIXTURES
 
     result = run_learning_curve([FIXTURES / "banking77_small.jsonl"], sizes=[60, 120, 10_000],
@@ -311,7 +312,7 @@ def test_shadow_checks_join_the_dataset_weighted_by_their_sampling_rate(ledger, 
     seed_exchanges(ledger, "triage", served)
     with ledger.conn:
         ledger.conn.execute("UPDATE exchanges SET student_version = 1 WHERE served_by = 'student'")
-        uids = [r["uid"] for r in ledger.query("SELECT uid FROM exchanges WHERE served_by = 'student' ORDER BY id LIMIT 4")]
+        uids = [r["uid"] for r in sql_rows(ledger, "SELECT uid FROM exchanges WHERE served_by = 'student' ORDER BY id LIMIT 4")]
         for uid, r in zip(uids, rows[100:104]):
             ledger.conn.execute(
                 "INSERT INTO shadow_checks (ts, route, exchange_uid, student_version, student_answer, teacher_answer, agree)"
@@ -340,7 +341,7 @@ def test_head_retrain_reuses_the_live_fine_tuned_encoder(ledger) -> None:
     again = distill_route(ledger, "sentiment", tune.with_overrides({"finetune": "never"}))
     history = again.metrics["history"]
     assert [h["encoder"] for h in history] == ["frozen", f"finetuned (v{first.version}'s, reused)"]
-    stored = ledger.scalar("SELECT count(*) FROM embeddings WHERE model LIKE ?", (f"kdgate:sentiment/v{first.version}|t=%",))
+    stored = sql_value(ledger, "SELECT count(*) FROM embeddings WHERE model LIKE ?", (f"kdgate:sentiment/v{first.version}|t=%",))
     assert stored == 170  # every pair embedded once with the reused encoder
     if again.metrics["encoder"] == "finetuned":  # the reused encoder won: its weights are linked, not copied
         assert again.metrics["encoder_origin"] == first.version

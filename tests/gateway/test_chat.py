@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from gateway.auth import create_key
+from tests.sql import sql_rows
 
 
 def _client(gw, key: str | None = None, **kw) -> openai.OpenAI:
@@ -74,14 +75,14 @@ async def test_async_client_and_parameters_pass_through(gw_noauth, teacher):
     assert len(resp.choices) == 2
     assert resp.choices[0].logprobs.content[0].top_logprobs
     gw_noauth.flush()
-    row = gw_noauth.state.ledger.query("SELECT * FROM exchanges ORDER BY id DESC LIMIT 1")[0]
+    row = sql_rows(gw_noauth.state.ledger, "SELECT * FROM exchanges ORDER BY id DESC LIMIT 1")[0]
     assert json.loads(row["teacher_logprobs"])[0]["token"].startswith("echo")
     assert json.loads(row["request"])["seed"] == 7
     await client.close()
 
 
 def test_litellm_client_through_gateway(gw_noauth):
-    from gateway.costs import load_litellm
+    from gateway.money import load_litellm
 
     litellm = load_litellm()
     resp = litellm.completion(
@@ -115,5 +116,5 @@ def test_auth_required_and_keys_work(make_gateway):
     resp = _client(gw, key).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     assert resp.choices[0].message.content == "echo: x"
     gw.flush()
-    row = gw.state.ledger.query("SELECT key_id FROM exchanges ORDER BY id DESC LIMIT 1")[0]
+    row = sql_rows(gw.state.ledger, "SELECT key_id FROM exchanges ORDER BY id DESC LIMIT 1")[0]
     assert row["key_id"].startswith("key_")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.costs import PriceBook, Usage
+from gateway.money import PriceBook, Usage
 from gateway.settings import PriceOverride
 
 
@@ -37,7 +37,7 @@ def test_gateway_startup_loads_the_price_map_and_freezes_it_out_of_the_collector
     (about 300k objects, nothing to free) stalled the event loop for 115-135 ms every 0.7 s."""
     import gc
 
-    from gateway import costs
+    from gateway import money as costs
 
     gc.unfreeze()
     costs._model_cost.cache_clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.bench_robust import run_crash
+from bench.robust import run_crash
 
 pytestmark = pytest.mark.slow
 

@@ -14,6 +14,7 @@ import pytest
 from gateway.auth import create_key
 from gateway.dashboard import CSRF_HEADER, SESSION_COOKIE
 from tests.conftest import ADMIN_KEY, Gateway
+from tests.sql import sql_rows, sql_value
 
 ROUTE = "bank"
 CURVE = [
@@ -133,7 +134,7 @@ def test_every_admin_endpoint_refuses_no_key_and_gateway_key(dash, method, path,
     assert resp.status_code == 403
     resp = httpx.request(method, dash.url + path, json=body, headers={"authorization": "Bearer wrong-" + "b" * 30})
     assert resp.status_code == 401
-    live = dash.state.ledger.query("SELECT version FROM students WHERE route = ? AND status = 'live'", (ROUTE,))
+    live = sql_rows(dash.state.ledger, "SELECT version FROM students WHERE route = ? AND status = 'live'", (ROUTE,))
     assert live == [{"version": 2}]  # nothing changed
     assert dash.state.routes.get(ROUTE).settings.get("threshold") is None
 
@@ -224,11 +225,11 @@ def test_overview_matches_the_ledger(dash):
     resp = httpx.get(dash.url + "/admin/overview?bucket=hour&since=24h", headers=admin(dash))
     assert resp.status_code == 200, resp.text
     ov = resp.json()
-    sums = dash.state.ledger.query(
+    sums = sql_rows(dash.state.ledger, 
         "SELECT count(*) AS n, total(counterfactual_usd) AS cf, total(cost_usd) AS cost,"
         " sum(status = 200 AND served_by = 'student') AS student FROM exchanges"
     )[0]
-    shadow_cost = dash.state.ledger.scalar("SELECT total(cost_usd) FROM shadow_checks")
+    shadow_cost = sql_value(dash.state.ledger, "SELECT total(cost_usd) FROM shadow_checks")
     t = ov["totals"]
     assert t["requests"] == sums["n"] == 31
     assert t["student"] == sums["student"] == 20
@@ -291,7 +292,7 @@ def test_versions_promote_and_rollback(dash):
     assert resp.status_code == 200 and resp.json() == {"route": ROUTE, "version": 3, "status": "live", "action": "promote"}
     resp = httpx.post(dash.url + f"/admin/routes/{ROUTE}/rollback/2", headers=admin(dash))
     assert resp.status_code == 200 and resp.json()["action"] == "rollback"
-    statuses = dict((r["version"], r["status"]) for r in dash.state.ledger.query(
+    statuses = dict((r["version"], r["status"]) for r in sql_rows(dash.state.ledger, 
         "SELECT version, status FROM students WHERE route = ?", (ROUTE,)))
     assert statuses == {1: "retired", 2: "live", 3: "retired"}
     kinds = [(e["kind"], e["actor"], e["detail"]["version"]) for e in dash.state.ledger.events(ROUTE)[:2]]
@@ -305,7 +306,7 @@ def test_promotion_refuses_a_tampered_artifact(dash):
     (art / "head.bin").write_bytes(b"tampered")
     resp = httpx.post(dash.url + f"/admin/routes/{ROUTE}/promote/3", headers=admin(dash))
     assert resp.status_code == 409
-    assert dash.state.ledger.scalar("SELECT version FROM students WHERE route = ? AND status = 'live'", (ROUTE,)) == 2
+    assert sql_value(dash.state.ledger, "SELECT version FROM students WHERE route = ? AND status = 'live'", (ROUTE,)) == 2
 
 
 def test_recent_exchanges_return_prompts_as_data_and_shadows_side_by_side(dash):

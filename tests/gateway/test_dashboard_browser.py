@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import ADMIN_KEY
 from tests.gateway.test_dashboard_api import make_dash_gateway, seed_route  # noqa: F401  (fixture)
+from tests.sql import sql_rows, sql_value
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -145,11 +146,11 @@ def test_dashboard_end_to_end_in_chromium(make_dash_gateway, browser):  # noqa: 
 
     # the overview shows the ledger's numbers
     ledger = gw.state.ledger
-    sums = ledger.query(
+    sums = sql_rows(ledger, 
         "SELECT count(*) AS n, total(counterfactual_usd) AS cf, total(cost_usd) AS cost,"
         " sum(status = 200 AND served_by = 'student') AS student FROM exchanges"
     )[0]
-    shadow_cost = ledger.scalar("SELECT total(cost_usd) FROM shadow_checks")
+    shadow_cost = sql_value(ledger, "SELECT total(cost_usd) FROM shadow_checks")
     shown = lambda sel: float(page.get_attribute(sel, "data-value"))  # noqa: E731
     assert shown("#requests") == sums["n"]
     assert page.inner_text("#requests") == f"{sums['n']:,}"

@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_KEY
+from tests.sql import sql_rows
 
 
 def _post(gw, body: bytes | str, *, headers: dict | None = None, path: str = "/v1/chat/completions") -> httpx.Response:
@@ -66,7 +67,7 @@ def test_upstream_failures_are_mapped_and_logged(gw, teacher, fault, status):
         assert resp.headers.get("retry-after") == "1"
     standin.fault = None
     gw.flush()
-    row = gw.state.ledger.query("SELECT status, error FROM exchanges ORDER BY id DESC LIMIT 1")[0]
+    row = sql_rows(gw.state.ledger, "SELECT status, error FROM exchanges ORDER BY id DESC LIMIT 1")[0]
     assert row["status"] == status and row["error"]
 
 
@@ -108,7 +109,7 @@ def test_provider_key_never_leaks(make_gateway, teacher, tmp_path):
     standin.fault = None
     gw.flush()
     assert not any(secret in t for t in texts)
-    dump = "\n".join(str(r) for r in gw.state.ledger.query("SELECT * FROM exchanges"))
+    dump = "\n".join(str(r) for r in sql_rows(gw.state.ledger, "SELECT * FROM exchanges"))
     assert secret not in dump
 
 

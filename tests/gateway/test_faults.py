@@ -18,8 +18,9 @@ import orjson
 import pytest
 
 from gateway.settings import Settings
-from gateway.standin import ReplayTeacher, ServerThread, free_port
+from bench.standin import ReplayTeacher, ServerThread, free_port
 from tests.conftest import echo_answer
+from tests.sql import sql_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _envelope(resp: httpx.Response, status: int) -> dict[str, Any]:
 
 def _last_row(gw: Any) -> dict[str, Any]:
     gw.flush()
-    rows = gw.state.ledger.query("SELECT * FROM exchanges ORDER BY id DESC LIMIT 1")
+    rows = sql_rows(gw.state.ledger, "SELECT * FROM exchanges ORDER BY id DESC LIMIT 1")
     assert rows, "no ledger row was written"
     return rows[0]
 
@@ -246,7 +247,7 @@ def test_gateway_serves_normally_after_every_fault(make_gateway, teacher):
     resp = _post(gw, CHAT)
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "echo: fault probe"
     gw.flush()
-    statuses = [r["status"] for r in gw.state.ledger.query("SELECT status FROM exchanges ORDER BY id")]
+    statuses = [r["status"] for r in sql_rows(gw.state.ledger, "SELECT status FROM exchanges ORDER BY id")]
     assert statuses == [504, 500, 503, 429, 502, 502, 200]
     ready = httpx.get(gw.url + "/readyz")
     assert ready.status_code == 200

@@ -19,8 +19,9 @@ import pytest
 
 from gateway.params import PROVIDER_OPTIONS
 from gateway.settings import ROUTE_NAME_PATTERN
-from gateway.standin import ReplayTeacher, ServerThread
+from bench.standin import ReplayTeacher, ServerThread
 from tests.conftest import ADMIN_KEY, echo_answer
+from tests.sql import sql_value
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ def test_sql_and_script_route_names_are_400(make_gateway, name, where):
         resp = _post(gw, {**CHAT, "metadata": {"route": name}})
     err = _envelope(resp, 400)
     assert err["param"] == "route" and name not in err["message"]
-    assert gw.state.ledger.scalar("SELECT count(*) FROM sqlite_master WHERE name = 'exchanges'") == 1
+    assert sql_value(gw.state.ledger, "SELECT count(*) FROM sqlite_master WHERE name = 'exchanges'") == 1
     assert name not in [r["name"] for r in gw.state.ledger.routes()]
 
 
@@ -256,7 +257,7 @@ def test_sql_and_script_prompts_are_stored_verbatim_and_returned_as_data(gw, str
             assert resp.headers["content-type"] == "application/json"
             assert resp.json()["choices"][0]["message"]["content"] == f"echo: {prompt}"
     gw.flush()
-    assert gw.state.ledger.scalar("SELECT count(*) FROM sqlite_master WHERE name IN ('exchanges', 'api_keys', 'routes')") == 3
+    assert sql_value(gw.state.ledger, "SELECT count(*) FROM sqlite_master WHERE name IN ('exchanges', 'api_keys', 'routes')") == 3
     for uid, prompt in zip(uids, prompts):
         row = gw.state.ledger.exchange(uid)
         assert row is not None and row["status"] == 200

@@ -7,7 +7,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.costs import Usage
+from gateway.money import Usage
 from gateway.metrics import Metrics
 from tests.gateway.test_dashboard_api import make_dash_gateway  # noqa: F401  (fixture)
 

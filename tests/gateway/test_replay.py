@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.replay import demo_stream, replay_metrics, run_replay
+from bench.replay import demo_stream, replay_metrics, run_replay
 
 
 def _case():
@@ -44,7 +44,7 @@ def test_replay_metrics_add_up():
 
 
 def test_replay_distiller_settings_are_checked_before_anything_starts():
-    from gateway.replay import _distiller_overrides
+    from bench.replay import _distiller_overrides
 
     assert _distiller_overrides('{"min_val_checks": 150}') == {"min_val_checks": 150}
     assert _distiller_overrides(None) == {}
@@ -82,8 +82,8 @@ def test_score_versions_reads_each_version_against_the_streams_answers(tmp_path)
     from distiller import registry
     from distiller.config import DistillerConfig
     from distiller.pipeline import distill_route
-    from gateway.ledger import Ledger
-    from gateway.replay import score_versions
+    from store import Ledger
+    from bench.replay import score_versions
     from tests.distiller.conftest import load_fixture, seed_exchanges
 
     rows = load_fixture("banking77_small.jsonl")

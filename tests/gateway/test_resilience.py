@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from gateway.ledger import Ledger, LedgerWriter
-from gateway.standin import ReplayTeacher, ServerThread
+from store import Ledger, LedgerWriter
+from bench.standin import ReplayTeacher, ServerThread
 from tests.conftest import ADMIN_KEY
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}

@@ -22,9 +22,10 @@ import pytest
 
 from gateway.auth import create_key
 from gateway.settings import SettingsError, load_settings
-from gateway.standin import ServerThread
+from bench.standin import ServerThread
 from tests.conftest import ADMIN_KEY
 from tests.standins.capture import CaptureServer
+from tests.sql import sql_value
 
 ANTHROPIC_CANARY = "sk-ant-canary-" + "c" * 24
 OPENAI_CANARY = "sk-openai-canary-" + "o" * 24
@@ -122,8 +123,8 @@ def test_mock_response_cannot_poison_a_route_for_free(make_gateway):
                       "mock_response": "refund_request"}, key)
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "mock_response"
     gw.flush()
-    assert gw.state.ledger.scalar("SELECT count(*) FROM exchanges WHERE answer = 'refund_request'") == 0
-    assert gw.state.ledger.scalar("SELECT count(*) FROM exchanges WHERE status = 200") == 0
+    assert sql_value(gw.state.ledger, "SELECT count(*) FROM exchanges WHERE answer = 'refund_request'") == 0
+    assert sql_value(gw.state.ledger, "SELECT count(*) FROM exchanges WHERE status = 200") == 0
 
 
 def test_provider_options_never_reach_an_openai_compatible_teacher(make_gateway, teacher):
@@ -192,7 +193,7 @@ def test_concurrent_requests_cannot_overshoot_a_budget(make_gateway, teacher):
         t.join()
     assert sorted(results).count(200) >= 1 and set(results) <= {200, 429}
     gw.flush()
-    spent = gw.state.ledger.scalar("SELECT sum(cost_usd) FROM exchanges WHERE status = 200")
+    spent = sql_value(gw.state.ledger, "SELECT sum(cost_usd) FROM exchanges WHERE status = 200")
     assert spent <= budget, (spent, results)
 
 
@@ -354,7 +355,7 @@ def test_readyz_and_metrics_can_be_closed_and_never_show_credentials(make_gatewa
 
 
 def test_ledger_and_artifacts_are_private(tmp_path):
-    from gateway.ledger import Ledger
+    from store import Ledger
     from router.artifact import artifact_dir, new_artifact_dir
 
     ledger = Ledger(tmp_path / "sub" / "ledger.db")
@@ -379,7 +380,7 @@ def test_route_names_are_matched_whole(make_gateway):
 
 def test_cli_rename_validates_and_output_escapes_control_characters(tmp_path, capsys):
     from gateway.cli import main
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     db = str(tmp_path / "ledger.db")
     assert main(["routes", "create", "triage", "--db", db]) == 0
@@ -413,7 +414,7 @@ def test_the_admin_key_must_be_long_enough():
 @pytest.mark.slow
 def test_scrubbing_on_the_serving_path_cannot_stall_the_gateway(tmp_path):
     from gateway.app import create_app
-    from gateway.standin import ReplayTeacher, messages_key
+    from bench.standin import ReplayTeacher, messages_key
     from tests.gateway.test_router_e2e import SYSTEM, _dataset, _train_and_wait_for_cascade
 
     data = _dataset()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger import Ledger
+from store import Ledger
 from gateway.stats import Stats, latency_bucket, parse_since, percentile_from_buckets
+from tests.sql import sql_rows, sql_value
 
 NOW = datetime(2026, 3, 15, 12, 30, tzinfo=timezone.utc).timestamp()
 
@@ -56,12 +57,12 @@ def write(ledger: Ledger, n: int, *, start: float, end: float, seed: int = 1, ro
 
 def brute(ledger: Ledger, since: float | None = None) -> dict:
     cond = "" if since is None else f" WHERE ts >= {int(since // 3600 * 3600)}"
-    e = ledger.query(
+    e = sql_rows(ledger, 
         "SELECT count(*) AS n, sum(status = 200 AND served_by = 'student') AS student,"
         " sum(served_by = 'teacher' AND confidence IS NOT NULL) AS escalated, total(cost_usd) AS cost,"
         f" total(counterfactual_usd) AS cf FROM exchanges{cond}"
     )[0]
-    s = ledger.query(f"SELECT count(*) AS n, total(agree) AS agree, total(cost_usd) AS cost FROM shadow_checks{cond}")[0]
+    s = sql_rows(ledger, f"SELECT count(*) AS n, total(agree) AS agree, total(cost_usd) AS cost FROM shadow_checks{cond}")[0]
     return {"requests": e["n"], "student": e["student"] or 0, "escalated": e["escalated"] or 0,
             "teacher_only_usd": e["cf"], "actual_usd": e["cost"] + s["cost"], "saved_usd": e["cf"] - e["cost"] - s["cost"],
             "shadow_checks": s["n"], "agree": s["agree"]}
@@ -82,7 +83,7 @@ def test_overview_matches_brute_force_and_catches_up_incrementally(ledger):
     assert sum(p["requests"] for p in ov["series"]) == 600
     # new rows are folded in on the next read, and only they are read
     write(ledger, 150, start=NOW - 1800, end=NOW, seed=2)
-    assert stats.refresh() == 150 + ledger.scalar("SELECT count(*) FROM shadow_checks WHERE ts >= ?", (NOW - 1800,))
+    assert stats.refresh() == 150 + sql_value(ledger, "SELECT count(*) FROM shadow_checks WHERE ts >= ?", (NOW - 1800,))
     ov = stats.overview(bucket="hour", since=NOW - 86400, now=NOW)
     assert_totals(ov["totals"], brute(ledger))
     assert_totals(ov["range"], brute(ledger, NOW - 86400))
@@ -118,7 +119,7 @@ def test_routes_table_matches_brute_force(ledger):
     rows = {r["route"]: r for r in Stats(ledger).routes_table(settings={"a": {"mode": "cascade"}, "z": {"mode": "off"}})}
     assert set(rows) == {"a", "b", "c", "z"} and rows["z"]["requests"] == 0 and rows["a"]["mode"] == "cascade"
     for name in ("a", "b", "c"):
-        r = ledger.query(
+        r = sql_rows(ledger, 
             "SELECT count(*) AS n, sum(status = 200 AND served_by = 'student') AS st,"
             " sum(served_by = 'teacher' AND confidence IS NOT NULL) AS esc FROM exchanges WHERE route = ?", (name,))[0]
         row = rows[name]
@@ -126,7 +127,7 @@ def test_routes_table_matches_brute_force(ledger):
         assert row["student_share"] == pytest.approx(r["st"] / r["n"])
         assert row["escalation_rate"] == pytest.approx(r["esc"] / (r["st"] + r["esc"]))
         for served in ("student", "teacher"):
-            lat = sorted(x["latency_ms"] for x in ledger.query(
+            lat = sorted(x["latency_ms"] for x in sql_rows(ledger, 
                 "SELECT latency_ms FROM exchanges WHERE route = ? AND served_by = ? AND status = 200", (name, served)))
             exact_p50, exact_p95 = lat[len(lat) // 2], lat[int(0.95 * (len(lat) - 1))]
             assert row[f"{served}_p50_ms"] == pytest.approx(exact_p50, rel=0.12)
@@ -162,7 +163,8 @@ def test_parse_since_refuses_nonsense():
 
 
 def _parser():
-    from gateway.stats_cli import register, register_bench
+    from bench.dashboard import register_bench
+    from gateway.stats_cli import register
 
     parser = argparse.ArgumentParser(prog="kdgate")
     parser.add_argument("--config")

@@ -11,9 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from distiller.lm import synthetic
+from bench import synthetic
 from distiller.lm.config import preset
-from gateway.standin import ServerThread
+from bench.standin import ServerThread
 from router.lm_student import logprob_features
 from tests.standins.vllm_standin import create_vllm_standin
 
@@ -26,9 +26,9 @@ def artifact(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from distiller.lm.data import build_examples
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
     from distiller.lm.train import save_student_weights, train_lm
-    from gateway.ledger import Pair
+    from store import Pair
     from router.artifact import write_manifest
     from router.lm_student import Calibrator
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from distiller.lm import synthetic
+from bench import synthetic
 from distiller.lm.config import LMTrainConfig, preset
 
 __all__ = ["run_lm_student_bench", "measure_predict_latency", "measure_gateway_latency"]
@@ -64,7 +64,7 @@ def measure_gateway_latency(ledger_path: Path, items: list[synthetic.SyntheticEx
 
     from gateway.app import create_app
     from gateway.settings import load_settings
-    from gateway.standin import ReplayTeacher, ServerThread
+    from bench.standin import ReplayTeacher, ServerThread
 
     teacher = ReplayTeacher(fallback=_teacher_from_body, model="gpt-4o-mini")
     with ServerThread(teacher) as tserver:
@@ -116,11 +116,11 @@ def run_lm_student_bench(
 ) -> dict[str, Any]:
     """Run the synthetic LM-student bench; writes and returns
     ``{"exact_agreement", "auroc", "train_seconds", "student_p50_ms", ...details}``."""
-    from gateway.ledger import Ledger
+    from store import Ledger
     from router.student import load_student
 
     from distiller.lm.evaluate import auroc, normalize
-    from distiller.lm.tiny import build_tiny_model
+    from bench.tiny import build_tiny_model
     from distiller.lm.train import distill_lm_route, torch_threads
 
     t_start = time.perf_counter()

@@ -1,6 +1,6 @@
 """``kdgate bench soak`` and ``kdgate bench crash``: load held, memory over time, exchanges lost.
 
-Both spawn the stand-in teacher (``python -m gateway.standin``) and ``kdgate serve`` as child processes
+Both spawn the stand-in teacher (``python -m bench.standin``) and ``kdgate serve`` as child processes
 on loopback and drive the gateway with an aiohttp client in this process, one connection per worker,
 each worker looping requests. Every answered request's ``x-request-id`` is kept and looked up in the
 ledger afterwards.
@@ -9,7 +9,7 @@ ledger afterwards.
   then SIGTERM (a clean stop drains the ledger queue) and every answered exchange must be in the ledger.
 - crash: load for ``--seconds``, then SIGKILL. An exchange answered before the last flush window
   (``ledger_flush_ms`` x 2 + a margin, see :data:`FLUSH_MARGIN_S`) must be in the ledger; one answered
-  within it may be lost. The database must pass ``PRAGMA integrity_check`` and the gateway must start
+  within it may be lost. The database must pass SQLite's integrity check and the gateway must start
   again on it.
 
 The teacher is a stand-in (no paid API here) and results say so.
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ class Stack:
     """The stand-in teacher and ``kdgate serve`` (no distiller) as child processes on loopback."""
 
     def __init__(self, workdir: Path, *, flush_ms: float = 50.0, dataset: Path | None = None, student: bool = False):
-        from gateway.standin import free_port
+        from bench.standin import free_port
 
         self.dataset = dataset
         self.student = student
@@ -59,7 +58,7 @@ class Stack:
         self.flush_ms = flush_ms
         self.teacher_port = free_port()
         self.port = free_port()
-        from gateway.procs import child_env
+        from bench.procs import child_env
 
         extra = {"KDGATE_EMBEDDED_DISTILLER": "true" if student else "false"}
         if student:  # a load test, not a quality test: let the student take over quickly
@@ -74,16 +73,16 @@ class Stack:
         return f"http://127.0.0.1:{self.port}"
 
     def start_teacher(self) -> None:
-        from gateway.procs import spawn, wait_http
+        from bench.procs import spawn, wait_http
 
-        cmd = [sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"]
+        cmd = [sys.executable, "-m", "bench.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"]
         if self.dataset is not None:
             cmd += ["--dataset", str(self.dataset)]
         self.teacher = spawn(cmd, self.env, self.workdir / "teacher.log")
         wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
 
     def start_gateway(self) -> None:
-        from gateway.procs import spawn, wait_http
+        from bench.procs import spawn, wait_http
 
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--teacher", "openai/gpt-4o-mini",
                "--teacher-api-base", f"http://127.0.0.1:{self.teacher_port}/v1", "--db", str(self.db),
@@ -92,12 +91,12 @@ class Stack:
         wait_http(self.url + "/readyz", proc=self.gateway)
 
     def stop_gateway(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        from gateway.procs import stop
+        from bench.procs import stop
 
         return None if self.gateway is None else stop(self.gateway, sig=sig, timeout=timeout)
 
     def stop(self) -> None:
-        from gateway.procs import stop
+        from bench.procs import stop
 
         self.stop_gateway()
         if self.teacher is not None:
@@ -160,20 +159,23 @@ async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int 
 
 
 def _ledger_uids(db: Path) -> set[str]:
-    conn = sqlite3.connect(str(db), timeout=30)
+    from store import Ledger
+
+    ledger = Ledger(db)
     try:
-        return {row[0] for row in conn.execute("SELECT uid FROM exchanges")}
+        return ledger.uids()
     finally:
-        conn.close()
+        ledger.close()
 
 
 def _integrity(db: Path) -> tuple[bool, str]:
-    conn = sqlite3.connect(str(db), timeout=30)
+    from store import Ledger
+
+    ledger = Ledger(db)
     try:
-        result = conn.execute("PRAGMA integrity_check").fetchall()
+        text = "; ".join(ledger.integrity_check())
     finally:
-        conn.close()
-    text = "; ".join(str(r[0]) for r in result)
+        ledger.close()
     return text == "ok", text
 
 
@@ -228,7 +230,7 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
     teacher requests (more while no student is in cascade mode) lets the embedded distiller train a
     student, and the load then runs against a route in cascade mode (student answers and escalations to the stand-in teacher).
     """
-    from gateway.replay import demo_stream
+    from bench.replay import demo_stream
 
     workdir = Path(tempfile.mkdtemp(prefix="kdgate-soak-"))
     rows = demo_stream() if student else []
@@ -285,8 +287,8 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
         "student_version": live.get("version"),
         "gateway_exit_code": code,
         "integrity_ok": ok,
-        "teacher": "stand-in OpenAI-compatible server (gateway.standin) replaying the bundled banking77 stream, loopback"
-        if student else "stand-in OpenAI-compatible server (gateway.standin), loopback",
+        "teacher": "stand-in OpenAI-compatible server (bench.standin) replaying the bundled banking77 stream, loopback"
+        if student else "stand-in OpenAI-compatible server (bench.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write(results, "soak", out)
@@ -358,7 +360,7 @@ def run_crash(
         "connections": connections,
         "lost_sample": lost_before[:10],
         "lost_oldest_ms_before_kill": round(max((t_kill - t for u, t in answered if u not in in_ledger), default=0.0) * 1000),
-        "teacher": "stand-in OpenAI-compatible server (gateway.standin), loopback",
+        "teacher": "stand-in OpenAI-compatible server (bench.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write(results, "crash", out, results_dir)

@@ -238,7 +238,7 @@ class ServerThread:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.standin --port P [--dataset PATH] [--model M]``: serve a stand-in teacher."""
+    """``python -m bench.standin --port P [--dataset PATH] [--model M]``: serve a stand-in teacher."""
     import argparse
 
     import uvicorn

@@ -67,9 +67,9 @@ async def _measure(url: str, *, requests_c1: int, seconds_c32: float, headers: d
 
 
 def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float = 10.0, include_litellm: bool = True) -> dict[str, Any]:
-    from gateway.standin import free_port
+    from bench.standin import free_port
 
-    from gateway.procs import child_env, spawn as _spawn, stop as _stop, wait_http
+    from bench.procs import child_env, spawn as _spawn, stop as _stop, wait_http
 
     tmp = Path(tempfile.mkdtemp(prefix="kdgate-bench-"))
     env = child_env()
@@ -77,7 +77,7 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
     results: dict[str, Any] = {}
     try:
         up_port = free_port()
-        procs.append(_spawn([sys.executable, "-m", "gateway.standin", "--port", str(up_port), "--model", "gpt-4o-mini"], env, tmp / "upstream.log"))
+        procs.append(_spawn([sys.executable, "-m", "bench.standin", "--port", str(up_port), "--model", "gpt-4o-mini"], env, tmp / "upstream.log"))
         upstream = f"http://127.0.0.1:{up_port}/v1"
         wait_http(upstream + "/models", proc=procs[-1])
 
@@ -124,7 +124,7 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
         if results.get("litellm"):
             results["litellm_added_p50_ms_c1"] = round(results["litellm"]["p50_ms_c1"] - d["p50_ms_c1"], 3)
             results["kdgate_vs_litellm_rps"] = round(k["rps"] / max(results["litellm"]["rps"], 1e-9), 2)
-    results["upstream"] = "stand-in OpenAI-compatible server (gateway.standin), loopback"
+    results["upstream"] = "stand-in OpenAI-compatible server (bench.standin), loopback"
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     Path("bench/results").mkdir(parents=True, exist_ok=True)
     Path("bench/results/overhead.json").write_text(json.dumps(results, indent=2))

@@ -81,7 +81,7 @@ def seed_ledger(
     teacher_logprobs: Any = None,
     start_ts: float | None = None,
 ) -> None:
-    """Insert ``items`` into a :class:`gateway.ledger.Ledger` as successful teacher exchanges.
+    """Insert ``items`` into a :class:`store.Ledger` as successful teacher exchanges.
 
     ``teacher_logprobs`` is an optional callable ``answer -> list`` of OpenAI logprob entries
     (to simulate a teacher that returned ``top_logprobs``). Timestamps increase one second apart,
@@ -92,30 +92,13 @@ def seed_ledger(
     for i, ex in enumerate(items):
         request = {"messages": ex.messages, "model": route, "temperature": 0}
         lp = teacher_logprobs(ex.answer) if teacher_logprobs is not None else None
-        rows.append(
-            (
-                uuid.uuid4().hex,
-                t0 + i,
-                route,
-                "",
-                "chat.completions",
-                route,
-                teacher_model,
-                json.dumps(request),
-                ex.answer,
-                "stop",
-                200,
-                "teacher",
-                json.dumps(lp) if lp is not None else None,
-                # usage as a provider reports it (about 4 characters a token)
-                max(1, sum(len(m["content"]) for m in ex.messages) // 4),
-                max(1, len(ex.answer) // 4),
-            )
-        )
-    with ledger.conn:
-        ledger.conn.executemany(
-            "INSERT INTO exchanges (uid, ts, route, key_id, endpoint, model, teacher_model, request, answer,"
-            " finish_reason, status, served_by, teacher_logprobs, prompt_tokens, completion_tokens)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
+        rows.append({
+            "uid": uuid.uuid4().hex, "ts": t0 + i, "route": route, "key_id": "", "endpoint": "chat.completions",
+            "model": route, "teacher_model": teacher_model, "request": json.dumps(request), "answer": ex.answer,
+            "finish_reason": "stop", "status": 200, "served_by": "teacher",
+            "teacher_logprobs": json.dumps(lp) if lp is not None else None,
+            # usage as a provider reports it (about 4 characters a token)
+            "prompt_tokens": max(1, sum(len(m["content"]) for m in ex.messages) // 4),
+            "completion_tokens": max(1, len(ex.answer) // 4),
+        })
+    ledger.insert_rows("exchanges", rows)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the tiny (~0.14M) and small (~25M parameter) LM students on CPU and on CUDA for a fixed number
 # of steps and print the speed-up. Under 3 minutes on one GPU machine. No downloads.
-#   distiller/lm/gpu_check.sh            (from the repository root, with kdgate's dependencies installed)
+#   bench/gpu_check.sh            (from the repository root, with kdgate's dependencies installed)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

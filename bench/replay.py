@@ -1,6 +1,6 @@
 """``kdgate bench replay`` and ``kdgate demo``: a request stream through the live gateway.
 
-The teacher is the stand-in replay server (``gateway.standin``), which answers each request with the
+The teacher is the stand-in replay server (``bench.standin``), which answers each request with the
 stream's ``answer`` and reports usage, so the gateway prices it at a real model's rates (gpt-4o by
 default). The gateway runs as it does in production (``kdgate serve`` with its embedded distiller, in
 their own processes); requests go through the official ``openai`` client. Agreement is with the
@@ -43,7 +43,7 @@ def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, An
 
 def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
     """The bundled banking77 stream (CC BY 4.0), prompts built on the fly."""
-    data = resources.files("gateway") / "data"
+    data = resources.files("bench") / "data"
     system = (data / "banking77_system_prompt.txt").read_text()
     rows = []
     with gzip.open(str(data / "banking77.csv.gz"), "rt", newline="") as fh:
@@ -58,13 +58,13 @@ class ReplayStack:
     """The stand-in teacher and ``kdgate serve`` (with its embedded distiller) as child processes."""
 
     def __init__(self, stream_path: Path, workdir: Path, *, teacher_model: str, port: int | None, distiller: dict[str, Any], admin_key: str | None, route_settings: dict[str, Any]):
-        from gateway.standin import free_port
+        from bench.standin import free_port
 
         self.workdir = workdir
         self.teacher_port = free_port()
         self.port = port or free_port()
         self.db = workdir / "kdgate.db"
-        from gateway.procs import child_env
+        from bench.procs import child_env
 
         self.env = child_env()
         config = workdir / "kdgate.toml"
@@ -85,9 +85,9 @@ class ReplayStack:
         self.procs: list[subprocess.Popen] = []
 
     def start(self) -> None:
-        from gateway.procs import spawn, wait_http
+        from bench.procs import spawn, wait_http
 
-        self.procs.append(spawn([sys.executable, "-m", "gateway.standin", "--port", str(self.teacher_port), "--dataset", str(self.stream_path),
+        self.procs.append(spawn([sys.executable, "-m", "bench.standin", "--port", str(self.teacher_port), "--dataset", str(self.stream_path),
                                  "--model", self.teacher_model], self.env, self.workdir / "teacher.log"))
         wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.procs[-1])
         self.procs.append(spawn([sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"], self.env, self.workdir / "gateway.log"))
@@ -98,7 +98,7 @@ class ReplayStack:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def stop(self) -> None:
-        from gateway.procs import stop
+        from bench.procs import stop
 
         for proc in reversed(self.procs):
             stop(proc)  # SIGTERM: the gateway drains its ledger queue and stops the distiller
@@ -276,27 +276,28 @@ def run_replay(
 
         time.sleep(0.5)  # one ledger flush window
         urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/healthz").read()
-    from gateway.ledger import Ledger
+    from store import Ledger
 
     ledger = Ledger(stack.db)
     deadline = time.monotonic() + 30
     uids = [s["uid"] for s in sent]
     while True:  # a running gateway writes within its flush window
-        found = ledger.scalar("SELECT count(*) FROM exchanges WHERE route = 'replay' AND endpoint = 'chat.completions' AND status = 200")
+        found = ledger.count_exchanges("replay", endpoint="chat.completions", status=200)
         if found >= len(uids) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    by_uid = {r["uid"]: r for r in ledger.query("SELECT uid, cost_usd, counterfactual_usd, confidence, student_answer, served_by FROM exchanges WHERE route = 'replay'")}
-    versions = ledger.query("SELECT version, status, train_pairs, metrics FROM students WHERE route = 'replay' ORDER BY version")
+    by_uid = {r["uid"]: r for r in ledger.exchange_rows(
+        "replay", columns=("uid", "cost_usd", "counterfactual_usd", "confidence", "student_answer", "served_by"))}
+    versions = list(reversed(ledger.student_versions("replay")))
     latency = {}
     for who in ("student", "teacher"):
-        vals = sorted(r["latency_ms"] for r in ledger.query("SELECT latency_ms FROM exchanges WHERE route = 'replay' AND served_by = ? AND status = 200", (who,)))
+        vals = sorted(r["latency_ms"] for r in ledger.exchange_rows("replay", columns=("latency_ms",), served_by=who, status=200))
         latency[f"{who}_p50_ms"] = round(vals[len(vals) // 2], 2) if vals else None
         latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
     metrics = replay_metrics(rows, sent, by_uid)
-    live = ledger.query("SELECT artifact_path, checksum FROM students WHERE route = 'replay' AND status = 'live'")
+    live = ledger.live_student("replay")
     if live and not keep_running:  # with the stack stopped, the machine is quiet
-        metrics["router_decision_ms"] = time_decisions(live[0]["artifact_path"], live[0]["checksum"], rows)
+        metrics["router_decision_ms"] = time_decisions(live["artifact_path"], live["checksum"], rows)
     if score_versions_on_last_quarter:
         metrics["version_scores"] = score_versions(ledger, "replay", rows[len(rows) * 3 // 4:],
                                                    float((route_settings or {}).get("target_agreement", 0.98)),
@@ -310,7 +311,7 @@ def run_replay(
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
         "latency_in_gateway": latency,
         "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
-                              "coverage_at_target": json.loads(v["metrics"] or "{}").get("coverage_at_target")} for v in versions],
+                              "coverage_at_target": v["metrics"].get("coverage_at_target")} for v in versions],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     results_dir = Path("bench/results") if results_dir is None else results_dir
@@ -347,8 +348,9 @@ def score_versions(
     step = max(1, len(rows) // limit)
     sample = rows[::step][:limit]
     out = []
-    versions = ledger.query("SELECT version, status, kind, train_pairs, artifact_path, checksum, metrics, curve "
-                            "FROM students WHERE route = ? AND kind IN ('label', 'structured') ORDER BY version", (route,))
+    from store import registry
+
+    versions = [v for v in reversed(registry.list_students(ledger, route)) if v["kind"] in ("label", "structured")]
     for v in tqdm(versions, desc="scoring versions", unit="version", disable=not progress):
         try:
             student = load_student(v["artifact_path"], expected_checksum=v["checksum"])
@@ -363,11 +365,11 @@ def score_versions(
         correct = np.array([normalize_answer(o.text) == normalize_answer(r["answer"]) for o, r in zip(outputs, sample)],
                            dtype=np.float64)
         curve = coverage_curve(conf, correct, max_points=None)
-        own = effective_threshold({"target_agreement": target, "target_confidence": confidence}, json.loads(v["curve"] or "[]"))
+        own = effective_threshold({"target_agreement": target, "target_confidence": confidence}, v["curve"] or [])
         served = point_at(curve, own)
         out.append({
             "version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
-            "trained_through": json.loads(v["metrics"] or "{}").get("last_exchange_id"),
+            "trained_through": v["metrics"].get("last_exchange_id"),
             "agreement": round(float(correct.mean()), 4),
             "coverage_at_target": round(coverage_at(curve, target), 4),
             "served_at_own_threshold": round(served["coverage"], 4) if served else 0.0,
@@ -436,7 +438,7 @@ def _distiller_overrides(text: str | None) -> dict[str, Any]:
         raise SystemExit(f"error: --config-json is not JSON: {exc}") from None
     if not isinstance(overrides, dict):
         raise SystemExit("error: --config-json must be a JSON object")
-    from gateway.procs import child_env
+    from bench.procs import child_env
 
     check = subprocess.run([sys.executable, "-m", "distiller.worker", "--check-config", "--config-json", json.dumps(overrides)],
                            env=child_env(), capture_output=True, text=True, timeout=120)
