@@ -77,6 +77,33 @@ def _reply(reply: Reply) -> Response:
     return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
 
 
+STORE_POLL_S = 1.0
+
+
+async def follow_store(state: "GatewayState", *, seen: dict[str, int], every_s: float = STORE_POLL_S) -> None:
+    """Keep this process's copies of routes and keys in step with the store: any change made by
+    another process (``kdgate routes set``, the CLI's ``keys`` commands, another replica, the
+    distiller) bumps a generation counter, and a moved counter reloads what it counts. One small
+    query a second; reloads happen off the event loop."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            now = await asyncio.to_thread(state.ledger.generations)
+            if now.get("routes") != seen.get("routes"):
+                await asyncio.to_thread(state.routes.reload)
+                if state.students is not None:
+                    state.students.routes_reloaded()
+            if now.get("keys") != seen.get("keys"):
+                state.keys.invalidate()
+            if now.get("students") != seen.get("students") and state.students is not None:
+                await state.students.refresh()
+            seen = now
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not follow the store's changes; will retry", exc_info=True)
+
+
 def _freeze_startup_objects() -> None:
     """Move everything alive at startup (the imported libraries, those a student load needs included,
     and litellm's price map: about 310k tracked objects without the student libraries) out of the
@@ -117,10 +144,13 @@ def create_app(settings: Settings) -> FastAPI:
             # what the first student load would import, and oneDNN off (the student path's memory)
             await asyncio.to_thread(prepare_serving_process)
         _freeze_startup_objects()
+        follower = asyncio.get_running_loop().create_task(
+            follow_store(state, seen=state.ledger.generations()), name="kdgate-follow-store")
         log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
         try:
             yield
         finally:
+            follower.cancel()
             if state.distiller is not None:
                 state.distiller.stop()
             if state.students is not None:

@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,6 +124,12 @@ class Route:
     origin: str  # "config" | "auto" | "admin"
     settings: dict[str, Any] = field(default_factory=dict)
     fallbacks: list[TeacherTarget] = field(default_factory=list)
+    added_at: float = 0.0  # time.monotonic() when this process added it (its row may still be queued)
+
+
+# A route this process added is kept across a reload until its row is surely written (the writer's
+# flush window is 50 ms; a locked database can hold rows longer, and they are written after).
+UNSTORED_GRACE_S = 60.0
 
 
 @dataclass
@@ -226,20 +233,27 @@ class RouteTable:
                 ctx = contexts.setdefault((tpl["model"], tpl["context"]), _Context())
                 if tpl.get("prefix") or tpl.get("suffix"):
                     ctx.wrappers.append(_Wrapper(tpl["prefix"], tpl["suffix"], name))
+        now = time.monotonic()
         with self._lock:
+            unstored = {name: r for name, r in self._routes.items()
+                        if name not in routes and r.added_at and now - r.added_at < UNSTORED_GRACE_S}
+            routes.update(unstored)
             self._routes = routes
             self._aliases = aliases
             for route in routes.values():
                 self.catalog.add(route.teacher.model)
-            # keep pending texts learned since start; replace wrappers with the stored truth
+            # keep pending texts learned since start; replace wrappers with the stored truth (and
+            # the wrappers of routes whose rows are still on their way to the store)
             merged: OrderedDict[tuple[str, str], _Context] = OrderedDict()
             for key, ctx in self._contexts.items():
                 fresh = contexts.pop(key, None)
+                kept = [w for w in ctx.wrappers if w.route in unstored]
                 if fresh is not None:
                     fresh.pending = ctx.pending
+                    fresh.wrappers.extend(kept)
                     merged[key] = fresh
-                elif ctx.pending:
-                    ctx.wrappers = []
+                elif ctx.pending or kept:
+                    ctx.wrappers = kept
                     merged[key] = ctx
             for key, ctx in contexts.items():
                 merged[key] = ctx
@@ -461,6 +475,7 @@ class RouteTable:
             teacher=TeacherTarget(model=teacher, api_base=self.settings.teacher_api_base),
             origin=origin,
             settings=self._defaults(),
+            added_at=time.monotonic(),
         )
         with self._lock:
             existing = self._routes.get(name)

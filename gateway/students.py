@@ -260,6 +260,13 @@ class StudentRouter:
                 self.routes.update_settings(route_name, {"mode": "cascade"}, actor="router")
                 self.ledger.record_event(route_name, "mode.auto_cascade", detail={"version": live.version, "target": target})
 
+    def routes_reloaded(self) -> None:
+        """Route settings were reloaded from the store (changed elsewhere): re-derive every live
+        route's threshold and let shadow routes that now qualify move to cascade."""
+        for route_name in list(self.live):
+            self._apply_settings(route_name)
+            self._maybe_cascade(route_name)
+
     def settings_changed(self, route_name: str) -> None:
         """The admin changed a route: re-derive its threshold now (takes effect on the next request)."""
         route = self.routes.get(route_name)

@@ -63,6 +63,17 @@ class Ledger:
         row = self.conn.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
+    # -- change generations -------------------------------------------------------------------
+    def _bump(self, name: str) -> None:
+        """Count a change to ``name`` ("routes", "keys", "students") inside the caller's transaction."""
+        self.conn.execute(
+            "INSERT INTO generations (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1", (name,))
+
+    def generations(self) -> dict[str, int]:
+        """How many changes routes, keys and students have seen: a process that holds copies of them
+        (a gateway, one of several replicas) reloads when a number moves. One cheap query."""
+        return {r[0]: int(r[1]) for r in self.conn.execute("SELECT name, value FROM generations")}
+
     _TABLES = frozenset({"exchanges", "shadow_checks", "routes", "students", "route_events", "api_keys", "embeddings"})
 
     def insert_rows(self, table: str, rows: Iterable[dict[str, Any]], *, fast: bool = False, batch: int = 20_000) -> int:
@@ -332,6 +343,7 @@ class Ledger:
                         name,
                     ),
                 )
+            self._bump("routes")
 
     def add_route(self, name: str, *, teacher_model: str, template: dict[str, Any] | None, origin: str) -> None:
         """Add a route with empty settings unless one of that name exists."""
@@ -342,12 +354,14 @@ class Ledger:
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (name, teacher_model, "{}", json.dumps(template) if template else None, origin, now, now),
             )
+            self._bump("routes")
 
     def rename_route(self, old: str, new: str) -> None:
         with self.conn:
             self.conn.execute("UPDATE routes SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
             for table in ("exchanges", "students", "route_events", "shadow_checks"):
                 self.conn.execute(f"UPDATE {table} SET route = ? WHERE route = ?", (new, old))
+            self._bump("routes")
 
     def record_event(self, route: str, kind: str, *, actor: str = "system", detail: Any = None) -> None:
         with self.conn:
@@ -388,6 +402,7 @@ class Ledger:
                 (route, version),
             )
             self.conn.execute("UPDATE students SET status = 'live' WHERE route = ? AND version = ?", (route, version))
+            self._bump("students")
         self.record_event(route, event, actor=actor, detail={"version": version, "previous": previous, "reason": reason})
         return self.student_row(route, version) or row
 
@@ -485,6 +500,7 @@ class Ledger:
                 "INSERT INTO api_keys (id, name, hash, created, revoked) VALUES (?, ?, ?, ?, NULL)",
                 (key_id, name, key_hash, time.time()),
             )
+            self._bump("keys")
 
     @staticmethod
     def _key_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -516,6 +532,7 @@ class Ledger:
         sets = ", ".join(f"{k} = ?" for k in values)
         with self.conn:
             cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*values.values(), key_id, key_id])
+            self._bump("keys")
         return cur.rowcount > 0
 
     def key_spend_since(self, key_id: str, since: float) -> float:
@@ -527,4 +544,5 @@ class Ledger:
                 "UPDATE api_keys SET revoked = ? WHERE (id = ? OR name = ?) AND revoked IS NULL",
                 (time.time(), key_id, key_id),
             )
+            self._bump("keys")
         return cur.rowcount > 0

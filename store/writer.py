@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LedgerWriter"]
 
+_BUMP_ROUTES = "INSERT INTO generations (name, value) VALUES ('routes', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1"
+
 
 _MAX_SQL_VARIABLES = 30_000  # SQLite's limit is 32,766 bound parameters per statement (since 3.32)
 
@@ -130,7 +132,8 @@ class LedgerWriter:
 
     def set_route_template(self, route: str, template: dict[str, Any]) -> bool:
         """Queue the learned template of an automatic route."""
-        return self._submit_sql("UPDATE routes SET template = ? WHERE name = ?", (json.dumps(template), route))
+        return (self._submit_sql("UPDATE routes SET template = ? WHERE name = ?", (json.dumps(template), route))
+                and self._submit_sql(_BUMP_ROUTES))
 
     def add_route(self, name: str, *, teacher_model: str, template: dict[str, Any] | None, origin: str) -> bool:
         """Queue a new route (ignored if one of that name exists), with empty settings."""
@@ -139,7 +142,7 @@ class LedgerWriter:
             "INSERT OR IGNORE INTO routes (name, teacher_model, settings, template, origin, created, updated)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (name, teacher_model, "{}", json.dumps(template) if template else None, origin, now, now),
-        )
+        ) and self._submit_sql(_BUMP_ROUTES)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued before this call is committed."""
