@@ -6,33 +6,23 @@ threshold at the route's target agreement, and the calibration error (ECE) of th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from distiller.detect import label_key
+from router.agreement import agreement_kind, answers_agree
 from router.calibration import expected_calibration_error, reliability_bins
 from router.curve import coverage_at, coverage_curve, curve_to_json, effective_size, threshold_for_target
 
-__all__ = ["answers_agree", "agreement_vector", "evaluate_confidence"]
+__all__ = ["agreement_vector", "evaluate_confidence"]
 
 
-def answers_agree(kind: str, student: str, teacher: str) -> bool:
-    """Whether a student answer counts as the teacher's: same label (whitespace/case aside), or
-    the same JSON object for structured routes (key order and spacing are formatting)."""
-    if kind == "structured":
-        try:
-            return json.loads(student) == json.loads(teacher)
-        except ValueError:
-            return False
-    return label_key(student) == label_key(teacher)
-
-
-def agreement_vector(kind: str, student: Sequence[str], teacher: Sequence[str]) -> np.ndarray:
-    """1.0 where the student agrees with the teacher, else 0.0."""
-    return np.array([1.0 if answers_agree(kind, s, t) else 0.0 for s, t in zip(student, teacher)])
+def agreement_vector(kind: str, student: Sequence[str | None], teacher: Sequence[str | None]) -> np.ndarray:
+    """1.0 where the student agrees with the teacher (:func:`router.agreement.answers_agree` for the
+    student ``kind``'s answers), else 0.0."""
+    how = agreement_kind(kind)
+    return np.array([1.0 if answers_agree(how, s, t) else 0.0 for s, t in zip(student, teacher)])
 
 
 def evaluate_confidence(

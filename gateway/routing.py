@@ -285,6 +285,8 @@ class RouteTable:
         route = self._routes.get(name)
         if route is None:
             raise UnknownRoute(f"No route named {name!r}.", param="route")
+        if changes.get("mode") == "cascade" and route.settings.get("paused_by_drift"):
+            changes = {**changes, "paused_by_drift": False}  # putting it back in cascade lifts a drift pause
         self.ledger.upsert_route(name, teacher_model=route.teacher.model, settings=changes)
         self.ledger.record_event(name, "settings", actor=actor, detail=changes)
         with self._lock:

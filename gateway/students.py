@@ -27,15 +27,8 @@ from store import Ledger, LedgerWriter
 from gateway.routing import Route, RouteTable, message_text
 from gateway.serving import ChatService, Reply, _logged_request
 from gateway.settings import Settings
-from router.policy import (
-    NEVER,
-    LiveAgreement,
-    answers_agree,
-    decide,
-    effective_threshold,
-    expected_at,
-    ready_for_cascade,
-)
+from router.agreement import agreement_kind, answers_agree
+from router.route_policy import LiveVersion, ModeChange, RoutePolicy
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +50,11 @@ class LiveStudent:
     # tokens per character of the route's teacher traffic, to price what the teacher would have charged
     ratios: TokenRatios = field(default_factory=TokenRatios)
     batcher: "_Batcher | None" = None
+    agreement: str = "label"  # how its answers are compared with the teacher's (router.agreement)
 
-
-@dataclass
-class _RouteState:
-    live_agreement: LiveAgreement = field(default_factory=LiveAgreement)
-    threshold: float = NEVER
+    def agrees(self, student: str | None, teacher: str | None) -> bool:
+        """The project's one definition of agreement, for this student's kind of answer."""
+        return answers_agree(self.agreement, student, teacher)
 
 
 class _Batcher:
@@ -135,7 +127,7 @@ class StudentRouter:
         self.money = money
         self.metrics = metrics
         self.live: dict[str, LiveStudent] = {}
-        self.state: dict[str, _RouteState] = {}
+        self.policies: dict[str, RoutePolicy] = {}
         self.load_errors: dict[str, str] = {}
         self._poll_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -191,16 +183,12 @@ class StudentRouter:
                 live.batcher.start()
             self.live[route_name] = live
             self.load_errors.pop(route_name, None)
-            st = self.state.setdefault(route_name, _RouteState())
-            st.live_agreement.reset()
+            policy = self.policy(route_name)
             route = self.routes.get(route_name)
-            if route is not None and route.settings.get("paused_by_drift") and old is not None and old.version != live.version:
-                # the pause was about the version that drifted; a new one gets its own chance (it still
-                # has to meet the target on its validation split to move to cascade)
-                self.routes.update_settings(route_name, {"paused_by_drift": False}, actor="router")
-                self.ledger.record_event(route_name, "drift.cleared", detail={"version": live.version, "paused_version": old.version})
-            self._apply_settings(route_name)
-            self._maybe_cascade(route_name)
+            if route is not None:
+                policy.settings = dict(route.settings)
+            self._carry_out(route_name, policy.on_version(LiveVersion(live.version, live.curve, live.metrics, live.val_pairs)),
+                            actor="router")
             log.info("route %s: student v%d (%s) is serving", route_name, live.version, live.kind)
             if old is not None:
                 if old.batcher is not None:
@@ -239,55 +227,48 @@ class StudentRouter:
             curve=row["curve"],
             val_pairs=row.get("val_pairs"),  # the bound's evidence for curves stored without "pairs"
             ratios=TokenRatios.from_sums(**self.ledger.token_ratios(row["route"])),
+            agreement=agreement_kind(row["kind"], getattr(student, "answer_format", None)),
         )
 
-    def _apply_settings(self, route_name: str) -> None:
-        route = self.routes.get(route_name)
-        live = self.live.get(route_name)
-        st = self.state.setdefault(route_name, _RouteState())
-        st.threshold = effective_threshold(route.settings if route else {}, live.curve if live else None, live.val_pairs if live else None)
+    def policy(self, route_name: str) -> RoutePolicy:
+        """The route's policy (made on first use from the route's settings)."""
+        policy = self.policies.get(route_name)
+        if policy is None:
+            route = self.routes.get(route_name)
+            policy = self.policies[route_name] = RoutePolicy(
+                route.settings if route else {}, default_target=self.settings.default_target_agreement)
+        return policy
 
-    def _maybe_cascade(self, route_name: str) -> None:
-        route = self.routes.get(route_name)
-        live = self.live.get(route_name)
-        if route is None or live is None:
-            return
-        s = route.settings
-        if s.get("mode") == "shadow" and s.get("auto_cascade") and not s.get("paused_by_drift"):
-            target = float(s.get("target_agreement") or self.settings.default_target_agreement)
-            if ready_for_cascade(live.metrics, live.curve, target, n_val=live.val_pairs,
-                                 confidence=s.get("target_confidence")):
-                self.routes.update_settings(route_name, {"mode": "cascade"}, actor="router")
-                self.ledger.record_event(route_name, "mode.auto_cascade", detail={"version": live.version, "target": target})
+    def _carry_out(self, route_name: str, changes: list[ModeChange], *, actor: str) -> None:
+        """Persist the policy's mode changes (they reach every process through the store) and record
+        each one's event."""
+        for change in changes:
+            if change.event == "drift.paused":
+                log.warning("route %s: live agreement %.3f under target %.3f; back to shadow", route_name,
+                            change.detail.get("live_agreement") or 0.0, change.detail.get("target") or 0.0)
+            self.routes.update_settings(route_name, change.settings, actor=actor)
+            self.ledger.record_event(route_name, change.event, actor=actor, detail=change.detail)
 
     def routes_reloaded(self) -> None:
-        """Route settings were reloaded from the store (changed elsewhere): re-derive every live
-        route's threshold and let shadow routes that now qualify move to cascade."""
-        for route_name in list(self.live):
-            self._apply_settings(route_name)
-            self._maybe_cascade(route_name)
+        """Route settings were reloaded from the store (changed elsewhere): every policy takes the
+        new settings (thresholds re-derived, shadow routes that now qualify move to cascade)."""
+        for route_name in list(self.policies):
+            self.settings_changed(route_name)
 
     def settings_changed(self, route_name: str) -> None:
-        """The admin changed a route: re-derive its threshold now (takes effect on the next request)."""
+        """The route's settings changed: its policy re-derives the threshold (next request on)."""
         route = self.routes.get(route_name)
-        if route is not None and route.settings.get("mode") == "cascade" and route.settings.get("paused_by_drift"):
-            self.routes.update_settings(route_name, {"paused_by_drift": False}, actor="router")
-            self.state.setdefault(route_name, _RouteState()).live_agreement.reset()
-        self._apply_settings(route_name)
+        if route is not None:
+            self._carry_out(route_name, self.policy(route_name).on_settings(route.settings), actor="router")
 
     def describe(self, route_name: str) -> dict[str, Any]:
         live = self.live.get(route_name)
-        st = self.state.get(route_name)
         out: dict[str, Any] = {"student": None, "threshold_effective": None, "live_agreement": None, "live_checks": 0}
         if live is not None:
             out["student"] = {"version": live.version, "kind": live.kind, "metrics": live.metrics}
             out["curve"] = live.curve
-        if st is not None:
-            out["threshold_effective"] = None if math.isinf(st.threshold) else st.threshold
-            out["live_agreement"] = st.live_agreement.agreement
-            out["live_checks"] = st.live_agreement.n
-            if live is not None and not math.isinf(st.threshold):
-                out["expected"] = expected_at(live.curve, st.threshold)
+        if route_name in self.policies:
+            out.update(self.policies[route_name].describe())
         if route_name in self.load_errors:
             out["load_error"] = self.load_errors[route_name]
         return out
@@ -331,13 +312,13 @@ class StudentRouter:
             except GatewayError as exc:
                 return await self._student_when_teacher_down(route, live, body, principal, uid, ts, t0, exc, task)
         # cascade: the student first
-        st = self.state.setdefault(route.name, _RouteState())
+        policy = self.policy(route.name)
         try:
             out = await self._ask(live, body)
         except Exception as exc:
             log.warning("route %s: student v%d failed (%s: %s); escalating", route.name, live.version, type(exc).__name__, exc)
             return await self._escalate(route, body, principal, uid, ts, t0, reason="student_error")
-        decision = decide(mode=mode, confidence=out.confidence, threshold=st.threshold, forbid_escalation=forbid)
+        decision = policy.decide(out.confidence, forbid_escalation=forbid)
         if not decision.use_student:
             return await self._escalate(
                 route, body, principal, uid, ts, t0, reason=decision.reason,
@@ -477,7 +458,7 @@ class StudentRouter:
         except Exception as exc:
             log.warning("route %s: shadow student failed (%s)", route.name, type(exc).__name__)
             return {}
-        agree = answers_agree(out.text, answer)
+        agree = live.agrees(out.text, answer)
         self._record_check(route, live, uid, out.text, answer, agree, cost=0.0, in_cascade=in_cascade)
         return {"confidence": out.confidence, "student_version": live.version, "student_answer": out.text}
 
@@ -501,27 +482,15 @@ class StudentRouter:
             teacher_answer = answer_of(resp.body)[0]
             # the check's cost goes on its own row only (gateway.money: counted once)
             cost = self.money.check_cost(route.teacher.model, Usage.from_openai(resp.body.get("usage")))
-            self._record_check(route, live, uid, student_answer, teacher_answer, answers_agree(student_answer, teacher_answer), cost=cost, in_cascade=True)
+            self._record_check(route, live, uid, student_answer, teacher_answer, live.agrees(student_answer, teacher_answer), cost=cost, in_cascade=True)
 
     def _record_check(self, route: Route, live: LiveStudent, uid: str, student_answer: str | None, teacher_answer: str | None, agree: bool, *, cost: float, in_cascade: bool) -> None:
         self.writer.submit_check({
             "ts": time.time(), "route": route.name, "exchange_uid": uid, "student_version": live.version,
             "student_answer": student_answer, "teacher_answer": teacher_answer, "agree": int(agree), "cost_usd": cost,
         })
-        if not in_cascade:
-            return
-        st = self.state.setdefault(route.name, _RouteState())
-        st.live_agreement.add(agree)
-        target = float(route.settings.get("target_agreement") or self.settings.default_target_agreement)
-        if route.settings.get("mode") == "cascade" and st.live_agreement.drifted(target):
-            agreement = st.live_agreement.agreement
-            log.warning("route %s: live agreement %.3f under target %.3f; back to shadow", route.name, agreement, target)
-            self.routes.update_settings(route.name, {"mode": "shadow", "paused_by_drift": True}, actor="drift-monitor")
-            self.ledger.record_event(
-                route.name, "drift.paused", actor="drift-monitor",
-                detail={"live_agreement": agreement, "checks": st.live_agreement.n, "target": target, "version": live.version},
-            )
-            st.live_agreement.reset()
+        if in_cascade:  # a served answer checked: the policy watches for drift
+            self._carry_out(route.name, self.policy(route.name).on_check(agree), actor="drift-monitor")
 
 
 def _unsupported(body: dict[str, Any]) -> bool:

@@ -14,9 +14,7 @@ behind each point of the curve).
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +31,6 @@ __all__ = [
     "decide",
     "ready_for_cascade",
     "LiveAgreement",
-    "answers_agree",
-    "normalize_answer",
     "NEVER",
 ]
 
@@ -174,23 +170,3 @@ class LiveAgreement:
 
     def reset(self) -> None:
         self.checks.clear()
-
-
-_WS = re.compile(r"\s+")
-
-
-def normalize_answer(text: str | None) -> str:
-    """Answers compared the way the distiller compares them: whitespace and case folded, JSON canonical."""
-    if text is None:
-        return ""
-    stripped = text.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        try:
-            return json.dumps(json.loads(stripped), sort_keys=True)
-        except ValueError:
-            pass
-    return _WS.sub(" ", stripped).casefold()
-
-
-def answers_agree(student: str | None, teacher: str | None) -> bool:
-    return student is not None and teacher is not None and normalize_answer(student) == normalize_answer(teacher)

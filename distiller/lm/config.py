@@ -52,8 +52,6 @@ class LMTrainConfig:
     max_pairs: int | None = None
     # -- evaluation and calibration
     target_agreement: float | None = None  # default: the route's setting, else 0.98
-    short_answer_words: int = 32  # answers up to this many words are compared exactly
-    semantic_threshold: float = 0.9  # embedding cosine that counts as agreement for long answers
     prompt_embedding: bool = True  # feed the prompt's embedding (PCA-reduced) to the calibrator
     embedding_model: str = "all-MiniLM-L6-v2"
     embedding_components: int = 4

@@ -1,8 +1,9 @@
 """Evaluate an LM student against its teacher and calibrate its confidence.
 
-Agreement for free text: answers of up to ``short_answer_words`` words agree when they are equal after
-normalisation (Unicode NFKC, case, whitespace); longer answers agree when their embeddings' cosine
-reaches ``semantic_threshold``. Optionally the teacher judges a sample, and its cost is recorded.
+Agreement is the project's one definition (:mod:`router.agreement`): parsed-JSON equality for a route
+whose answers are JSON, normalised exact match for free text (the gateway's shadow checks and drift
+monitor judge served answers the same way). Optionally the teacher judges a sample, and its cost is
+recorded beside it.
 
 The confidence is :class:`router.lm_student.Calibrator` fitted on validation agreement, from the
 student's own token logprobs (:func:`router.lm_student.logprob_features`) and the prompt embedding.
@@ -15,8 +16,6 @@ out-of-fold predictions on the greedy answers only (what is actually served).
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +23,15 @@ from typing import Any
 import numpy as np
 
 from distiller.lm.config import LMTrainConfig
+from router.agreement import answers_agree, canonical
+from router.calibration import expected_calibration_error
+from router.curve import coverage_at, coverage_curve, threshold_for_target
 from router.lm_student import Calibrator, Generation, LMEngine, embed_prompts, logprob_features, prompt_text
 
 __all__ = [
     "normalize",
     "agreement",
+    "answer_format",
     "generate_answers",
     "fit_calibrator",
     "coverage_curve",
@@ -45,37 +48,26 @@ MIN_NEGATIVES = 5  # fewer wrong validation answers than this: add sampled answe
 
 
 def normalize(text: str) -> str:
-    """Text as compared for exact agreement: NFKC, case-folded, whitespace collapsed, trimmed."""
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+    """Text as compared for free-text agreement (:func:`router.agreement.canonical`)."""
+    return canonical("text", text)
 
 
-def agreement(
-    teachers: Sequence[str],
-    students: Sequence[str],
-    *,
-    short_answer_words: int = 32,
-    semantic_threshold: float = 0.9,
-    embedding_model: str = "all-MiniLM-L6-v2",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair: (agrees, score). Short teacher answers: exact after :func:`normalize` (score 0/1);
-    long ones: embedding cosine (score), agreeing at ``semantic_threshold``."""
-    agree = np.zeros(len(teachers), dtype=bool)
-    score = np.zeros(len(teachers), dtype=np.float64)
-    long_idx = []
-    for i, (t, s) in enumerate(zip(teachers, students)):
-        if len(t.split()) <= short_answer_words:
-            agree[i] = normalize(t) == normalize(s)
-            score[i] = float(agree[i])
-        else:
-            long_idx.append(i)
-    if long_idx:
-        a = embed_prompts([teachers[i] for i in long_idx], embedding_model)
-        b = embed_prompts([students[i] for i in long_idx], embedding_model)
-        cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-        for j, i in enumerate(long_idx):
-            score[i] = float(cos[j])
-            agree[i] = cos[j] >= semantic_threshold
-    return agree, score
+def answer_format(answers: Sequence[str]) -> str:
+    """``json`` when every answer is a JSON object (an extraction route), else ``text``."""
+    import json
+
+    def is_object(a: str) -> bool:
+        try:
+            return isinstance(json.loads(a), dict)
+        except ValueError:
+            return False
+
+    return "json" if answers and all(is_object(a) for a in answers) else "text"
+
+
+def agreement(teachers: Sequence[str], students: Sequence[str], *, kind: str = "text") -> np.ndarray:
+    """Per pair, whether the student agrees with the teacher (:func:`router.agreement.answers_agree`)."""
+    return np.array([answers_agree(kind, s, t) for t, s in zip(teachers, students)], dtype=bool)
 
 
 def generate_answers(
@@ -137,43 +129,12 @@ def fit_calibrator(
     return cal
 
 
-def coverage_curve(confidence: np.ndarray, agree: np.ndarray) -> list[dict[str, float]]:
-    """For each threshold (a distinct confidence): the share of traffic the student would answer
-    (confidence >= threshold) and its agreement on that share. Highest threshold first."""
-    order = np.argsort(-confidence, kind="stable")
-    conf, ok = np.asarray(confidence)[order], np.asarray(agree, dtype=float)[order]
-    n = len(conf)
-    curve = []
-    cum = np.cumsum(ok)
-    for i in range(n):
-        if i + 1 < n and conf[i + 1] == conf[i]:
-            continue  # only the last index of a run of equal confidences is a threshold
-        curve.append({"threshold": float(conf[i]), "coverage": (i + 1) / n, "agreement": float(cum[i] / (i + 1))})
-    return curve
-
-
 def at_target(curve: list[dict[str, float]], target: float) -> tuple[float, float]:
-    """(coverage, threshold) of the widest point on ``curve`` whose agreement reaches ``target``.
-
-    Nothing qualifies: coverage 0 and threshold 1.0 (every request escalates)."""
-    best = (0.0, 1.0)
-    for point in curve:
-        if point["agreement"] >= target and point["coverage"] > best[0]:
-            best = (point["coverage"], point["threshold"])
-    return best
-
-
-def expected_calibration_error(confidence: np.ndarray, agree: np.ndarray, bins: int = 10) -> float:
-    """Mean |agreement - confidence| over equal-width confidence bins, weighted by bin size."""
-    confidence, agree = np.asarray(confidence), np.asarray(agree, dtype=float)
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = idx == b
-        if mask.any():
-            total += mask.mean() * abs(agree[mask].mean() - confidence[mask].mean())
-    return float(total)
+    """(coverage, threshold) of the widest point on ``curve`` whose agreement reaches ``target``
+    (:mod:`router.curve`, the label students' curve). Nothing qualifies: coverage 0 and threshold
+    1.0 (every request escalates)."""
+    threshold = threshold_for_target(curve, target)
+    return (coverage_at(curve, target), float(threshold)) if threshold is not None else (0.0, 1.0)
 
 
 def auroc(confidence: np.ndarray, agree: np.ndarray) -> float | None:
@@ -240,13 +201,8 @@ def evaluate_student(
     teachers = [p.answer for p in val_pairs]
     greedy = generate_answers(engine, chats, max_tokens=config.max_new_tokens, batch_size=config.eval_batch_size)
     answers = [g.text for g in greedy]
-    agree, _ = agreement(
-        teachers,
-        answers,
-        short_answer_words=config.short_answer_words,
-        semantic_threshold=config.semantic_threshold,
-        embedding_model=config.embedding_model,
-    )
+    kind = answer_format(teachers)
+    agree = agreement(teachers, answers, kind=kind)
     exact = np.array([normalize(t) == normalize(s) for t, s in zip(teachers, answers)])
     features = np.vstack([logprob_features(g.token_logprobs) for g in greedy])
     labels = agree.astype(int)
@@ -264,13 +220,7 @@ def evaluate_student(
                 temperature=1.0,
                 seed=config.seed + 1000 * (r + 1),
             )
-            ok, _ = agreement(
-                teachers,
-                [g.text for g in gens],
-                short_answer_words=config.short_answer_words,
-                semantic_threshold=config.semantic_threshold,
-                embedding_model=config.embedding_model,
-            )
+            ok = agreement(teachers, [g.text for g in gens], kind=kind)
             extra_f.extend(logprob_features(g.token_logprobs) for g in gens)
             extra_l.extend(ok.astype(int))
             extra_g.extend(range(len(val_pairs)))
@@ -295,7 +245,7 @@ def evaluate_student(
         confidence = calibrator.predict(features[is_greedy], None if embeddings is None else embeddings[is_greedy])
     else:
         confidence = oof[is_greedy]
-    curve = coverage_curve(confidence, agree)
+    curve = coverage_curve(confidence, agree.astype(float), max_points=None)
     coverage, threshold = at_target(curve, target)
     metrics: dict[str, Any] = {
         "agreement": float(agree.mean()),

@@ -418,6 +418,7 @@ def distill_lm_route(
             "kl_pairs": stats["kl_aligned"],
             "device": result.device,
         }
+        answer_format = evaluate.answer_format([p.answer for p in pairs])
         manifest = {
             "kind": "lm",
             "route": route,
@@ -432,6 +433,7 @@ def distill_lm_route(
             "metrics": metrics,
             "generation": {"max_tokens": config.max_new_tokens},
             "train_config": config.to_dict(),
+            "answer_format": answer_format,
         }
         checksum = write_manifest(directory, manifest)
         row = register_student(

@@ -150,18 +150,17 @@ def test_curve_and_target():
     assert normalize("  Hello\u00a0 World ") == "hello world"
 
 
-def test_long_answers_agree_by_embedding_cosine(monkeypatch):
+def test_lm_agreement_is_the_projects_one_definition():
+    """Issue 14: long free-text answers used to agree by embedding cosine in validation while the
+    gateway's shadow checks compared them exactly; both use router.agreement now."""
     from distiller.lm import evaluate
 
-    def fake_embed(texts, model):
-        return np.array([[1.0, 0.0] if "cat" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
-
-    monkeypatch.setattr(evaluate, "embed_prompts", fake_embed)
     long_a = "the cat " + "word " * 40
-    long_b = "a cat " + "other " * 40
-    long_c = "a dog " + "other " * 40
-    agree, score = evaluate.agreement([long_a, long_a, "Yes."], [long_b, long_c, "yes."], short_answer_words=32)
-    assert agree.tolist() == [True, False, True] and score[0] == pytest.approx(1.0)
+    agree = evaluate.agreement([long_a, long_a, "Yes."], [long_a.upper() + " ", "a cat " + "word " * 40, "yes."])
+    assert agree.tolist() == [True, False, True]
+    assert evaluate.answer_format(['{"a": 1}', '{"b": "x"}']) == "json" and evaluate.answer_format(["hi", "{}"]) == "text"
+    js = evaluate.agreement(['{"a": 1, "b": "X"}'], ['{"b": "X", "a": 1}'], kind="json")
+    assert js.tolist() == [True]
 
 
 # -- registry gate ------------------------------------------------------------------------------

@@ -49,3 +49,24 @@ def test_missing_answers_never_agree_and_kinds_map():
     assert agreement_kind("lm", "json") == "json" and agreement_kind("lm", None) == "text"
     with pytest.raises(ValueError):
         canonical("semantic", "x")
+
+
+TRICKY = [
+    ("structured", '["A"]', '[ "A" ]'),
+    ("structured", '{"a": 1.0}', '{"a": 1}'),
+    ("structured", '{"a": "X"}', '{"a": "x"}'),
+    ("label", "Card_Declined ", "card_declined"),
+    ("lm", "The cat sat " * 12, "A cat sat " * 12),
+]
+
+
+@pytest.mark.parametrize("kind, student, teacher", TRICKY)
+def test_validation_and_the_live_monitor_judge_a_pair_alike(kind, student, teacher):
+    """Issue 14: the distiller's validation (label key / JSON) and the gateway's shadow checks and
+    drift monitor (case-folded text, canonical {...} only) could disagree about the same pair."""
+    from distiller.evaluate import agreement_vector
+    from gateway.students import LiveStudent
+
+    live = LiveStudent(route="r", version=1, kind=kind, checksum="", student=None, metrics={}, curve=[],
+                       agreement=agreement_kind(kind))
+    assert bool(agreement_vector(kind, [student], [teacher])[0]) == live.agrees(student, teacher)

@@ -1,0 +1,128 @@
+"""An LM student's confidence: features of its answer's token logprobs and the calibrator over them.
+
+:func:`logprob_features` (mean, minimum, low quantiles and length of the answer's token logprobs:
+the sum alone is length-biased) and :class:`Calibrator` (a logistic model over those features plus a
+PCA-reduced prompt embedding, stored as JSON, applied with numpy). :func:`confidence_for` scores a
+batch the same way for every backend (embedded or vLLM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from router.student import StudentError
+from router.text import message_text
+
+__all__ = ["FEATURE_NAMES", "logprob_features", "Calibrator", "prompt_text", "embed_prompts", "confidence_for"]
+
+FEATURE_NAMES = ["mean", "min", "q10", "q25", "last", "log_len"]
+
+
+def logprob_features(logprobs: Sequence[float]) -> np.ndarray:
+    """Length-robust statistics of an answer's token logprobs, in :data:`FEATURE_NAMES` order.
+
+    The mean and low quantiles say how sure the model was on its hardest tokens; the length is a
+    separate feature so a long, confident answer is not penalised as the summed logprob would be.
+    """
+    lp = np.asarray(list(logprobs), dtype=np.float64)
+    if lp.size == 0:
+        return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    lp = np.maximum(lp, -50.0)  # -inf from a zero-probability sample would poison the calibrator
+    return np.array(
+        [
+            float(lp.mean()),
+            float(lp.min()),
+            float(np.quantile(lp, 0.10)),
+            float(np.quantile(lp, 0.25)),
+            float(lp[-1]),
+            math.log1p(lp.size),
+        ]
+    )
+
+
+@dataclass
+class Calibrator:
+    """P(student answer agrees with the teacher | logprob features, prompt embedding).
+
+    A logistic model over standardised features; the prompt embedding enters through a fixed PCA
+    projection (``components`` rows). ``kind="constant"`` is the fallback when validation held only
+    one outcome: every answer gets the smoothed validation agreement.
+    """
+
+    kind: str  # "logistic" | "constant"
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    embedding_model: str | None = None
+    pca_mean: list[float] | None = None
+    components: list[list[float]] | None = None
+    constant: float | None = None
+
+    @property
+    def uses_embedding(self) -> bool:
+        return self.kind == "logistic" and self.components is not None and self.embedding_model is not None
+
+    def design(self, features: np.ndarray, embeddings: np.ndarray | None) -> np.ndarray:
+        """Stack logprob features with the projected embedding (the calibrator's input matrix)."""
+        x = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if self.components is not None:
+            if embeddings is None:
+                raise StudentError("This calibrator needs the prompt embedding, and none was given.")
+            e = np.atleast_2d(np.asarray(embeddings, dtype=np.float64)) - np.asarray(self.pca_mean)
+            x = np.hstack([x, e @ np.asarray(self.components).T])
+        return x
+
+    def predict(self, features: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Calibrated probabilities, one per row of ``features``."""
+        n = np.atleast_2d(features).shape[0]
+        if self.kind == "constant":
+            return np.full(n, float(self.constant if self.constant is not None else 0.0))
+        x = (self.design(features, embeddings) - np.asarray(self.mean)) / np.asarray(self.scale)
+        z = x @ np.asarray(self.coef) + self.intercept
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Calibrator":
+        known = {"kind", "mean", "scale", "coef", "intercept", "embedding_model", "pca_mean", "components", "constant"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def prompt_text(messages: Sequence[dict[str, Any]]) -> str:
+    """What varies in a request: its user turns (the system prompt is the route's constant)."""
+    return "\n".join(message_text(m) for m in messages if m.get("role") == "user")
+
+
+def embed_prompts(texts: Sequence[str], model: str) -> np.ndarray:
+    """Normalised float32 embeddings of ``texts`` with the process-wide embedder for ``model``."""
+    from router.embedding import get_embedder
+
+    return np.asarray(get_embedder(model).encode(list(texts)), dtype=np.float32)
+
+
+def confidence_for(
+    calibrator: Calibrator | None,
+    token_logprobs: Sequence[Sequence[float]],
+    messages: Sequence[Sequence[dict[str, Any]]],
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Calibrated confidences for a batch of answers, and the prompt embeddings if computed.
+
+    Shared by the embedded and vLLM backends so both score an answer identically.
+    """
+    feats = np.vstack([logprob_features(lp) for lp in token_logprobs])
+    embeddings = None
+    if calibrator is not None and calibrator.uses_embedding:
+        embeddings = embed_prompts([prompt_text(m) for m in messages], calibrator.embedding_model or "")
+    if calibrator is None:
+        # uncalibrated: the geometric-mean token probability is a usable, if optimistic, score
+        return np.exp(feats[:, 0]), embeddings
+    return calibrator.predict(feats, embeddings), embeddings
