@@ -3,8 +3,8 @@
 Steps: (1) build the tiny base model, (2) seed a ledger with the synthetic route's teacher pairs,
 (3) distil the route (train, evaluate, calibrate, register, promote), (4) measure exact agreement on a
 held-out set and the confidence's AUROC on held-out plus out-of-distribution prompts (names never seen
-in training, which the student gets wrong), (5) serve the promoted student through the real gateway
-(a stand-in replay teacher behind it) and time requests sent with the official ``openai`` client.
+in training, which the student gets wrong), (5) serve the promoted student through the real gateway (``kdgate serve`` in its own process, a
+stand-in replay teacher behind it) and time requests sent with the official ``openai`` client.
 If the gateway cannot be started, step 5 falls back to timing ``Student.predict`` directly and says so
 in ``student_latency_path``.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import statistics
 import tempfile
 import time
@@ -31,17 +30,6 @@ __all__ = ["run_lm_student_bench", "measure_predict_latency", "measure_gateway_l
 log = logging.getLogger(__name__)
 
 ROUTE = "orders-confirm"
-_ORDER = re.compile(r"order: (\d+) x (\S+) (\S+) for (\S+), ship to (\S+)")
-
-
-def _teacher_from_body(body: dict[str, Any]) -> str:
-    # The stand-in teacher answers like the synthetic route's real teacher would.
-    user = next((m.get("content", "") for m in reversed(body.get("messages", [])) if m.get("role") == "user"), "")
-    m = _ORDER.search(str(user))
-    if not m:
-        return "I cannot confirm this order."
-    qty, color, item, name, city = m.groups()
-    return synthetic.teacher_answer(name=name, qty=int(qty), color=color, item=item, city=city)
 
 
 def measure_predict_latency(student: Any, items: list[synthetic.SyntheticExample]) -> list[float]:
@@ -54,51 +42,51 @@ def measure_predict_latency(student: Any, items: list[synthetic.SyntheticExample
     return out
 
 
-def measure_gateway_latency(ledger_path: Path, items: list[synthetic.SyntheticExample]) -> dict[str, Any]:
-    """Serve the ledger's live student through the gateway and time requests from the openai client.
+def measure_gateway_latency(ledger_path: Path, items: list[synthetic.SyntheticExample], *,
+                            torch_threads: int | None = None) -> dict[str, Any]:
+    """Serve the ledger's live student through ``kdgate serve`` (a child process, as in production,
+    the stand-in teacher beside it) and time requests from the openai client.
 
     Returns ``{"latencies_ms": [...] of student-served requests, "served_by_student": n, "requests": n}``
-    (who served each request is read from the gateway's ``x-kdgate-served-by`` header).
+    (who served each request is read from the gateway's ``x-kdgate-served-by`` header). The stand-in
+    answers these requests as the synthetic route's teacher would; ``torch_threads`` is the gateway's
+    torch thread count (the student's training preset's, so that serving matches evaluation).
     """
     import openai
 
-    from gateway.app import create_app
-    from gateway.settings import load_settings
-    from bench.standin import ReplayTeacher, ServerThread
+    from bench.stack import Stack
 
-    teacher = ReplayTeacher(fallback=_teacher_from_body, model="gpt-4o-mini")
-    with ServerThread(teacher) as tserver:
-        settings = load_settings(
-            db=str(ledger_path),
-            teacher="openai/gpt-4o-mini",
-            teacher_api_base=tserver.url + "/v1",
-            teacher_api_key="sk-bench-standin-" + "x" * 20,
-            auth=False,
-            embedded_distiller=False,
-            routes={ROUTE: {"aliases": [ROUTE], "mode": "cascade", "threshold": 0.0}},
-        )
-        with ServerThread(create_app(settings)) as gserver:
-            client = openai.OpenAI(base_url=gserver.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-            # the gateway loads live students in the background: wait until the student answers
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                raw = client.chat.completions.with_raw_response.create(
-                    model=ROUTE, messages=items[0].messages, max_tokens=32, temperature=0
-                )
-                if raw.headers.get("x-kdgate-served-by") == "student":
-                    break
-                time.sleep(0.25)
-            timings: list[tuple[str, float]] = []  # (served by, milliseconds)
-            deadline = time.monotonic() + 120
-            for ex in items:
-                t0 = time.perf_counter()
-                raw = client.chat.completions.with_raw_response.create(
-                    model=ROUTE, messages=ex.messages, max_tokens=32, temperature=0
-                )
-                raw.parse()
-                timings.append((raw.headers.get("x-kdgate-served-by", ""), (time.perf_counter() - t0) * 1000))
-                if time.monotonic() > deadline:
-                    break
+    workdir = Path(ledger_path).parent / "gateway"
+    workdir.mkdir(parents=True, exist_ok=True)
+    answers = workdir / "teacher.jsonl"
+    answers.write_text("".join(json.dumps({"messages": ex.messages, "answer": ex.answer}) + "\n" for ex in items))
+    settings = {
+        "db": str(ledger_path), "teacher_api_key": "sk-bench-standin-" + "x" * 20, "embedded_distiller": False,
+        "log_level": "warning", "routes": {ROUTE: {"aliases": [ROUTE], "mode": "cascade", "threshold": 0.0}},
+    }
+    env = {"OMP_NUM_THREADS": str(torch_threads)} if torch_threads else None
+    with Stack(workdir, settings=settings, dataset=answers, env=env) as stack:
+        client = openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60)
+        # the gateway loads live students in the background: wait until the student answers
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            raw = client.chat.completions.with_raw_response.create(
+                model=ROUTE, messages=items[0].messages, max_tokens=32, temperature=0
+            )
+            if raw.headers.get("x-kdgate-served-by") == "student":
+                break
+            time.sleep(0.25)
+        timings: list[tuple[str, float]] = []  # (served by, milliseconds)
+        deadline = time.monotonic() + 120
+        for ex in items:
+            t0 = time.perf_counter()
+            raw = client.chat.completions.with_raw_response.create(
+                model=ROUTE, messages=ex.messages, max_tokens=32, temperature=0
+            )
+            raw.parse()
+            timings.append((raw.headers.get("x-kdgate-served-by", ""), (time.perf_counter() - t0) * 1000))
+            if time.monotonic() > deadline:
+                break
     student_ms = [ms for served_by, ms in timings if served_by == "student"]
     return {"latencies_ms": student_ms, "served_by_student": len(student_ms), "requests": len(timings)}
 
@@ -116,12 +104,11 @@ def run_lm_student_bench(
 ) -> dict[str, Any]:
     """Run the synthetic LM-student bench; writes and returns
     ``{"exact_agreement", "auroc", "train_seconds", "student_p50_ms", ...details}``."""
-    from store import Ledger
-    from router.student import load_student
-
-    from distiller.lm.evaluate import auroc, normalize
     from bench.tiny import build_tiny_model
+    from distiller.lm.evaluate import auroc, normalize
     from distiller.lm.train import distill_lm_route, torch_threads
+    from router.student import load_student
+    from store import Ledger
 
     t_start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="kdgate-bench-lm-") if work_dir is None else None
@@ -160,7 +147,8 @@ def run_lm_student_bench(
             latencies = direct_ms
             if through_gateway:
                 try:
-                    gateway_info = measure_gateway_latency(ledger_path, held_out[:latency_requests])
+                    gateway_info = measure_gateway_latency(ledger_path, held_out[:latency_requests],
+                                                           torch_threads=cfg.torch_threads)
                     if gateway_info["latencies_ms"]:
                         latencies, path = gateway_info["latencies_ms"], "gateway-openai-client"
                 except Exception as exc:  # noqa: BLE001 - the bench still reports the direct figure

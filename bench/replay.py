@@ -22,10 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_replay", "replay_metrics", "register", "register_bench", "demo_stream"]
+from bench.stack import Stack, child_env
+
+__all__ = ["run_replay", "replay_metrics", "demo_stream", "load_stream", "stream_name", "distiller_overrides", "format_table",
+           "score_versions"]
 
 
 def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first ``limit`` (or all) ``{messages, answer}`` rows of a JSONL stream; ValueError if it holds none."""
     rows = []
     with open(path) as fh:
         for line in fh:
@@ -41,6 +45,11 @@ def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, An
     return rows
 
 
+def stream_name(path: Path) -> str:
+    """The results name of a stream file: its stem, or ``<folder>-<stem>`` for a generic train/test/stream."""
+    return f"{path.parent.name}-{path.stem}" if path.stem in ("train", "test", "stream") else path.stem
+
+
 def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
     """The bundled banking77 stream (CC BY 4.0), prompts built on the fly."""
     data = resources.files("bench") / "data"
@@ -54,59 +63,13 @@ def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-class ReplayStack:
-    """The stand-in teacher and ``kdgate serve`` (with its embedded distiller) as child processes."""
-
-    def __init__(self, stream_path: Path, workdir: Path, *, teacher_model: str, port: int | None, distiller: dict[str, Any], admin_key: str | None, route_settings: dict[str, Any]):
-        from bench.standin import free_port
-
-        self.workdir = workdir
-        self.teacher_port = free_port()
-        self.port = port or free_port()
-        self.db = workdir / "kdgate.db"
-        from bench.procs import child_env
-
-        self.env = child_env()
-        config = workdir / "kdgate.toml"
-        lines = [f'db = "{self.db}"', f'teacher = "openai/{teacher_model}"', f'teacher_api_base = "http://127.0.0.1:{self.teacher_port}/v1"',
-                 f"port = {self.port}", "auth = false", "default_shadow_rate = 0.02"]
-        if admin_key:
-            lines.append(f'admin_key = "{admin_key}"')
-        if distiller:
-            lines.append("distiller = " + _toml_inline(distiller))
-        lines.append("[routes.replay]")
-        lines.append(f'aliases = ["{teacher_model}"]')
-        for k, v in route_settings.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-        config.write_text("\n".join(lines) + "\n")
-        self.config = config
-        self.stream_path = stream_path
-        self.teacher_model = teacher_model
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self) -> None:
-        from bench.procs import spawn, wait_http
-
-        self.procs.append(spawn([sys.executable, "-m", "bench.standin", "--port", str(self.teacher_port), "--dataset", str(self.stream_path),
-                                 "--model", self.teacher_model], self.env, self.workdir / "teacher.log"))
-        wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.procs[-1])
-        self.procs.append(spawn([sys.executable, "-m", "gateway.cli", "--config", str(self.config), "serve"], self.env, self.workdir / "gateway.log"))
-        wait_http(f"http://127.0.0.1:{self.port}/readyz", proc=self.procs[-1])
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def stop(self) -> None:
-        from bench.procs import stop
-
-        for proc in reversed(self.procs):
-            stop(proc)  # SIGTERM: the gateway drains its ledger queue and stops the distiller
-        self.procs.clear()
-
-
-def _toml_inline(d: dict[str, Any]) -> str:
-    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + " }"
+def replay_stack(stream_path: Path, workdir: Path, *, teacher_model: str, port: int | None, distiller: dict[str, Any],
+                 admin_key: str | None, route_settings: dict[str, Any]) -> Stack:
+    """The stand-in teacher replaying ``stream_path`` and ``kdgate serve`` with its embedded distiller,
+    one route (``replay``) whose alias is the teacher's model name."""
+    settings: dict[str, Any] = {"default_shadow_rate": 0.02, "admin_key": admin_key, "distiller": distiller or None,
+                                "routes": {"replay": {"aliases": [teacher_model], **route_settings}}}
+    return Stack(workdir, settings=settings, teacher_model=teacher_model, dataset=stream_path, port=port)
 
 
 def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: float, concurrency: int, progress: bool = True) -> list[dict[str, Any]]:
@@ -142,22 +105,38 @@ def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: 
     return [r for r in results if r is not None]
 
 
+def stream_answer_kind(rows: list[dict[str, Any]]) -> str:
+    """How a stream's answers are compared (router.agreement): ``json`` when they are JSON objects,
+    else ``label`` (the replayed streams are label and extraction routes)."""
+    import json
+
+    def is_object(a: Any) -> bool:
+        try:
+            return isinstance(json.loads(a), dict)
+        except (TypeError, ValueError):
+            return False
+
+    sample = [r["answer"] for r in rows[:200]]
+    return "json" if sample and all(is_object(a) for a in sample) else "label"
+
+
 def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledger_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Saving and quality over the stream, its last quarter, a threshold sweep and baselines."""
     import numpy as np
 
-    from router.policy import answers_agree
+    from router.agreement import answers_agree
 
+    kind = stream_answer_kind(rows)
     n = len(sent)
     served = np.array([s["served_by"] == "student" for s in sent])
-    correct = np.array([answers_agree(s["answer"], r["answer"]) for s, r in zip(sent, rows)])
+    correct = np.array([answers_agree(kind, s["answer"], r["answer"]) for s, r in zip(sent, rows)])
     cost = np.array([ledger_rows.get(s["uid"], {}).get("cost_usd") or 0.0 for s in sent])
     counter = np.array([ledger_rows.get(s["uid"], {}).get("counterfactual_usd") or 0.0 for s in sent])
     conf = np.array([(ledger_rows.get(s["uid"], {}).get("confidence")) for s in sent], dtype=object)
     student_ans = [ledger_rows.get(s["uid"], {}).get("student_answer") for s in sent]
     has_student = np.array([c is not None and a is not None for c, a in zip(conf, student_ans)])
     conf_f = np.array([float(c) if c is not None else -1.0 for c in conf])
-    student_correct = np.array([answers_agree(a, r["answer"]) if a is not None else False for a, r in zip(student_ans, rows)])
+    student_correct = np.array([answers_agree(kind, a, r["answer"]) for a, r in zip(student_ans, rows)])
 
     def block(sl: slice) -> dict[str, float]:
         cf = counter[sl].sum()
@@ -251,7 +230,7 @@ def run_replay(
     progress: bool = True,
     results_dir: Path | None = None,
     score_versions_on_last_quarter: bool = False,
-) -> tuple[dict[str, Any], "ReplayStack | None"]:
+) -> tuple[dict[str, Any], Stack | None]:
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stream_path = workdir / "stream.jsonl"
@@ -259,11 +238,11 @@ def run_replay(
         for r in rows:
             fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
     distiller = {"poll_seconds": 2.0, "retrain_after_pairs": 500, "retrain_after_minutes": 2.0, **(distiller or {})}
-    stack = ReplayStack(stream_path, workdir, teacher_model=teacher_model, port=port, distiller=distiller,
-                        admin_key=admin_key, route_settings=route_settings or {})
+    stack = replay_stack(stream_path, workdir, teacher_model=teacher_model, port=port, distiller=distiller,
+                         admin_key=admin_key, route_settings=route_settings or {})
     t0 = time.monotonic()
-    stack.start()
     try:
+        stack.start()
         sent = send_stream(rows, stack.base_url, model=teacher_model, rate=rate, concurrency=concurrency, progress=progress)
     except BaseException:
         stack.stop()
@@ -275,7 +254,7 @@ def run_replay(
         import urllib.request
 
         time.sleep(0.5)  # one ledger flush window
-        urllib.request.urlopen(f"http://127.0.0.1:{stack.port}/healthz").read()
+        urllib.request.urlopen(f"{stack.url}/healthz").read()
     from store import Ledger
 
     ledger = Ledger(stack.db)
@@ -338,12 +317,12 @@ def score_versions(
     ``rows`` has seen some of their escalations. At most ``limit`` rows, evenly spaced.
     """
     import numpy as np
-
-    from router.curve import coverage_at, coverage_curve, point_at
-    from router.policy import effective_threshold, normalize_answer
-    from router.student import load_student
-
     from tqdm import tqdm
+
+    from router.agreement import answers_agree
+    from router.curve import coverage_at, coverage_curve, point_at
+    from router.policy import effective_threshold
+    from router.student import load_student
 
     step = max(1, len(rows) // limit)
     sample = rows[::step][:limit]
@@ -362,7 +341,8 @@ def score_versions(
         finally:
             student.close()
         conf = np.array([o.confidence for o in outputs], dtype=np.float64)
-        correct = np.array([normalize_answer(o.text) == normalize_answer(r["answer"]) for o, r in zip(outputs, sample)],
+        kind = stream_answer_kind(rows)
+        correct = np.array([answers_agree(kind, o.text, r["answer"]) for o, r in zip(outputs, sample)],
                            dtype=np.float64)
         curve = coverage_curve(conf, correct, max_points=None)
         own = effective_threshold({"target_agreement": target, "target_confidence": confidence}, v["curve"] or [])
@@ -399,123 +379,51 @@ def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]]
     return {"p50": round(times[len(times) // 2], 2), "p95": round(times[int(len(times) * 0.95)], 2), "requests": len(times)}
 
 
-def print_table(m: dict[str, Any]) -> None:
-    print(f"\n{'':<22}{'student share':>14}{'agreement':>11}{'saved':>8}")
+def format_table(m: dict[str, Any]) -> str:
+    """A replay's results as the terminal shows them: saving and agreement, baselines, versions."""
+    from gateway.money import format_usd
+
+    lines = [f"\n{'':<22}{'student share':>14}{'agreement':>11}{'saved':>8}"]
     for label, key in (("whole stream", "overall"), ("last 25%", "last_quarter")):
         b = m[key]
-        print(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
+        lines.append(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
     for label, b in m["baselines"].items():
-        print(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
+        lines.append(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
     o = m["overall"]
     if m.get("router_decision_ms"):
         d = m["router_decision_ms"]
-        print(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
-    print(f"\nteacher spend without kdgate ${o['teacher_spend_usd']:.4f}, with kdgate ${o['actual_spend_usd']:.4f}"
-          f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
+        lines.append(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
+    lines.append(f"\nteacher spend without kdgate ${format_usd(o['teacher_spend_usd'])}, with kdgate ${format_usd(o['actual_spend_usd'])}"
+                 f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
     if m.get("version_scores"):
-        print("\nevery version on the last quarter's answers (coverage at target: the best any threshold could do;"
-              " served: at its own threshold)")
-        print(f"{'version':>8}{'status':>11}{'pairs':>7}{'agreement':>11}{'cov@target':>12}{'served':>8}{'agree':>8}")
+        lines.append("\nevery version on the last quarter's answers (coverage at target: the best any threshold could do;"
+                     " served: at its own threshold)")
+        lines.append(f"{'version':>8}{'status':>11}{'pairs':>7}{'agreement':>11}{'cov@target':>12}{'served':>8}{'agree':>8}")
         for v in m["version_scores"]:
             if "error" in v:
-                print(f"{v['version']:>8}{v['status']:>11}  {v['error']}")
+                lines.append(f"{v['version']:>8}{v['status']:>11}  {v['error']}")
                 continue
             agree = "-" if v["agreement_when_served"] is None else f"{v['agreement_when_served']:.1%}"
-            print(f"{v['version']:>8}{v['status']:>11}{v['train_pairs']:>7}{v['agreement']:>11.1%}"
-                  f"{v['coverage_at_target']:>12.1%}{v['served_at_own_threshold']:>8.1%}{agree:>8}")
+            lines.append(f"{v['version']:>8}{v['status']:>11}{v['train_pairs']:>7}{v['agreement']:>11.1%}"
+                         f"{v['coverage_at_target']:>12.1%}{v['served_at_own_threshold']:>8.1%}{agree:>8}")
+    return "\n".join(lines)
 
 
-def _distiller_overrides(text: str | None) -> dict[str, Any]:
+def distiller_overrides(text: str | None) -> dict[str, Any]:
     """``--config-json``: distiller settings for the replayed gateway, checked before anything starts
     by the distiller itself (its worker's ``--check-config``, in a process of its own, as the gateway
     runs it): an unknown key would otherwise stop the distiller after the replay began, and the run
-    would measure a teacher-only gateway."""
+    would measure a teacher-only gateway. Raises ValueError naming what is wrong."""
     if not text:
         return {}
     try:
         overrides = json.loads(text)
     except ValueError as exc:
-        raise SystemExit(f"error: --config-json is not JSON: {exc}") from None
+        raise ValueError(f"--config-json is not JSON: {exc}") from None
     if not isinstance(overrides, dict):
-        raise SystemExit("error: --config-json must be a JSON object")
-    from bench.procs import child_env
-
+        raise ValueError("--config-json must be a JSON object")
     check = subprocess.run([sys.executable, "-m", "distiller.worker", "--check-config", "--config-json", json.dumps(overrides)],
                            env=child_env(), capture_output=True, text=True, timeout=120)
     if check.returncode != 0:
-        raise SystemExit(check.stderr.strip() or f"error: distiller settings refused (exit {check.returncode})")
+        raise ValueError(check.stderr.strip() or f"distiller settings refused (exit {check.returncode})")
     return overrides
-
-
-def register_bench(bench_sub: Any) -> None:
-    p = bench_sub.add_parser("replay", help="replay a request stream through the live gateway with a stand-in teacher")
-    p.add_argument("--dataset", required=True, type=Path, help="JSONL stream: {messages, answer} per line")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
-    p.add_argument("--teacher-model", default="gpt-4o", help="whose prices the stand-in teacher charges (default gpt-4o)")
-    p.add_argument("--rate", type=float, default=25.0, help="requests per second (0: as fast as answered)")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--limit", type=int, help="replay only the first N requests")
-    p.add_argument("--target-agreement", type=float, default=0.98, help="the route's target agreement (for the student's own answers)")
-    p.add_argument("--target-confidence", type=float,
-                   help="how sure the router must be that a version meets the target before it serves (default 0.95)")
-    p.add_argument("--shadow-rate", type=float, default=0.02,
-                   help="share of student answers also sent to the teacher to measure live agreement (default 0.02)")
-    p.add_argument("--score-versions", action="store_true",
-                   help="after the run, score every student version on the last quarter's answers (version_scores)")
-    p.add_argument("--name", help="results name (default: from the path)")
-    p.add_argument("--config-json", help='distiller settings as a JSON object, e.g. \'{"min_val_checks": 150}\'')
-
-    def run(args: Any) -> int:
-        if not 0.0 <= args.shadow_rate <= 1.0:
-            raise SystemExit("--shadow-rate must be between 0 and 1")
-        if args.target_confidence is not None and not 0.5 <= args.target_confidence < 1.0:
-            raise SystemExit("--target-confidence must be at least 0.5 and below 1")
-        distiller = _distiller_overrides(args.config_json)
-        route_settings = {"target_agreement": args.target_agreement, "shadow_rate": args.shadow_rate}
-        if args.target_confidence is not None:
-            route_settings["target_confidence"] = args.target_confidence
-        rows = load_stream(args.dataset, args.limit)
-        name = args.name or (args.dataset.parent.name + "-" + args.dataset.stem if args.dataset.stem in ("train", "test", "stream") else args.dataset.stem)
-        m, _ = run_replay(rows, name=name, out=args.out, teacher_model=args.teacher_model, rate=args.rate,
-                          concurrency=args.concurrency, route_settings=route_settings,
-                          distiller=distiller, score_versions_on_last_quarter=args.score_versions)
-        print_table(m)
-        print(f"\nresults: bench/results/replay-{name}.json and .png")
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser("demo", help="replay the bundled banking77 stream through a local gateway, then leave it running")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--limit", type=int, help="replay only the first N requests")
-    p.add_argument("--rate", type=float, default=40.0, help="requests per second")
-    p.add_argument("--no-wait", action="store_true", help="stop the gateway after the table instead of leaving it running")
-    p.add_argument("--dir", type=Path, default=Path("kdgate-demo"), help="where the demo's ledger and students go")
-
-    def run(args: Any) -> int:
-        import secrets
-
-        rows = demo_stream(args.limit)
-        admin_key = secrets.token_hex(16)
-        print(f"kdgate demo: {len(rows)} banking77 requests through a local gateway; the teacher is a stand-in "
-              "that replays the data set's answers at gpt-4o prices.")
-        m, stack = run_replay(rows, name="demo-banking77", rate=args.rate, port=args.port, workdir=args.dir.resolve(),
-                              keep_running=not args.no_wait, admin_key=admin_key, route_settings={"target_agreement": 0.98})
-        print_table(m)
-        if stack is None:
-            return 0
-        print(f"\nThe gateway is still running at http://127.0.0.1:{stack.port}/v1 (OpenAI-compatible, no key needed).")
-        print(f"Dashboard: http://127.0.0.1:{stack.port}/dashboard  (admin key for this demo: {admin_key})")
-        print("Ctrl-C stops it.")
-        try:
-            while all(p.poll() is None for p in stack.procs):
-                time.sleep(1)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            stack.stop()
-        return 0
-
-    p.set_defaults(func=run)

@@ -20,18 +20,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.stack import Stack
+
 log = logging.getLogger(__name__)
 
-__all__ = ["register_bench", "run_soak", "run_crash", "Stack"]
+__all__ = ["run_soak", "run_crash", "FLUSH_MARGIN_S"]
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Is this message positive or negative? I love it."}], "max_tokens": 5}
 # The writer waits up to flush_ms for a first row and up to flush_ms more to fill a batch, then commits:
@@ -44,63 +44,13 @@ def _progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-class Stack:
-    """The stand-in teacher and ``kdgate serve`` (no distiller) as child processes on loopback."""
-
-    def __init__(self, workdir: Path, *, flush_ms: float = 50.0, dataset: Path | None = None, student: bool = False):
-        from bench.standin import free_port
-
-        self.dataset = dataset
-        self.student = student
-
-        self.workdir = workdir
-        self.db = workdir / "kdgate.db"
-        self.flush_ms = flush_ms
-        self.teacher_port = free_port()
-        self.port = free_port()
-        from bench.procs import child_env
-
-        extra = {"KDGATE_EMBEDDED_DISTILLER": "true" if student else "false"}
-        if student:  # a load test, not a quality test: let the student take over quickly
-            extra.update(KDGATE_DEFAULT_TARGET_AGREEMENT="0.9",
-                         KDGATE_DISTILLER=json.dumps({"poll_seconds": 1.0, "finetune": "never"}))
-        self.env = child_env(KDGATE_LEDGER_FLUSH_MS=str(flush_ms), KDGATE_LOG_LEVEL="warning", **extra)
-        self.teacher: subprocess.Popen | None = None
-        self.gateway: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start_teacher(self) -> None:
-        from bench.procs import spawn, wait_http
-
-        cmd = [sys.executable, "-m", "bench.standin", "--port", str(self.teacher_port), "--model", "gpt-4o-mini"]
-        if self.dataset is not None:
-            cmd += ["--dataset", str(self.dataset)]
-        self.teacher = spawn(cmd, self.env, self.workdir / "teacher.log")
-        wait_http(f"http://127.0.0.1:{self.teacher_port}/v1/models", proc=self.teacher)
-
-    def start_gateway(self) -> None:
-        from bench.procs import spawn, wait_http
-
-        cmd = [sys.executable, "-m", "gateway.cli", "serve", "--teacher", "openai/gpt-4o-mini",
-               "--teacher-api-base", f"http://127.0.0.1:{self.teacher_port}/v1", "--db", str(self.db),
-               "--port", str(self.port), "--no-auth"]
-        self.gateway = spawn(cmd, self.env, self.workdir / f"gateway-{int(time.time() * 1000)}.log")
-        wait_http(self.url + "/readyz", proc=self.gateway)
-
-    def stop_gateway(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
-        from bench.procs import stop
-
-        return None if self.gateway is None else stop(self.gateway, sig=sig, timeout=timeout)
-
-    def stop(self) -> None:
-        from bench.procs import stop
-
-        self.stop_gateway()
-        if self.teacher is not None:
-            stop(self.teacher, timeout=15)
+def robust_stack(workdir: Path, *, flush_ms: float = 50.0, dataset: Path | None = None, student: bool = False) -> Stack:
+    """The stand-in teacher and ``kdgate serve``; with ``student``, its embedded distiller set to let a
+    student take over quickly (a load test, not a quality test)."""
+    settings: dict[str, Any] = {"ledger_flush_ms": flush_ms, "log_level": "warning", "embedded_distiller": student}
+    if student:
+        settings.update(default_target_agreement=0.9, distiller={"poll_seconds": 1.0, "finetune": "never"})
+    return Stack(workdir, settings=settings, dataset=dataset)
 
 
 async def _load(url: str, *, connections: int, seconds: float, gateway_pid: int | None = None,
@@ -238,15 +188,14 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
     if student:
         dataset = workdir / "stream.jsonl"
         dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    stack = Stack(workdir, dataset=dataset, student=student)
+    stack = robust_stack(workdir, dataset=dataset, student=student)
     answered: list[tuple[str, float]] = []
     errors: dict[str, int] = {}
     served: dict[str, int] = {}
     rss: list[float] = []
     live: dict[str, Any] = {}
     try:
-        stack.start_teacher()
-        stack.start_gateway()
+        stack.start()
         if student:
             _progress(f"warm-up: {warmup} teacher requests, then waiting for a student in cascade mode")
             live, warmup = _warm_student(stack, rows, first=warmup)
@@ -262,7 +211,7 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
         _progress("load done; stopping the gateway with SIGTERM")
         code = stack.stop_gateway(signal.SIGTERM)
         in_ledger = _ledger_uids(stack.db)
-        ok, integrity = _integrity(stack.db)
+        ok, _ = _integrity(stack.db)
     finally:
         stack.stop()
     lost = [uid for uid, _ in answered if uid not in in_ledger]
@@ -300,7 +249,7 @@ def run_crash(
 ) -> dict[str, Any]:
     """Load, SIGKILL the gateway, then count answered exchanges missing from the ledger."""
     workdir = Path(tempfile.mkdtemp(prefix="kdgate-crash-"))
-    stack = Stack(workdir, flush_ms=flush_ms)
+    stack = robust_stack(workdir, flush_ms=flush_ms)
     answered: list[tuple[str, float]] = []
     errors: dict[str, int] = {}
     kill_at: list[float] = []
@@ -309,7 +258,7 @@ def run_crash(
         async def killer() -> None:
             await asyncio.sleep(seconds)
             kill_at.append(time.time())
-            os.killpg(stack.gateway.pid, signal.SIGKILL)
+            stack.kill_gateway()
             _progress("gateway killed with SIGKILL")
 
         # the load runs a little past the kill so that requests are in flight when it lands
@@ -319,9 +268,9 @@ def run_crash(
             killer(),
         )
 
+    ok, integrity, in_ledger, restarted = False, "not checked", set(), False
     try:
-        stack.start_teacher()
-        stack.start_gateway()
+        stack.start()
         _progress(f"crash: {connections} connections for {seconds:g}s, then SIGKILL (workdir {workdir})")
         asyncio.run(load_then_kill())
         stack.gateway.wait(30)
@@ -332,9 +281,7 @@ def run_crash(
         restarted = True
         stack.stop_gateway(signal.SIGTERM)
     except (RuntimeError, TimeoutError) as exc:
-        restarted = False
         log.warning("restart failed: %s", exc)
-        integrity, ok, in_ledger = locals().get("integrity", "not checked"), locals().get("ok", False), locals().get("in_ledger", set())
     finally:
         stack.stop()
     t_kill = kill_at[0] if kill_at else time.time()
@@ -365,32 +312,3 @@ def run_crash(
     }
     _write(results, "crash", out, results_dir)
     return results
-
-
-def register_bench(bench_sub: Any) -> None:
-    """Add ``soak`` and ``crash`` to ``kdgate bench``."""
-    p = bench_sub.add_parser("soak", help="hold many connections for minutes: errors, RSS over time, exchanges lost")
-    p.add_argument("--teacher-only", action="store_true", help="no student: the teacher answers everything")
-    p.add_argument("--minutes", type=float, required=True)
-    p.add_argument("--connections", type=int, default=500)
-    p.add_argument("--out", type=Path, help="also write the JSON here (always: bench/results/soak.json)")
-
-    def soak(args: Any) -> int:
-        res = run_soak(minutes=args.minutes, connections=args.connections, out=args.out, student=not args.teacher_only)
-        print(json.dumps({k: v for k, v in res.items() if k != "rss_samples_mb"}, indent=2))
-        return 0 if res["errors"] == 0 and res["lost"] == 0 else 1
-
-    p.set_defaults(func=soak)
-
-    c = bench_sub.add_parser("crash", help="kill -9 the gateway under load, then count the ledger")
-    c.add_argument("--out", type=Path, help="also write the JSON here (always: bench/results/crash.json)")
-    c.add_argument("--seconds", type=float, default=20.0, help="load before the kill")
-    c.add_argument("--connections", type=int, default=100)
-    c.add_argument("--flush-ms", type=float, default=50.0, help="the gateway's ledger_flush_ms")
-
-    def crash(args: Any) -> int:
-        res = run_crash(seconds=args.seconds, connections=args.connections, out=args.out, flush_ms=args.flush_ms)
-        print(json.dumps(res, indent=2))
-        return 0 if res["integrity_ok"] and res["lost_before_last_flush"] == 0 else 1
-
-    c.set_defaults(func=crash)

@@ -21,6 +21,8 @@ from typing import Any
 
 import orjson
 
+from bench.asgi import Request, Send, StandinApp, error_envelope, send_bytes, send_json
+
 __all__ = ["ReplayTeacher", "ServerThread", "count_tokens", "messages_key", "free_port"]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -42,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ReplayTeacher:
+class ReplayTeacher(StandinApp):
     """Answers each request with the answer recorded for its messages (or ``fallback(body)``).
 
     ``answers`` maps :func:`messages_key` to the answer; ``confidence`` is the probability the stand-in
@@ -89,22 +91,8 @@ class ReplayTeacher:
         return ans
 
     # -- the ASGI app ---------------------------------------------------------------------
-    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        path = scope["path"]
-        raw = b""
-        while True:
-            msg = await receive()
-            raw += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+    async def handle(self, request: Request, send: Send) -> None:
+        path = request.path
         self.calls += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
@@ -118,23 +106,23 @@ class ReplayTeacher:
         if fault in ("500", "429", "503"):
             status = int(fault)
             headers = [(b"retry-after", b"1")] if status == 429 else []
-            return await self._send(send, status, orjson.dumps({"error": {"message": f"stand-in fault {status}", "type": "server_error", "param": None, "code": None}}), headers)
+            return await send_json(send, status, error_envelope(f"stand-in fault {status}", "server_error"), headers=headers)
         if fault == "garbage":
-            return await self._send(send, 200, b"<html>not json", [])
-        if scope["method"] == "GET" and path.endswith("/models"):
-            return await self._send(send, 200, orjson.dumps({"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "stand-in"}]}))
+            return await send_bytes(send, 200, b"<html>not json")
+        if request.method == "GET" and path.endswith("/models"):
+            return await send_json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "stand-in"}]})
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
-            return await self._send(send, 400, orjson.dumps({"error": {"message": "invalid JSON", "type": "invalid_request_error", "param": None, "code": None}}))
+            return await send_json(send, 400, error_envelope("invalid JSON"))
         if path.endswith("/embeddings"):
             inputs = body.get("input")
             inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
             data = [{"object": "embedding", "index": i, "embedding": _fake_vector(str(x))} for i, x in enumerate(inputs)]
             tokens = sum(count_tokens(str(x)) for x in inputs)
-            return await self._send(send, 200, orjson.dumps({"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+            return await send_json(send, 200, {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         if not path.endswith("/chat/completions"):
-            return await self._send(send, 404, orjson.dumps({"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}))
+            return await send_json(send, 404, error_envelope("not found"))
         answer = self.answer(body)
         prompt_tokens = sum(count_tokens(m.get("content") if isinstance(m.get("content"), str) else json.dumps(m.get("content"))) for m in body.get("messages") or []) + 3 * len(body.get("messages") or [])
         completion_tokens = max(1, count_tokens(answer))
@@ -147,7 +135,7 @@ class ReplayTeacher:
         if not body.get("stream"):
             choices = [{"index": i, "message": {"role": "assistant", "content": answer, "refusal": None}, "logprobs": {"content": logprobs} if logprobs else None, "finish_reason": "stop"} for i in range(n)]
             resp = {"id": cid, "object": "chat.completion", "created": created, "model": self.model, "choices": choices, "usage": usage, "system_fingerprint": "fp_standin"}
-            return await self._send(send, 200, orjson.dumps(resp))
+            return await send_json(send, 200, resp)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model, "system_fingerprint": "fp_standin"}
         pieces = re.findall(r"\S+\s*|\s+", answer) or [""]
@@ -187,11 +175,6 @@ class ReplayTeacher:
                 entry["top_logprobs"] = [{"token": piece, "logprob": lp, "bytes": list(piece.encode())}]
             out.append(entry)
         return out
-
-    @staticmethod
-    async def _send(send: Callable, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), *(headers or [])]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def _fake_vector(text: str, dim: int = 8) -> list[float]:

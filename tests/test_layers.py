@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# The command line may import all three; so may a `kdgate bench` command that drives the whole
-# stack (the LM-student bench starts a gateway to time the student through it).
-EDGES = {"gateway/cli.py", "distiller/cli.py", "distiller/lm/cli.py"}
+# Files exempt from their package's rule (none: the command line is its own package, `cli`).
+EDGES: set[str] = set()
 ALLOWED = {
     "store": {"store"},
     "router": {"router"},
     "gateway": {"gateway", "router", "store"},
     "distiller": {"distiller", "router", "store"},
     "bench": {"bench", "gateway", "router", "distiller", "store"},
+    "cli": {"cli", "bench", "gateway", "router", "distiller", "store"},  # the thin edge over all of them
 }
 
 

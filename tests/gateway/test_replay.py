@@ -43,15 +43,19 @@ def test_replay_metrics_add_up():
     assert m["cpt"]["95"] == pytest.approx(3 / 8)
 
 
-def test_replay_distiller_settings_are_checked_before_anything_starts():
-    from bench.replay import _distiller_overrides
+def test_replay_distiller_settings_are_checked_before_anything_starts(capsys):
+    from bench.replay import distiller_overrides
+    from cli.app import main
 
-    assert _distiller_overrides('{"min_val_checks": 150}') == {"min_val_checks": 150}
-    assert _distiller_overrides(None) == {}
-    with pytest.raises(SystemExit, match="Unknown distiller setting.*min_val_check"):
-        _distiller_overrides('{"min_val_check": 150}')
-    with pytest.raises(SystemExit, match="JSON object"):
-        _distiller_overrides("[1]")
+    assert distiller_overrides('{"min_val_checks": 150}') == {"min_val_checks": 150}
+    assert distiller_overrides(None) == {}
+    with pytest.raises(ValueError, match="Unknown distiller setting.*min_val_check"):
+        distiller_overrides('{"min_val_check": 150}')
+    with pytest.raises(ValueError, match="JSON object"):
+        distiller_overrides("[1]")
+    # the command refuses them before any process starts
+    assert main(["bench", "replay", "--dataset", "nowhere.jsonl", "--config-json", '{"min_val_check": 150}']) == 2
+    assert "min_val_check" in capsys.readouterr().err
 
 
 def test_demo_stream_is_bundled():
@@ -101,3 +105,62 @@ def test_score_versions_reads_each_version_against_the_streams_answers(tmp_path)
     [bad] = score_versions(ledger, "replay", wrong, 0.98, limit=20)
     assert bad["agreement"] == 0.0 and bad["coverage_at_target"] == 0.0 and bad["requests"] == 20
     assert bad["agreement_when_served"] in (None, 0.0)
+
+
+def test_toml_settings_are_what_the_gateway_reads(tmp_path):
+    from bench.stack import toml_settings
+    from gateway.settings import load_settings
+
+    config = tmp_path / "kdgate.toml"
+    config.write_text(toml_settings({"db": str(tmp_path / "x.db"), "auth": False, "ledger_flush_ms": 20.0, "admin_key": None,
+                                     "distiller": {"poll_seconds": 1.0, "finetune": "never"},
+                                     "routes": {"replay": {"aliases": ["gpt-4o"], "target_agreement": 0.97}}}))
+    settings = load_settings(config)
+    assert not settings.auth and settings.ledger_flush_ms == 20.0 and settings.admin_key is None
+    assert settings.distiller == {"poll_seconds": 1.0, "finetune": "never"}
+    assert settings.routes["replay"].aliases == ["gpt-4o"] and settings.routes["replay"].target_agreement == 0.97
+
+
+@pytest.mark.slow
+def test_sigterm_of_a_bench_stops_its_stand_in_gateway_and_distiller(tmp_path):
+    """`kdgate demo` stopped with SIGTERM used to leave its gateway, stand-in and distiller running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = f"""
+import json, sys, time, psutil
+from pathlib import Path
+from bench.stack import Stack
+stack = Stack(Path({str(tmp_path / "work")!r})).start()
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # the embedded distiller is the gateway's child
+    kids = psutil.Process(stack.gateway.pid).children(recursive=True)
+    if kids:
+        break
+    time.sleep(0.2)
+try:
+    print(json.dumps([stack.teacher.pid, stack.gateway.pid, *[k.pid for k in kids]]), flush=True)
+    time.sleep(600)
+finally:
+    print("stopped", flush=True)
+"""
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = json.loads(bench.stdout.readline())
+        assert len(pids) >= 3, pids  # stand-in, gateway, distiller
+        assert all(psutil.pid_exists(p) for p in pids)
+        os.kill(bench.pid, signal.SIGTERM)
+        assert bench.wait(90) == 128 + signal.SIGTERM
+        assert bench.stdout.read().strip() == "stopped"
+        deadline = time.monotonic() + 10
+        while any(psutil.pid_exists(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in pids if psutil.pid_exists(p)]
+    finally:
+        if bench.poll() is None:
+            bench.kill()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -162,38 +161,25 @@ def test_parse_since_refuses_nonsense():
         parse_since("last tuesday")
 
 
-def _parser():
-    from bench.dashboard import register_bench
-    from gateway.stats_cli import register
-
-    parser = argparse.ArgumentParser(prog="kdgate")
-    parser.add_argument("--config")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    bench = sub.add_parser("bench").add_subparsers(dest="bench", required=True)
-    register_bench(bench)
-    return parser
-
-
 def test_kdgate_stats_json_and_table(ledger, capsys, monkeypatch):
+    from cli.app import main
+
     write(ledger, 200, start=time.time() - 3 * 86400, end=time.time(), seed=6)
-    args = _parser().parse_args(["stats", "--db", ledger.path, "--json", "--since", "all", "--bucket", "day"])
-    assert args.func(args) == 0
+    assert main(["stats", "--db", ledger.path, "--json", "--since", "all", "--bucket", "day"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert_totals(out["overview"]["totals"], brute(ledger))
     assert {r["route"] for r in out["routes"]} >= {"a", "b", "c"}
-    args = _parser().parse_args(["stats", "--db", ledger.path])
-    assert args.func(args) == 0
+    assert main(["stats", "--db", ledger.path]) == 0
     text = capsys.readouterr().out
     assert "saved" in text and "teacher-only spend" in text and "route" in text.splitlines()[8]
-    args = _parser().parse_args(["stats", "--db", ledger.path, "--since", "whenever"])
-    assert args.func(args) == 2
+    assert main(["stats", "--db", ledger.path, "--since", "whenever"]) == 2
 
 
 def test_bench_dashboard_writes_the_figures(tmp_path, capsys):
+    from cli.app import main
+
     out = tmp_path / "bench.json"
-    args = _parser().parse_args(["bench", "dashboard", "--rows", "5000", "--out", str(out), "--repeat", "2"])
-    assert args.func(args) == 0
+    assert main(["bench", "dashboard", "--rows", "5000", "--out", str(out), "--repeat", "2"]) == 0
     result = json.loads(out.read_text())
     assert result["rows"] == 5000 and {"rows", "overview_ms", "routes_ms"} <= set(result)
     assert 0 < result["overview_ms"] < 300 and 0 < result["routes_ms"] < 300

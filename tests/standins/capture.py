@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from bench.asgi import Request, Send, StandinApp, send_json
+
 __all__ = ["CaptureServer", "Captured"]
 
 
@@ -29,7 +31,7 @@ class Captured:
 
 
 @dataclass
-class CaptureServer:
+class CaptureServer(StandinApp):
     """ASGI app; ``requests`` holds what arrived, oldest first."""
 
     answer: str = "captured"
@@ -43,28 +45,13 @@ class CaptureServer:
                 return True
         return False
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        raw = b""
-        while True:
-            msg = await receive()
-            raw += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        self.requests.append(Captured(scope["method"], scope["path"], scope.get("query_string", b"").decode("latin-1"), headers, raw))
+    async def handle(self, request: Request, send: Send) -> None:
+        self.requests.append(Captured(request.method, request.path, request.query, request.headers, request.body))
         try:
-            body = orjson.loads(raw) if raw else {}
+            body = request.json()
         except orjson.JSONDecodeError:
             body = {}
-        if scope["path"].endswith("/messages"):
+        if request.path.endswith("/messages"):
             reply = {
                 "id": "msg_capture", "type": "message", "role": "assistant", "model": body.get("model", "claude"),
                 "content": [{"type": "text", "text": self.answer}], "stop_reason": "end_turn", "stop_sequence": None,
@@ -76,7 +63,4 @@ class CaptureServer:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": self.answer}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
             }
-        out = orjson.dumps(reply)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]})
-        await send({"type": "http.response.body", "body": out})
+        await send_json(send, 200, reply)

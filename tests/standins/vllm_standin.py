@@ -1,12 +1,12 @@
 """A STAND-IN for vLLM's OpenAI-compatible server (no GPU inference server is reachable here).
 
 It speaks the documented parts of vLLM's HTTP API that kdgate uses, as a real HTTP server on
-127.0.0.1 (FastAPI + uvicorn in a thread):
+127.0.0.1 (a raw ASGI app on :class:`bench.asgi.StandinApp`, served by uvicorn in a thread):
 
 - ``GET /v1/models``: the base model and every loaded adapter (``parent`` = the base);
 - ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (only when runtime LoRA updating
   is enabled, as with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; otherwise the routes do not exist and
-  FastAPI answers 404 ``{"detail": "Not Found"}``), with vLLM's answers: 200 text ``Success: ...``;
+  the answer is vLLM's (FastAPI's) 404 ``{"detail": "Not Found"}``), with vLLM's answers: 200 text ``Success: ...``;
   400 ``InvalidUserInput`` for a missing field or a duplicate name; 404 ``NotFoundError`` for an
   unknown adapter or a path with no adapter;
 - ``POST /v1/chat/completions``: generation with the embedded runtime (:class:`router.lm_student.LMEngine`,
@@ -18,36 +18,82 @@ Error bodies follow ``error_format``: ``"envelope"`` (recent vLLM: ``{"error": {
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+import orjson
+
+from bench.asgi import Request, Send, StandinApp, send_json, send_text
 
 __all__ = ["VLLMStandin", "create_vllm_standin"]
 
+# (status, body): a str is sent as text (vLLM's "Success: ..." answers), anything else as JSON
+Reply = tuple[int, Any]
+NOT_FOUND: Reply = (404, {"detail": "Not Found"})  # FastAPI's answer for a route vLLM does not have
 
-class VLLMStandin:
-    """State of the stand-in: the base model path and the adapters loaded at runtime."""
 
-    def __init__(self, base_model: str, *, served_model_name: str | None = None, error_format: str = "envelope"):
+class VLLMStandin(StandinApp):
+    """The stand-in app and its state: the base model path and the adapters loaded at runtime."""
+
+    def __init__(self, base_model: str, *, served_model_name: str | None = None, error_format: str = "envelope",
+                 runtime_lora_updating: bool = True):
         self.base_model = base_model
         self.served_model_name = served_model_name or base_model
         self.error_format = error_format
+        self.runtime_lora_updating = runtime_lora_updating
         self.adapters: dict[str, dict[str, Any]] = {}  # name -> {"path", "engine", "id"}
         self.lock = threading.Lock()
         self.requests: list[dict[str, Any]] = []  # chat bodies received (tests inspect them)
         self._counter = 0
 
-    def error(self, message: str, err_type: str, status: int) -> JSONResponse:
-        info = {"message": message, "type": err_type, "param": None, "code": status}
-        body = {"error": info} if self.error_format == "envelope" else {"object": "error", **info}
-        return JSONResponse(body, status_code=status)
+    async def handle(self, request: Request, send: Send) -> None:
+        try:
+            body = request.json() if request.method == "POST" else {}
+        except orjson.JSONDecodeError:
+            body = None
+        route = (request.method, request.path)
+        if route == ("GET", "/v1/models"):
+            reply = (200, self.models())
+        elif body is None:
+            reply = self.error("The request body is not JSON.", "BadRequestError", 400)
+        elif route == ("POST", "/v1/chat/completions"):
+            reply = await asyncio.to_thread(self.chat, body)
+        elif route == ("POST", "/v1/load_lora_adapter") and self.runtime_lora_updating:
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not name or not path:
+                reply = self.error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
+            else:
+                reply = await asyncio.to_thread(self.load, name, path)
+        elif route == ("POST", "/v1/unload_lora_adapter") and self.runtime_lora_updating:
+            if not body.get("lora_name") and not body.get("lora_int_id"):
+                reply = self.error("either 'lora_name' and 'lora_int_id' needs to be provided.", "InvalidUserInput", 400)
+            else:
+                reply = self.unload(body.get("lora_name"))
+        else:
+            reply = NOT_FOUND
+        status, value = reply
+        if isinstance(value, str):
+            await send_text(send, status, value)
+        else:
+            await send_json(send, status, value)
 
-    def load(self, name: str, path: str) -> Any:
+    def error(self, message: str, err_type: str, status: int) -> Reply:
+        info = {"message": message, "type": err_type, "param": None, "code": status}
+        return status, ({"error": info} if self.error_format == "envelope" else {"object": "error", **info})
+
+    def models(self) -> dict[str, Any]:
+        now = int(time.time())
+        data = [{"id": self.served_model_name, "object": "model", "created": now, "owned_by": "vllm", "root": self.base_model, "parent": None}]
+        with self.lock:
+            for name, entry in self.adapters.items():
+                data.append({"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": entry["path"], "parent": self.served_model_name})
+        return {"object": "list", "data": data}
+
+    def load(self, name: str, path: str) -> Reply:
         from router.lm_student import LMEngine
 
         with self.lock:
@@ -63,16 +109,16 @@ class VLLMStandin:
                 return self.error(f"The lora adapter '{name}' has already been loaded.", "InvalidUserInput", 400)
             self._counter += 1
             self.adapters[name] = {"path": path, "engine": engine, "id": self._counter}
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+        return 200, f"Success: LoRA adapter '{name}' added successfully."
 
-    def unload(self, name: str) -> Any:
+    def unload(self, name: str) -> Reply:
         with self.lock:
             if name not in self.adapters:
                 return self.error(f"The lora adapter '{name}' cannot be found.", "NotFoundError", 404)
             del self.adapters[name]
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        return 200, f"Success: LoRA adapter '{name}' removed successfully."
 
-    def chat(self, body: dict[str, Any]) -> Any:
+    def chat(self, body: dict[str, Any]) -> Reply:
         self.requests.append(body)
         model = body.get("model")
         with self.lock:
@@ -95,28 +141,26 @@ class VLLMStandin:
         from router.lm_student import apply_stop
 
         gen = apply_stop(gen, body.get("stop"))
-        return JSONResponse(
-            {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": gen.text, "tool_calls": []},
-                        "logprobs": {"content": gen.logprobs} if want_logprobs else None,
-                        "finish_reason": gen.finish_reason,
-                        "stop_reason": None,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": gen.prompt_tokens,
-                    "completion_tokens": gen.completion_tokens,
-                    "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-                },
-            }
-        )
+        return 200, {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": gen.text, "tool_calls": []},
+                    "logprobs": {"content": gen.logprobs} if want_logprobs else None,
+                    "finish_reason": gen.finish_reason,
+                    "stop_reason": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens,
+                "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+            },
+        }
 
 
 def create_vllm_standin(
@@ -125,44 +169,8 @@ def create_vllm_standin(
     served_model_name: str | None = None,
     error_format: str = "envelope",
     runtime_lora_updating: bool = True,
-) -> tuple[FastAPI, VLLMStandin]:
-    """The stand-in app and its state. ``runtime_lora_updating=False`` omits the adapter routes."""
-    state = VLLMStandin(base_model, served_model_name=served_model_name, error_format=error_format)
-    app = FastAPI(title="vLLM stand-in")
-
-    @app.get("/v1/models")
-    def models() -> dict[str, Any]:
-        now = int(time.time())
-        data = [{"id": state.served_model_name, "object": "model", "created": now, "owned_by": "vllm", "root": state.base_model, "parent": None}]
-        with state.lock:
-            for name, entry in state.adapters.items():
-                data.append({"id": name, "object": "model", "created": now, "owned_by": "vllm", "root": entry["path"], "parent": state.served_model_name})
-        return {"object": "list", "data": data}
-
-    if runtime_lora_updating:
-
-        @app.post("/v1/load_lora_adapter")
-        async def load_lora_adapter(request: Request) -> Any:
-            body = await request.json()
-            name, path = body.get("lora_name"), body.get("lora_path")
-            if not name or not path:
-                return state.error("Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput", 400)
-            import asyncio
-
-            return await asyncio.to_thread(state.load, name, path)
-
-        @app.post("/v1/unload_lora_adapter")
-        async def unload_lora_adapter(request: Request) -> Any:
-            body = await request.json()
-            if not body.get("lora_name") and not body.get("lora_int_id"):
-                return state.error("either 'lora_name' and 'lora_int_id' needs to be provided.", "InvalidUserInput", 400)
-            return state.unload(body.get("lora_name"))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        import asyncio
-
-        body = await request.json()
-        return await asyncio.to_thread(state.chat, body)
-
-    return app, state
+) -> tuple[VLLMStandin, VLLMStandin]:
+    """The stand-in app and its state (one object). ``runtime_lora_updating=False`` omits the adapter routes."""
+    state = VLLMStandin(base_model, served_model_name=served_model_name, error_format=error_format,
+                        runtime_lora_updating=runtime_lora_updating)
+    return state, state
