@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdgate-installed
 
-.PHONY: setup demo serve test browsers
+.PHONY: setup demo serve test browsers postgres
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,11 +20,15 @@ setup: $(STAMP)
 browsers:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# Debian's PostgreSQL server binaries: the store's tests run on a real server they start themselves
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+
 demo: setup
 	$(BIN)/kdgate demo
 
 serve: setup
 	$(BIN)/kdgate serve
 
-test: setup browsers
+test: setup browsers postgres
 	$(BIN)/python -m pytest -q

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_overhead"]
+__all__ = ["run_overhead", "run_replicas"]
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 5}
 
@@ -66,17 +66,28 @@ async def _measure(url: str, *, requests_c1: int, seconds_c32: float, headers: d
 
 
 def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float = 10.0, include_litellm: bool = True,
-                 results_dir: Path | None = None) -> dict[str, Any]:
+                 results_dir: Path | None = None, dbs: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure the stand-in upstream directly, through kdgate and through LiteLLM's proxy; writes and
-    returns ``{"direct", "kdgate", "litellm", "kdgate_added_p50_ms_c1", ...}``."""
+    returns ``{"direct", "kdgate", "litellm", "kdgate_added_p50_ms_c1", ...}``.
+
+    ``dbs``: more ledgers to measure kdgate on, side by side in the same run (``postgresql://...``,
+    or ``postgresql`` for a temporary server started here): ``kdgate@postgresql`` beside ``kdgate``
+    (SQLite), with ``postgresql_added_p50_ms_c1`` (over SQLite's) and ``postgresql_vs_sqlite_rps``."""
+    import contextlib
+
     from bench.stack import Stack, wait_http
     from bench.standin import free_port
 
     results: dict[str, Any] = {}
     stack = Stack(Path(tempfile.mkdtemp(prefix="kdgate-bench-")), settings={"embedded_distiller": False}, ready_path="/healthz")
-    with stack:
+    with stack, contextlib.ExitStack() as extra:
         upstream = f"{stack.teacher_url}/v1"
         targets = {"direct": upstream + "/chat/completions", "kdgate": f"{stack.base_url}/chat/completions"}
+        for db in dbs:  # the same gateway settings on another ledger, against the same upstream
+            url = extra.enter_context(_postgres_url()) if db == "postgresql" else db
+            port = free_port()
+            extra.enter_context(_replicas(stack, url, [port]))
+            targets["kdgate@postgresql"] = f"http://127.0.0.1:{port}/v1/chat/completions"
         headers: dict[str, dict[str, str]] = {}
         if include_litellm and shutil.which("litellm"):
             ll_port = free_port()
@@ -105,6 +116,10 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
                                                  headers=headers.get(name, {"authorization": "Bearer sk-stand-in"})))
             print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
     d, k = results.get("direct"), results.get("kdgate")
+    pg = results.get("kdgate@postgresql")
+    if d and k and pg:
+        results["postgresql_added_p50_ms_c1"] = round(pg["p50_ms_c1"] - k["p50_ms_c1"], 3)
+        results["postgresql_vs_sqlite_rps"] = round(pg["rps"] / max(k["rps"], 1e-9), 3)
     if d and k:
         results["kdgate_added_p50_ms_c1"] = round(k["p50_ms_c1"] - d["p50_ms_c1"], 3)
         if results.get("litellm"):
@@ -115,6 +130,141 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
     results_dir = Path("bench/results") if results_dir is None else results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "overhead.json").write_text(json.dumps(results, indent=2))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _postgres_url() -> Any:
+    """A temporary PostgreSQL server (Debian's binaries) for a bench given no DSN: a context manager
+    yielding a fresh database's DSN."""
+    import contextlib
+
+    from bench.postgres import PostgresServer, find_bin_dir
+
+    @contextlib.contextmanager
+    def server() -> Any:
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("no PostgreSQL server binaries (apt-get install postgresql), and no --db DSN given")
+        pg = PostgresServer(bin_dir, durable=True).start()
+        try:
+            yield pg.create_database()
+        finally:
+            pg.stop()
+
+    return server()
+
+
+def _replicas(stack: Any, url: str, ports: list[int]) -> Any:
+    """``kdgate serve`` replicas on ledger ``url``, with the stack's settings, until the block ends."""
+    import contextlib
+    import os
+    import signal
+
+    @contextlib.contextmanager
+    def running() -> Any:
+        procs = []
+        try:
+            for port in ports:
+                env = {"KDGATE_DB": url, "KDGATE_PORT": str(port), "KDGATE_EMBEDDED_DISTILLER": "false"}
+                procs.append(stack.spawn(f"replica-{port}", [sys.executable, "-m", "cli", "--config", str(stack.config), "serve"],
+                                         env=env))
+            for port, proc in zip(ports, procs):
+                from bench.stack import wait_http
+
+                wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
+            yield procs
+        finally:
+            for proc in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                with contextlib.suppress(Exception):
+                    proc.wait(60)
+
+    return running()
+
+
+async def _load(urls: list[str], *, seconds: float, concurrency: int) -> dict[str, Any]:
+    """``concurrency`` clients sending requests round-robin over ``urls`` for ``seconds``."""
+    import aiohttp
+
+    payload = json.dumps(BODY).encode()
+    hdrs = {"content-type": "application/json", "authorization": "Bearer sk-stand-in"}
+    latencies: list[float] = []
+    uids: list[str] = []
+    errors = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2)) as session:
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(i: int) -> None:
+            nonlocal errors
+            n = i
+            while time.perf_counter() < stop_at:
+                url = urls[n % len(urls)]
+                n += 1
+                t = time.perf_counter()
+                async with session.post(url, data=payload, headers=hdrs) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        latencies.append((time.perf_counter() - t) * 1000)
+                        uids.append(resp.headers.get("x-request-id", ""))
+                    else:
+                        errors += 1
+
+        for url in urls:  # warm-up
+            for _ in range(20):
+                async with session.post(url, data=payload, headers=hdrs) as resp:
+                    await resp.read()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    xs = sorted(latencies)
+    return {"rps": round(len(xs) / elapsed, 1), "p50_ms": round(statistics.median(xs), 3) if xs else None,
+            "p99_ms": round(xs[min(len(xs) - 1, int(0.99 * len(xs)))], 3) if xs else None,
+            "requests": len(xs), "errors": errors, "uids": uids}
+
+
+def run_replicas(*, replicas: tuple[int, ...] = (1, 2), db: str | None = None, seconds: float = 15.0,
+                 concurrency: int = 32, out: Path | None = None, results_dir: Path | None = None) -> dict[str, Any]:
+    """Throughput and p50/p99 of 1, 2, ... gateway replicas on one PostgreSQL ledger against the same
+    stand-in upstream, the load spread round-robin over them; afterwards every answered exchange is
+    looked up in the ledger (``lost``: answered but not there). Writes ``replicas.json``."""
+    import contextlib
+    import os
+
+    from bench.stack import Stack
+    from bench.standin import free_port
+    from store import Ledger
+
+    results: dict[str, Any] = {"replicas": {}, "upstream": "stand-in OpenAI-compatible server (bench.standin), loopback",
+                               "cpus": os.cpu_count(), "concurrency": concurrency, "seconds": seconds}
+    stack = Stack(Path(tempfile.mkdtemp(prefix="kdgate-replicas-")), settings={"embedded_distiller": False},
+                  ready_path="/healthz")
+    with stack, contextlib.ExitStack() as extra:
+        url = db or extra.enter_context(_postgres_url())
+        for n in replicas:
+            ports = [free_port() for _ in range(n)]
+            with _replicas(stack, url, ports):
+                print(f"measuring {n} replica(s) ...", file=sys.stderr, flush=True)
+                figures = asyncio.run(_load([f"http://127.0.0.1:{p}/v1/chat/completions" for p in ports],
+                                            seconds=seconds, concurrency=concurrency))
+            uids = figures.pop("uids")  # the replicas were stopped cleanly: their queues are drained
+            ledger = Ledger(url)
+            stored = ledger.uids()
+            ledger.close()
+            figures["lost"] = sum(1 for u in uids if u not in stored)
+            results["replicas"][str(n)] = figures
+            print(f"  {n}: {figures}", file=sys.stderr, flush=True)
+    one, two = results["replicas"].get("1"), results["replicas"].get("2")
+    if one and two:
+        results["two_vs_one_rps"] = round(two["rps"] / max(one["rps"], 1e-9), 3)
+    results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results_dir = Path("bench/results") if results_dir is None else results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "replicas.json").write_text(json.dumps(results, indent=2))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))

@@ -165,6 +165,14 @@ class Stack:
         self.gateway = self.spawn(name, [sys.executable, "-m", "cli", "--config", str(self.config), "serve"])
         wait_http(self.url + self.ready_path, proc=self.gateway)
 
+    def start_replica(self, port: int, *, name: str | None = None, distiller: bool = False) -> subprocess.Popen:
+        """Another ``kdgate serve`` on the same settings and ledger (a replica; with a PostgreSQL
+        ``db``), on ``port``, without an embedded distiller unless asked: one worker per ledger."""
+        env = {"KDGATE_PORT": str(port), "KDGATE_EMBEDDED_DISTILLER": "true" if distiller else "false"}
+        proc = self.spawn(name or f"replica-{port}", [sys.executable, "-m", "cli", "--config", str(self.config), "serve"], env=env)
+        wait_http(f"http://127.0.0.1:{port}{self.ready_path}", proc=proc)
+        return proc
+
     # -- stopping -----------------------------------------------------------------------------
     def alive(self) -> bool:
         """Whether every process the stack started is still running."""

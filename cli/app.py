@@ -4,7 +4,7 @@
     kdgate keys create|list|limit|revoke          kdgate routes list|show|set|create|rename
     kdgate stats                                  kdgate distill / distill-lm
     kdgate demo                                   kdgate bench overhead|replay|learning-curve|lm-student|
-                                                               gpu-check|soak|crash|dashboard
+    kdgate db migrate|copy|check                               gpu-check|soak|crash|dashboard
 
 One module per resource (:mod:`cli.serve`, :mod:`cli.keys`, :mod:`cli.routes`, :mod:`cli.stats`,
 :mod:`cli.distill`, :mod:`cli.bench`); each command imports what it drives when it runs, so
@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import bench, distill, keys, routes, serve, stats
+from cli import bench, db, distill, keys, routes, serve, stats
 
 __all__ = ["app", "main"]
 
@@ -58,6 +58,7 @@ app.command("distill")(distill.distill)
 app.command("distill-lm")(distill.distill_lm)
 app.command("demo")(bench.demo)
 app.add_typer(bench.app, name="bench")
+app.add_typer(db.app, name="db")
 
 # what the libraries need to run offline here; the environment wins when it says otherwise
 _OFFLINE = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

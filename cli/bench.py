@@ -31,12 +31,32 @@ def overhead(
     requests: Annotated[int, typer.Option(help="sequential requests at concurrency 1")] = 500,
     seconds: Annotated[float, typer.Option(help="duration at concurrency 32")] = 10.0,
     no_litellm: Annotated[bool, typer.Option("--no-litellm", help="skip LiteLLM's proxy")] = False,
+    db: Annotated[list[str] | None, typer.Option(
+        "--db", help="also measure kdgate on this ledger, side by side with SQLite: a postgresql:// DSN, or "
+                     "'postgresql' for a temporary local server")] = None,
     json: JsonAlways = False,
 ) -> None:
     """Latency/throughput added by kdgate vs the upstream and LiteLLM's proxy."""
     from bench.overhead import run_overhead
 
-    print_json(run_overhead(out=out, requests_c1=requests, seconds_c32=seconds, include_litellm=not no_litellm))
+    print_json(run_overhead(out=out, requests_c1=requests, seconds_c32=seconds, include_litellm=not no_litellm,
+                            dbs=tuple(db or ())))
+
+
+@app.command("replicas")
+def replicas(
+    replicas: Annotated[str, typer.Option("--replicas", help="replica counts to measure, comma-separated")] = "1,2",
+    db: Annotated[str | None, typer.Option(help="a postgresql:// DSN (default: a temporary local server)")] = None,
+    seconds: Annotated[float, typer.Option(help="load duration per replica count")] = 15.0,
+    concurrency: Annotated[int, typer.Option(help="requests in flight")] = 32,
+    out: Out = None,
+    json: JsonAlways = False,
+) -> None:
+    """Throughput and latency of N gateway replicas on one PostgreSQL ledger; exchanges lost."""
+    from bench.overhead import run_replicas
+
+    counts = tuple(int(x) for x in replicas.split(",") if x.strip())
+    print_json(run_replicas(replicas=counts, db=db, seconds=seconds, concurrency=concurrency, out=out))
 
 
 @app.command("replay")

@@ -8,7 +8,7 @@ import typer
 
 __all__ = ["Db", "Json", "config_path", "load"]
 
-Db = Annotated[str | None, typer.Option("--db", help="SQLite ledger path (default kdgate.db)")]
+Db = Annotated[str | None, typer.Option("--db", help="the ledger: a SQLite path or postgresql://... (default kdgate.db, KDGATE_DB)")]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output: one JSON document on stdout")]
 
 

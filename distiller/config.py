@@ -147,8 +147,10 @@ class DistillerConfig:
         """Each setting's help text, for the CLI and the docs."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
-    def artifacts_root(self, db_path: str | Path) -> Path:
+    def artifacts_root(self, db_path: str | Path | None) -> Path:
         """The artifacts directory: the configured one, else ``<db directory>/artifacts``."""
         if self.artifacts_dir:
             return Path(self.artifacts_dir)
+        if db_path is None:  # PostgreSQL: no file to sit beside (set artifacts_dir to a shared directory)
+            return Path("artifacts").resolve()
         return Path(db_path).resolve().parent / "artifacts"

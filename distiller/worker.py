@@ -27,6 +27,7 @@ from typing import Any
 from distiller import registry
 from distiller.config import ConfigError, DistillerConfig
 from distiller.pipeline import DistillReport, distill_route
+from store import StoreError, WorkerLock
 from store import registry as store_registry
 
 log = logging.getLogger(__name__)
@@ -270,7 +271,9 @@ def spawn_worker_process(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distiller.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--db", default="kdgate.db", help="ledger database (default: kdgate.db)")
+    parser.add_argument("--db", default=None,
+                        help="ledger database: a SQLite path or a postgresql:// DSN (default: $KDGATE_DB, else kdgate.db; "
+                             "prefer the environment for a DSN, which a command line shows to every user)")
     parser.add_argument("--artifacts", default=None, help="artifacts directory (default: <db dir>/artifacts)")
     parser.add_argument("--config-json", default=None, help="distiller settings as a JSON object")
     parser.add_argument("--nice", type=int, default=0, help="raise this process's niceness by this much")
@@ -290,7 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.nice:
         os.nice(args.nice)
-    worker = Worker(args.db, config, Path(args.artifacts) if args.artifacts else None)
+    db = args.db or os.environ.get("KDGATE_DB") or "kdgate.db"
+    try:
+        lock = WorkerLock.acquire(db)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    worker = Worker(db, config, Path(args.artifacts) if args.artifacts else None)
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("signal %d: stopping after the current step", signum)
@@ -298,10 +307,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if args.once:
-        worker.step()
-    else:
-        worker.run()
+    try:
+        if args.once:
+            worker.step()
+        else:
+            worker.run()
+    finally:
+        lock.release()
     return 0
 
 

@@ -146,7 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
         _freeze_startup_objects()
         follower = asyncio.get_running_loop().create_task(
             follow_store(state, seen=state.ledger.generations()), name="kdgate-follow-store")
-        log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, settings.db)
+        log.info("kdgate ready: teacher %s, ledger %s", settings.teacher, state.ledger.describe())
         try:
             yield
         finally:
@@ -248,7 +248,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> Response:
-        """Ready to serve: the ledger writer runs and its queue is not full (rows would be dropped).
+        """Ready to serve: the ledger writer runs, can write, and its queue is not full (rows would be
+        dropped); a load balancer sends traffic elsewhere meanwhile.
         Behind the admin key when ``ops_auth`` is on; teacher endpoints are shown by host only."""
         state = state_of(request)
         if settings.ops_auth:
@@ -256,9 +257,11 @@ def create_app(settings: Settings) -> FastAPI:
 
             admin_principal(request)
         writer = state.writer
-        ok = writer.alive and not writer.saturated
+        writable = writer.failing_since is None
+        ok = writer.alive and not writer.saturated and writable
         checks = {
             "ledger_writer": writer.alive,
+            "ledger_writable": writable,  # false while the database cannot be written (rows wait in the queue)
             "ledger_queue_depth": writer.depth,
             "ledger_queue_max": writer.max_queue,
             "ledger_queue_bytes": writer.queued_bytes,
@@ -399,13 +402,13 @@ def build_state(settings: Settings) -> GatewayState:
     )
     money = Money(PriceBook(settings.price_overrides), student_per_1k_tokens=settings.student_price_per_1k_tokens,
                   student_per_gpu_hour=settings.student_price_per_gpu_hour)
-    from gateway.limits import Limiter
+    from gateway.limits import Limiter, SharedLimiter
     from gateway.metrics import Metrics
 
     metrics = Metrics(queue_depth=lambda: writer.depth)
     from gateway.params import ParamPolicy
 
-    chat = ChatService(routes=routes, teacher=teacher, money=money, writer=writer, limiter=Limiter(ledger), metrics=metrics,
+    chat = ChatService(routes=routes, teacher=teacher, money=money, writer=writer, limiter=SharedLimiter(ledger) if ledger.postgres else Limiter(ledger), metrics=metrics,
                        params=ParamPolicy(settings.teacher_extra_params))
     state = GatewayState(
         settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, money=money, chat=chat,
@@ -437,11 +440,14 @@ class DistillerProcess:
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-m", "distiller.worker", "--db", str(self.settings.db),
-               "--artifacts", str(self.settings.artifacts_path), "--nice", "10"]
+        import os
+
+        # the ledger goes through the environment: a DSN's password on a command line is every user's
+        cmd = [sys.executable, "-m", "distiller.worker", "--artifacts", str(self.settings.artifacts_path), "--nice", "10"]
         if self.settings.distiller:
             cmd += ["--config-json", json.dumps(self.settings.distiller)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        env = {**os.environ, "KDGATE_DB": str(self.settings.db)}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)
         log.info("embedded distiller started (pid %d)", self.proc.pid)
 
     def stop(self, timeout: float = 30.0) -> None:

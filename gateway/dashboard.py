@@ -220,6 +220,8 @@ def _attach(app: FastAPI, refresh_every_s: float) -> asyncio.Task | None:
         if part is not None and getattr(part, "metrics", None) is None:
             part.metrics = state.metrics
     app.state.login_throttle = LoginThrottle(state.settings.login_attempts_per_minute)
+    admin_key = state.settings.admin_key.get_secret_value() if state.settings.admin_key else None
+    app.state.sessions.bind(state.ledger, admin_key)
     writer = state.writer
     metrics_of(app).set_queue_depth(lambda: writer.depth)
     stats = app.state.stats = Stats(state.ledger)

@@ -28,7 +28,7 @@ from typing import Any
 
 from gateway.errors import GatewayError
 
-__all__ = ["Limiter", "RateLimited", "QuotaExceeded", "estimate_prompt_tokens", "requested_output_tokens"]
+__all__ = ["Limiter", "SharedLimiter", "RateLimited", "QuotaExceeded", "estimate_prompt_tokens", "requested_output_tokens"]
 
 BYTES_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
@@ -111,6 +111,10 @@ class _KeyState:
 
 
 class Limiter:
+    """Limits counted in this process's memory (one gateway on a SQLite ledger)."""
+
+    blocking = False
+
     def __init__(self, ledger: Any):
         self.ledger = ledger
         self._state: dict[str, _KeyState] = {}
@@ -231,3 +235,83 @@ class Limiter:
             st = self._state.pop(key_id, None)
             if st is not None and st.reserved:
                 self._carried[key_id] = st.reserved  # requests in flight still hold their share
+
+
+class SharedLimiter:
+    """The same limits as :class:`Limiter`, counted in the store so that every gateway replica on
+    one PostgreSQL ledger enforces them together (:mod:`store.counters`). Each check is a short
+    transaction under a per-key lock; they run off the event loop."""
+
+    blocking = True
+
+    def __init__(self, ledger: Any):
+        from store.counters import SharedCounters
+
+        self.counters = SharedCounters(ledger)
+        self._tpm_keys: set[str] = set()
+
+    def check(self, principal: Any, *, est_tokens: int = 0) -> None:
+        limits = principal.limits
+        if not limits or not principal.key_id or principal.admin:
+            return
+        if limits.get("budget_day_usd") is not None or limits.get("budget_month_usd") is not None:
+            self._budget(principal, 0.0, uid=None)
+        rpm, tpm = limits.get("rpm"), limits.get("tpm")
+        if not rpm and not tpm:
+            return
+        if tpm:
+            self._tpm_keys.add(principal.key_id)
+        refusal, wait, used = self.counters.take_request(principal.key_id, rpm=rpm, tpm=tpm, est_tokens=est_tokens)
+        if refusal == "rpm":
+            raise RateLimited(f"Rate limit reached for key {principal.key_id}: {rpm} requests per minute. Retry in {wait}s.",
+                              headers={"retry-after": str(wait)})
+        if refusal == "tpm":
+            raise RateLimited(
+                f"Rate limit reached for key {principal.key_id}: {tpm} tokens per minute (used {used}). Retry in {wait}s.",
+                headers={"retry-after": str(wait)})
+
+    def has_budget(self, principal: Any) -> bool:
+        limits = principal.limits or {}
+        return bool(principal.key_id) and not principal.admin and any(
+            limits.get(k) is not None for k in ("budget_day_usd", "budget_month_usd"))
+
+    def _budget(self, principal: Any, amount: float, *, uid: str | None) -> None:
+        limits = principal.limits or {}
+        day, month = limits.get("budget_day_usd"), limits.get("budget_month_usd")
+        if uid is None:  # only: is a budget used up already?
+            figures = self.counters.spend(principal.key_id)
+            for name, budget, spent in (("daily", day, figures["day"]), ("monthly", month, figures["month"])):
+                if budget is not None and spent >= budget:
+                    raise QuotaExceeded(
+                        f"Key {principal.key_id} has used its {name} budget of ${budget:g} (spent ${spent:.4f}).",
+                        headers={"retry-after": "60"})
+            return
+        refusal, figures, wait = self.counters.hold(principal.key_id, uid, amount, budget_day=day, budget_month=month)
+        if refusal is None:
+            return
+        budget = day if refusal == "daily" else month
+        spent = figures["day"] if refusal == "daily" else figures["month"]
+        if spent >= (budget or 0):
+            message = f"Key {principal.key_id} has used its {refusal} budget of ${budget:g} (spent ${spent:.4f})."
+        else:
+            message = (f"Key {principal.key_id}: this request could cost up to ${amount:.6f}, more than the "
+                       f"${max(0.0, budget - spent - figures['held']):.6f} left of its {refusal} budget of ${budget:g} "
+                       f"(${figures['held']:.6f} is held by requests in flight). Lower max_tokens, or raise the budget.")
+        raise QuotaExceeded(message, headers={"retry-after": str(wait)})
+
+    def reserve(self, principal: Any, uid: str, amount: float) -> None:
+        if self.has_budget(principal):
+            self._budget(principal, amount, uid=uid)
+
+    def counts_tokens(self, key_id: str) -> bool:
+        """Whether this key has a tokens-per-minute limit (its answers' tokens must be counted)."""
+        return key_id in self._tpm_keys
+
+    def record(self, key_id: str | None, *, tokens: int, cost: float, uid: str | None = None) -> None:
+        """Spend and the hold's release are the ledger writer's (in the exchange's own transaction);
+        tokens count towards tokens per minute here."""
+        if key_id and tokens and key_id in self._tpm_keys:
+            self.counters.add_tokens(key_id, tokens)
+
+    def forget(self, key_id: str) -> None:
+        """Limits are read from the key on every request: nothing is cached here."""

@@ -293,6 +293,21 @@ class RouteTable:
             route.settings = {**route.settings, **changes}
         return route
 
+    def claim_change(self, name: str, *, expect: dict[str, Any], changes: dict[str, Any], event: str, actor: str,
+                     detail: Any) -> bool:
+        """Persist a mode change decided by this process only if nobody (another replica) made it
+        first (:meth:`store.Ledger.claim_route_change`); either way this process's copy follows."""
+        cfg = self.settings.routes.get(name, RouteSettings())
+        baseline = {**self._defaults(), **{k: v for k, v in cfg.model_dump(
+            exclude={"teacher", "teacher_api_base", "aliases", "fallback_teachers"}).items() if v is not None}}
+        claimed = self.ledger.claim_route_change(name, expect=expect, changes=changes, event=event, actor=actor,
+                                                 detail=detail, baseline=baseline)
+        route = self._routes.get(name)
+        if route is not None and claimed:
+            with self._lock:
+                route.settings = {**route.settings, **changes}
+        return claimed
+
     def create(self, name: str, *, teacher: str | None = None, settings: dict[str, Any] | None = None, actor: str = "admin") -> Route:
         if not valid_route_name(name):
             raise BadRequest(f"Route names must match {ROUTE_NAME_PATTERN}.", param="name")

@@ -6,6 +6,7 @@ answer, calls the teacher otherwise, and writes one ledger row per exchange (fai
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -99,9 +100,9 @@ class ChatService:
         try:
             validate_chat(body)
             self.params.forward("chat.completions", body)  # refuses provider options up front
-            self._check_limits(principal, body)  # before anything is learned from the request
+            await self._off_loop(self._check_limits, principal, body)  # before anything is learned from the request
             route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid, principal=principal)
-            self._reserve_budget(principal, route, body, uid)
+            await self._off_loop(self._reserve_budget, principal, route, body, uid)
             if self.students is not None:
                 reply = await self.students.try_student(
                     route=route, body=body, principal=principal, headers=headers, uid=uid, ts=ts, t0=t0
@@ -246,6 +247,18 @@ class ChatService:
                 log.warning("route %s: teacher %s failed (%s); trying fallback %s", route.name, target.model, exc.status, targets[i + 1].model)
         raise AssertionError("unreachable")
 
+    async def _off_loop(self, fn: Any, *args: Any) -> None:
+        """Run a limits step: inline when it only touches memory, on a thread when it asks the
+        store (shared limits on PostgreSQL), so the event loop never waits on the database."""
+        if self.limiter is not None and getattr(self.limiter, "blocking", False) and self._limited(args[0]):
+            await asyncio.to_thread(fn, *args)
+        else:
+            fn(*args)
+
+    @staticmethod
+    def _limited(principal: Principal) -> bool:
+        return bool(principal.limits) and bool(principal.key_id) and not principal.admin
+
     def _check_limits(self, principal: Principal, body: dict[str, Any]) -> None:
         if self.limiter is None or not principal.limits:
             return
@@ -275,12 +288,26 @@ class ChatService:
     def record(self, row: dict[str, Any]) -> None:
         """Every ledger row of an exchange goes through here: the key's usage is counted (and its
         budget reservation released), then it is queued."""
-        if self.limiter is not None and row.get("key_id"):
+        if self.limiter is not None and row.get("key_id") and not getattr(self.limiter, "blocking", False):
             self.limiter.record(
                 row["key_id"], tokens=(row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0),
                 cost=row.get("cost_usd") or 0.0, uid=row.get("uid"),
             )
         self.writer.submit(row)
+        if self.limiter is not None and row.get("key_id") and getattr(self.limiter, "blocking", False):
+            tokens = (row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0)
+            if tokens and self.limiter.counts_tokens(row["key_id"]):
+                self._spawn_blocking(self.limiter.record, row["key_id"], tokens=tokens, cost=0.0, uid=row.get("uid"))
+
+    def _spawn_blocking(self, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run a store write in the background (tokens per minute; never on the event loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            fn(*args, **kwargs)
+            return
+        task = loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+        task.add_done_callback(lambda f: f.exception() and log.warning("limits: %s", f.exception()))
 
     # -- embeddings -----------------------------------------------------------------------
     async def embeddings(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str]) -> Reply:
@@ -291,10 +318,10 @@ class ChatService:
         try:
             validate_embeddings(body)
             upstream, ignored = teacher_body(body, surface="embeddings", params=self.params)
-            self._check_limits(principal, body)
+            await self._off_loop(self._check_limits, principal, body)
             route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid, principal=principal)
             target = TeacherTarget(model=self.routes.teacher_for(body["model"]), api_base=route.teacher.api_base)
-            self._reserve_budget(principal, route, body, uid)
+            await self._off_loop(self._reserve_budget, principal, route, body, uid)
             resp = await self.teacher.embeddings(target, upstream)
         except GatewayError as exc:
             self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="embeddings")

@@ -1,6 +1,7 @@
 """Dashboard sessions and login throttling: the admin key exchanged for a session, and a brake on guessing it.
 
-:class:`SessionStore` holds random session ids server-side, each with an expiry and a CSRF token;
+:class:`SessionStore` keeps random session ids in the store (every replica sees them), each with an
+expiry and a CSRF token;
 ``token_for(request)`` gives ``admin_principal`` the admin key of a valid session, and for a
 state-changing method only when the request also carries the session's CSRF token in
 ``x-kdgate-csrf`` (the page reads it from a ``<meta>`` tag, which another site can neither read nor
@@ -9,12 +10,14 @@ forge). :class:`LoginThrottle` refuses further logins from an address after repe
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -31,50 +34,55 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 class Session:
     sid: str
     csrf: str
-    token: str
     expires: float
 
 
-class SessionStore:
-    """Dashboard sessions: random ids held in this process's memory, each with an expiry.
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    A restart logs everyone out (by design: nothing about a session is written anywhere). An id
-    not issued here, or expired, or logged out, gets nothing.
+
+class SessionStore:
+    """Dashboard sessions, kept in the store so that a browser's session works on every replica.
+
+    A row holds the SHA-256 of the session id (the cookie), the CSRF token, the expiry, and the
+    SHA-256 of the admin key that opened it: the key itself is never stored, and a session opened
+    with a key that is no longer the admin key is worth nothing. An id not issued, expired or logged
+    out gets nothing. Until :meth:`bind` gives it the ledger (at startup), nothing is valid.
     """
 
     def __init__(self, *, ttl_s: float = 8 * 3600, max_sessions: int = 1000):
         self.ttl_s = ttl_s
         self.max_sessions = max_sessions
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
+        self._ledger: Any = None
+        self._admin_key: str = ""
+
+    def bind(self, ledger: Any, admin_key: str | None) -> None:
+        """Use ``ledger`` for the sessions, opened with ``admin_key`` (empty without auth)."""
+        self._ledger = ledger
+        self._admin_key = admin_key or ""
 
     def create(self, token: str) -> Session:
-        """A new session for a caller who proved the admin key ``token``."""
+        """A new session for a caller who proved the admin key (``token``; any key without auth)."""
         now = time.time()
-        session = Session(sid=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), token=token, expires=now + self.ttl_s)
-        with self._lock:
-            self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
-            while len(self._sessions) >= self.max_sessions:  # drop the oldest
-                self._sessions.pop(min(self._sessions, key=lambda k: self._sessions[k].expires))
-            self._sessions[session.sid] = session
+        session = Session(sid=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), expires=now + self.ttl_s)
+        self._ledger.add_session(_digest(session.sid), csrf=session.csrf, expires=session.expires,
+                                 admin_hash=_digest(self._admin_key), keep=self.max_sessions, now=now)
         return session
 
     def get(self, sid: str | None) -> Session | None:
         """The live session with this id, or None."""
-        if not sid:
+        if not sid or self._ledger is None:
             return None
-        with self._lock:
-            session = self._sessions.get(sid)
-            if session is None:
-                return None
-            if session.expires <= time.time():
-                del self._sessions[sid]
-                return None
-            return session
+        row = self._ledger.session(_digest(sid))
+        if row is None or row["expires"] <= time.time():
+            return None
+        if not hmac.compare_digest(row["admin_hash"], _digest(self._admin_key)):
+            return None  # opened with another admin key
+        return Session(sid=sid, csrf=row["csrf"], expires=float(row["expires"]))
 
     def drop(self, sid: str | None) -> None:
-        with self._lock:
-            self._sessions.pop(sid or "", None)
+        if sid and self._ledger is not None:
+            self._ledger.drop_session(_digest(sid))
 
     def session_of(self, request: Request) -> Session | None:
         return self.get(request.cookies.get(SESSION_COOKIE))
@@ -93,7 +101,7 @@ class SessionStore:
             if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
                 log.info("refused a %s %s with a session cookie but no valid CSRF token", request.method, request.url.path)
                 return None
-        return session.token
+        return self._admin_key
 
 
 class LoginThrottle:

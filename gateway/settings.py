@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # serving
     host: str = Field(default="127.0.0.1", description="address to bind")
     port: int = Field(default=8000, ge=0, le=65535)
-    db: str = Field(default="kdgate.db", description="path of the SQLite ledger")
+    db: str = Field(default="kdgate.db", description="the ledger: a SQLite path (or sqlite:///path) or a "
+                    "postgresql://user:password@host:port/dbname DSN; also KDGATE_DB, or KDGATE_DB_FILE naming a file that holds it")
     artifacts_dir: str | None = Field(default=None, description="student artifacts; default <db dir>/artifacts")
     log_level: str = "info"
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="in-flight requests (streams too) get this long to finish")
@@ -184,9 +185,14 @@ class Settings(BaseSettings):
 
     @property
     def artifacts_path(self) -> Path:
+        """Student artifacts: ``artifacts_dir``, else beside a SQLite ledger, else ./artifacts (with
+        PostgreSQL set it to a directory every replica and the distiller share)."""
         if self.artifacts_dir:
             return Path(self.artifacts_dir)
-        return Path(self.db).resolve().parent / "artifacts"
+        if self.db.startswith(("postgresql://", "postgres://")):
+            return Path("artifacts").resolve()
+        path = self.db[len("sqlite:///"):] if self.db.startswith("sqlite:///") else self.db
+        return Path(path).resolve().parent / "artifacts"
 
     @classmethod
     def settings_customise_sources(
@@ -216,7 +222,7 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 
 def _check_env() -> None:
-    known = {f"KDGATE_{name.upper()}" for name in Settings.model_fields} | {"KDGATE_CONFIG"}
+    known = {f"KDGATE_{name.upper()}" for name in Settings.model_fields} | {"KDGATE_CONFIG", "KDGATE_DB_FILE"}
     unknown = sorted(k for k in os.environ if k.upper().startswith("KDGATE_") and k.upper() not in known)
     if unknown:
         raise SettingsError(
@@ -232,6 +238,12 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
     if path is not None and not Path(path).is_file():
         raise SettingsError(f"Config file {path} does not exist.")
     _TomlSource.path = Path(path) if path else None
+    db_file = os.environ.get("KDGATE_DB_FILE")
+    if db_file and overrides.get("db") is None and "KDGATE_DB" not in os.environ:
+        try:
+            overrides = {**overrides, "db": Path(db_file).read_text().strip()}
+        except OSError as exc:
+            raise SettingsError(f"KDGATE_DB_FILE={db_file}: cannot read it ({exc.strerror}).") from None
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

@@ -243,11 +243,13 @@ class StudentRouter:
         """Persist the policy's mode changes (they reach every process through the store) and record
         each one's event."""
         for change in changes:
-            if change.event == "drift.paused":
+            claimed = self.routes.claim_change(route_name, expect=change.expect, changes=change.settings,
+                                               event=change.event, actor=actor, detail=change.detail)
+            if claimed and change.event == "drift.paused":
                 log.warning("route %s: live agreement %.3f under target %.3f; back to shadow", route_name,
                             change.detail.get("live_agreement") or 0.0, change.detail.get("target") or 0.0)
-            self.routes.update_settings(route_name, change.settings, actor=actor)
-            self.ledger.record_event(route_name, change.event, actor=actor, detail=change.detail)
+            elif not claimed:
+                log.info("route %s: %s was already decided elsewhere", route_name, change.event)
 
     def routes_reloaded(self) -> None:
         """Route settings were reloaded from the store (changed elsewhere): every policy takes the

@@ -42,11 +42,14 @@ class LiveVersion:
 
 @dataclass(frozen=True)
 class ModeChange:
-    """Settings to persist for the route, and the event to record with them."""
+    """Settings to persist for the route, and the event to record with them. ``expect`` is what
+    the stored settings must still say for the change to apply: with several gateway replicas each
+    deciding the same transition, the first to claim it records it and the others find it made."""
 
     settings: dict[str, Any]
     event: str
     detail: dict[str, Any]
+    expect: dict[str, Any] = field(default_factory=dict)
 
 
 class RoutePolicy:
@@ -91,7 +94,7 @@ class RoutePolicy:
                                  confidence=self.settings.get("target_confidence")):
             return []
         return [self._apply(ModeChange({"mode": "cascade"}, "mode.auto_cascade",
-                                       {"version": live.version, "target": self.target}))]
+                                       {"version": live.version, "target": self.target}, expect={"mode": "shadow"}))]
 
     # -- events --------------------------------------------------------------------------------
     def on_version(self, live: LiveVersion) -> list[ModeChange]:
@@ -103,7 +106,8 @@ class RoutePolicy:
         changes: list[ModeChange] = []
         if self.paused_by_drift and previous is not None and previous.version != live.version:
             changes.append(self._apply(ModeChange({"paused_by_drift": False}, "drift.cleared",
-                                                  {"version": live.version, "paused_version": previous.version})))
+                                                  {"version": live.version, "paused_version": previous.version},
+                                                  expect={"paused_by_drift": True})))
         self._derive()
         return changes + self._maybe_cascade()
 
@@ -126,7 +130,8 @@ class RoutePolicy:
         detail = {"live_agreement": self.checks.agreement, "checks": self.checks.n, "target": self.target,
                   "version": self.live.version if self.live else None}
         self.checks.reset()
-        return [self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail))]
+        return [self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail,
+                                       expect={"mode": "cascade"}))]
 
     def decide(self, confidence: float, *, forbid_escalation: bool = False) -> Decision:
         """Whether a cascade request is answered by the student at this calibrated ``confidence``."""

@@ -13,11 +13,14 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from store.sqlite import connect, migrate
+from store.db import PgConnection, is_postgres, redact, sqlite_path
+from store.migrate import migrate
+from store.sqlite import connect
 from store.types import Pair, StudentRefused
 
 log = logging.getLogger(__name__)
@@ -31,17 +34,28 @@ class Ledger:
     Safe to share between threads: each thread gets its own connection.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = str(path)
+    def __init__(self, url: str | Path):
+        self.url = str(url)
+        self.postgres = is_postgres(self.url)
+        # the SQLite file (None on PostgreSQL); artifacts default beside it
+        self.path: str | None = None if self.postgres else sqlite_path(self.url)
         self._local = threading.local()
-        conn = connect(self.path)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        self._pg: PgConnection | None = None
+        if self.postgres:
+            self._pg = PgConnection(self.url)
+            migrate(self._pg)
+        else:
+            conn = connect(self.path)
+            try:
+                migrate(conn)
+            finally:
+                conn.close()
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Any:
+        """This thread's connection (SQLite), or the shared pooled one (PostgreSQL)."""
+        if self._pg is not None:
+            return self._pg
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = connect(self.path)
@@ -49,11 +63,47 @@ class Ledger:
             self._local.conn = conn
         return conn
 
+    @property
+    def dialect(self) -> Any:
+        return self.conn.dialect
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """One write transaction (SQLite takes its write lock at once): all of it or none of it.
+        Nested uses join the outer transaction."""
+        conn = self.conn
+        depth = getattr(self._local, "tx_depth", 0)
+        if depth:
+            self._local.tx_depth = depth + 1
+            try:
+                yield conn
+            finally:
+                self._local.tx_depth = depth
+            return
+        conn.execute(conn.dialect.begin_write)
+        self._local.tx_depth = 1
+        try:
+            yield conn
+        except BaseException:
+            self._local.tx_depth = 0
+            conn.execute("ROLLBACK")
+            raise
+        self._local.tx_depth = 0
+        conn.execute("COMMIT")
+
     def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
+            return
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def describe(self) -> str:
+        """The backend and where it is, without secrets (a DSN's password is redacted)."""
+        return f"{'PostgreSQL' if self.postgres else 'SQLite'} {redact(self.url)}"
 
     # -- generic (this module's own; no SQL is taken from callers) ---------------------------
     def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
@@ -65,9 +115,15 @@ class Ledger:
 
     # -- change generations -------------------------------------------------------------------
     def _bump(self, name: str) -> None:
-        """Count a change to ``name`` ("routes", "keys", "students") inside the caller's transaction."""
+        """Count a change to ``name`` ("routes", "keys", "students"), inside the caller's transaction."""
         self.conn.execute(
-            "INSERT INTO generations (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = value + 1", (name,))
+            "INSERT INTO generations (name, value) VALUES (?, 1) ON CONFLICT (name) DO UPDATE SET value = generations.value + 1", (name,))
+
+    def touch(self, *names: str) -> None:
+        """Tell every process that holds copies of ``names`` ("routes", "keys", "students") to reload."""
+        with self.transaction():
+            for name in names:
+                self._bump(name)
 
     def generations(self) -> dict[str, int]:
         """How many changes routes, keys and students have seen: a process that holds copies of them
@@ -84,6 +140,7 @@ class Ledger:
             raise ValueError(f"insert_rows: unknown table {table!r}")
         conn = self.conn
         written = 0
+        fast = fast and not self.postgres  # PostgreSQL commits in batches anyway
         if fast:
             conn.execute("PRAGMA synchronous=OFF")
         try:
@@ -95,7 +152,7 @@ class Ledger:
                 for row in pending:
                     cols = tuple(row)
                     by_cols.setdefault(cols, []).append(tuple(row[c] for c in cols))
-                with conn:
+                with self.transaction():
                     for cols, values in by_cols.items():
                         conn.executemany(
                             f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values)
@@ -111,11 +168,43 @@ class Ledger:
         finally:
             if fast:
                 conn.execute("PRAGMA synchronous=NORMAL")
+        if self.postgres and written and table in self._IDENTITY:
+            self._advance_identity(table)
         return written
 
+    _IDENTITY = frozenset({"exchanges", "shadow_checks", "students", "route_events"})
+
+    def _advance_identity(self, table: str) -> None:
+        """After rows were inserted with their ids (a copy), new rows must get ids above them."""
+        self.conn.execute(
+            f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT coalesce(max(id), 0) + 1 FROM {table}), false)")
+
     def integrity_check(self) -> list[str]:
-        """SQLite's integrity check: ``["ok"]``, or what is wrong."""
-        return [str(r[0]) for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
+        """``["ok"]``, or what is wrong: SQLite's integrity check; on PostgreSQL, that the server
+        answers and the schema is the one this kdgate migrates to."""
+        if not self.postgres:
+            return [str(r[0]) for r in self.conn.execute("PRAGMA integrity_check").fetchall()]
+        from store.migrate import pending_migrations
+
+        pending = pending_migrations(self.conn)
+        return ["ok"] if not pending else [f"migrations not applied: {', '.join(pending)}"]
+
+    def table_counts(self) -> dict[str, int]:
+        """Rows per table (``kdgate db copy`` compares them; ``kdgate db check`` shows them)."""
+        return {t: int(self._scalar(f"SELECT count(*) FROM {t}")) for t in sorted(self._TABLES | {"generations"})}
+
+    def table_rows(self, table: str, *, batch: int = 5000) -> Iterator[dict[str, Any]]:
+        """Every row of ``table`` in key order, as dicts (``kdgate db copy`` reads through this)."""
+        if table not in self._TABLES:
+            raise ValueError(f"table_rows: unknown table {table!r}")
+        key = {"routes": "name", "api_keys": "id", "embeddings": "exchange_id, model"}.get(table, "id")
+        offset = 0
+        while True:
+            rows = self._query(f"SELECT * FROM {table} ORDER BY {key} LIMIT ? OFFSET ?", (batch, offset))
+            if not rows:
+                return
+            yield from rows
+            offset += len(rows)
 
     # -- exchanges --------------------------------------------------------------------------
     def exchange(self, uid: str) -> dict[str, Any] | None:
@@ -281,9 +370,10 @@ class Ledger:
         return out
 
     def put_embeddings(self, model: str, vectors: dict[int, bytes], dim: int) -> None:
-        with self.conn:
+        with self.transaction():
             self.conn.executemany(
-                "INSERT OR REPLACE INTO embeddings (exchange_id, model, dim, vector) VALUES (?, ?, ?, ?)",
+                "INSERT INTO embeddings (exchange_id, model, dim, vector) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (exchange_id, model) DO UPDATE SET dim = excluded.dim, vector = excluded.vector",
                 [(i, model, dim, v) for i, v in vectors.items()],
             )
 
@@ -315,7 +405,7 @@ class Ledger:
     ) -> None:
         now = time.time()
         existing = self.route(name)
-        with self.conn:
+        with self.transaction():
             if existing is None:
                 self.conn.execute(
                     "INSERT INTO routes (name, teacher_model, settings, template, origin, created, updated)"
@@ -348,23 +438,44 @@ class Ledger:
     def add_route(self, name: str, *, teacher_model: str, template: dict[str, Any] | None, origin: str) -> None:
         """Add a route with empty settings unless one of that name exists."""
         now = time.time()
-        with self.conn:
+        with self.transaction():
             self.conn.execute(
-                "INSERT OR IGNORE INTO routes (name, teacher_model, settings, template, origin, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO routes (name, teacher_model, settings, template, origin, created, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (name, teacher_model, "{}", json.dumps(template) if template else None, origin, now, now),
             )
             self._bump("routes")
 
+    def claim_route_change(
+        self, name: str, *, expect: dict[str, Any], changes: dict[str, Any], event: str, actor: str, detail: Any,
+        baseline: dict[str, Any] | None = None,
+    ) -> bool:
+        """Apply ``changes`` to a route's settings and record ``event``, only if its stored settings
+        still say ``expect`` (all in one transaction, the route's row locked): of several replicas
+        making the same decision, exactly one records it. Returns whether this call did."""
+        with self.transaction() as conn:
+            lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
+            row = conn.execute(f"SELECT settings FROM routes WHERE name = ?{lock}", (name,)).fetchone()
+            current = json.loads(row[0] or "{}") if row else {}
+            effective = {**(baseline or {}), **current}  # what the stored settings mean (defaults beneath)
+            if any(effective.get(k, False if isinstance(v, bool) else None) != v for k, v in expect.items()):
+                return False
+            conn.execute("UPDATE routes SET settings = ?, updated = ? WHERE name = ?",
+                         (json.dumps({**current, **changes}), time.time(), name))
+            self._bump("routes")
+            conn.execute("INSERT INTO route_events (ts, route, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
+                         (time.time(), name, event, actor, json.dumps(detail) if detail is not None else None))
+        return True
+
     def rename_route(self, old: str, new: str) -> None:
-        with self.conn:
+        with self.transaction():
             self.conn.execute("UPDATE routes SET name = ?, updated = ? WHERE name = ?", (new, time.time(), old))
             for table in ("exchanges", "students", "route_events", "shadow_checks"):
                 self.conn.execute(f"UPDATE {table} SET route = ? WHERE route = ?", (new, old))
             self._bump("routes")
 
     def record_event(self, route: str, kind: str, *, actor: str = "system", detail: Any = None) -> None:
-        with self.conn:
+        with self.transaction():
             self.conn.execute(
                 "INSERT INTO route_events (ts, route, kind, actor, detail) VALUES (?, ?, ?, ?, ?)",
                 (time.time(), route, kind, actor, json.dumps(detail) if detail is not None else None),
@@ -395,8 +506,7 @@ class Ledger:
                 raise StudentRefused(f"Refusing to make version {version} of {route!r} live: {exc}") from exc
         previous = self._scalar(
             "SELECT version FROM students WHERE route = ? AND status = 'live' ORDER BY version DESC LIMIT 1", (route,))
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             self.conn.execute(
                 "UPDATE students SET status = 'retired' WHERE route = ? AND status = 'live' AND version != ?",
                 (route, version),
@@ -441,7 +551,7 @@ class Ledger:
             "SELECT sum(prompt_tokens), sum(length(request)), sum(completion_tokens), sum(length(answer)) "
             "FROM (SELECT prompt_tokens, request, completion_tokens, answer FROM exchanges "
             "WHERE route = ? AND served_by = 'teacher' AND status = 200 AND prompt_tokens > 0 AND completion_tokens > 0 "
-            "ORDER BY id DESC LIMIT ?)", (route, newest)).fetchone()
+            "ORDER BY id DESC LIMIT ?) AS recent", (route, newest)).fetchone()
         return {"prompt_tokens": row[0], "prompt_chars": row[1], "completion_tokens": row[2], "completion_chars": row[3]}
 
     def recent_exchanges(self, route: str, *, limit: int = 50) -> list[dict[str, Any]]:
@@ -493,9 +603,29 @@ class Ledger:
             r["detail"] = json.loads(r["detail"]) if r["detail"] else None
         return rows
 
+    # -- dashboard sessions -------------------------------------------------------------------
+    def add_session(self, sid_hash: str, *, csrf: str, expires: float, admin_hash: str, keep: int, now: float) -> None:
+        """Record a session (by its id's hash); expired ones go, and past ``keep`` the oldest."""
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
+            n = int(conn.execute("SELECT count(*) FROM sessions").fetchone()[0])
+            if n >= keep:
+                conn.execute("DELETE FROM sessions WHERE sid_hash IN (SELECT sid_hash FROM sessions ORDER BY expires LIMIT ?)",
+                             (n - keep + 1,))
+            conn.execute("INSERT INTO sessions (sid_hash, csrf, expires, admin_hash) VALUES (?, ?, ?, ?)",
+                         (sid_hash, csrf, expires, admin_hash))
+
+    def session(self, sid_hash: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT csrf, expires, admin_hash FROM sessions WHERE sid_hash = ?", (sid_hash,)).fetchone()
+        return dict(row) if row else None
+
+    def drop_session(self, sid_hash: str) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE sid_hash = ?", (sid_hash,))
+
     # -- keys -------------------------------------------------------------------------------
     def add_key(self, key_id: str, name: str, key_hash: str) -> None:
-        with self.conn:
+        with self.transaction():
             self.conn.execute(
                 "INSERT INTO api_keys (id, name, hash, created, revoked) VALUES (?, ?, ?, ?, NULL)",
                 (key_id, name, key_hash, time.time()),
@@ -530,7 +660,7 @@ class Ledger:
             return self._scalar("SELECT count(*) FROM api_keys WHERE id = ? OR name = ?", (key_id, key_id)) > 0
         values = {k: (json.dumps(list(v)) if k == "routes" and v is not None else v) for k, v in limits.items()}
         sets = ", ".join(f"{k} = ?" for k in values)
-        with self.conn:
+        with self.transaction():
             cur = self.conn.execute(f"UPDATE api_keys SET {sets} WHERE id = ? OR name = ?", [*values.values(), key_id, key_id])
             self._bump("keys")
         return cur.rowcount > 0
@@ -539,7 +669,7 @@ class Ledger:
         return float(self._scalar("SELECT coalesce(sum(cost_usd), 0) FROM exchanges WHERE key_id = ? AND ts >= ?", (key_id, since)))
 
     def revoke_key(self, key_id: str) -> bool:
-        with self.conn:
+        with self.transaction():
             cur = self.conn.execute(
                 "UPDATE api_keys SET revoked = ? WHERE (id = ? OR name = ?) AND revoked IS NULL",
                 (time.time(), key_id, key_id),

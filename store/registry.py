@@ -46,7 +46,7 @@ def register(
     status: str = "candidate",
 ) -> dict[str, Any]:
     """Record a new version (a candidate unless told otherwise); returns its row."""
-    with ledger.conn:
+    with ledger.transaction():
         ledger.conn.execute(
             "INSERT INTO students (route, version, kind, created, train_pairs, val_pairs, metrics, curve,"
             " calibration, artifact_path, checksum, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

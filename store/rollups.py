@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -40,44 +39,53 @@ LATENCY_MAX_BUCKET = 250  # 0.1 ms * 1.1^250 is about 2e9 ms: far beyond any tim
 CHUNK_ROWS = 100_000
 
 
-_HOURLY_SQL = """
-INSERT INTO stats_hourly (route, hour, requests, ok, student, escalated, errors, cost_usd,
+def _statements(d: Any, source: str) -> list[str]:
+    """The fold statements of one source table, for dialect ``d``; each takes ``{where}`` (the
+    rows to fold) and is a sum per bucket added to what the rollup already holds."""
+    if source == "exchanges":
+        hour, day = d.floor_div("ts", 3600), d.floor_div("ts", 86400)
+        return [
+            f"""INSERT INTO stats_hourly (route, hour, requests, ok, student, escalated, errors, cost_usd,
                           counterfactual_usd, prompt_tokens, completion_tokens)
-SELECT route, CAST(ts / 3600 AS INTEGER) * 3600 AS h, count(*),
-       sum(status = 200),
-       sum(status = 200 AND served_by = 'student'),
-       sum(served_by = 'teacher' AND confidence IS NOT NULL),
-       sum(status != 200),
-       total(cost_usd), total(counterfactual_usd),
-       total(prompt_tokens), total(completion_tokens)
-FROM exchanges WHERE id > ? AND id <= ?
+SELECT route, {hour} AS h, count(*),
+       sum(CASE WHEN status = 200 THEN 1 ELSE 0 END),
+       sum(CASE WHEN status = 200 AND served_by = 'student' THEN 1 ELSE 0 END),
+       sum(CASE WHEN served_by = 'teacher' AND confidence IS NOT NULL THEN 1 ELSE 0 END),
+       sum(CASE WHEN status != 200 THEN 1 ELSE 0 END),
+       coalesce(sum(cost_usd), 0), coalesce(sum(counterfactual_usd), 0),
+       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+FROM exchanges WHERE {{where}}
 GROUP BY route, h
 ON CONFLICT (route, hour) DO UPDATE SET
-    requests = requests + excluded.requests, ok = ok + excluded.ok,
-    student = student + excluded.student, escalated = escalated + excluded.escalated,
-    errors = errors + excluded.errors, cost_usd = cost_usd + excluded.cost_usd,
-    counterfactual_usd = counterfactual_usd + excluded.counterfactual_usd,
-    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-    completion_tokens = completion_tokens + excluded.completion_tokens
-"""
-
-_LATENCY_SQL = """
-INSERT INTO stats_latency (route, day, served_by, bucket, n)
-SELECT route, CAST(ts / 86400 AS INTEGER) * 86400 AS d, served_by, kd_latency_bucket(latency_ms) AS b, count(*)
-FROM exchanges WHERE id > ? AND id <= ? AND status = 200 AND latency_ms IS NOT NULL
+    requests = stats_hourly.requests + excluded.requests, ok = stats_hourly.ok + excluded.ok,
+    student = stats_hourly.student + excluded.student, escalated = stats_hourly.escalated + excluded.escalated,
+    errors = stats_hourly.errors + excluded.errors, cost_usd = stats_hourly.cost_usd + excluded.cost_usd,
+    counterfactual_usd = stats_hourly.counterfactual_usd + excluded.counterfactual_usd,
+    prompt_tokens = stats_hourly.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = stats_hourly.completion_tokens + excluded.completion_tokens""",
+            f"""INSERT INTO stats_latency (route, day, served_by, bucket, n)
+SELECT route, {day} AS d, served_by, {d.latency_bucket("latency_ms")} AS b, count(*)
+FROM exchanges WHERE ({{where}}) AND status = 200 AND latency_ms IS NOT NULL
 GROUP BY route, d, served_by, b
-ON CONFLICT (route, day, served_by, bucket) DO UPDATE SET n = n + excluded.n
-"""
-
-_SHADOW_SQL = """
-INSERT INTO stats_shadow (route, hour, student_version, checks, agree, cost_usd)
-SELECT route, CAST(ts / 3600 AS INTEGER) * 3600 AS h, coalesce(student_version, 0), count(*),
-       total(agree), total(cost_usd)
-FROM shadow_checks WHERE id > ? AND id <= ?
+ON CONFLICT (route, day, served_by, bucket) DO UPDATE SET n = stats_latency.n + excluded.n""",
+        ]
+    hour = d.floor_div("ts", 3600)
+    return [f"""INSERT INTO stats_shadow (route, hour, student_version, checks, agree, cost_usd)
+SELECT route, {hour} AS h, coalesce(student_version, 0), count(*),
+       coalesce(sum(agree), 0), coalesce(sum(cost_usd), 0)
+FROM shadow_checks WHERE {{where}}
 GROUP BY route, h, coalesce(student_version, 0)
 ON CONFLICT (route, hour, student_version) DO UPDATE SET
-    checks = checks + excluded.checks, agree = agree + excluded.agree, cost_usd = cost_usd + excluded.cost_usd
-"""
+    checks = stats_shadow.checks + excluded.checks, agree = stats_shadow.agree + excluded.agree,
+    cost_usd = stats_shadow.cost_usd + excluded.cost_usd"""]
+
+
+# PostgreSQL hands out ids when a row is inserted, and transactions commit in any order: a row with
+# a lower id can become visible after a higher one was rolled up. The ids missing below the
+# watermark ("holes") are remembered and folded in when their rows appear; a hole older than this
+# is a rolled-back insert (ids are never reused) and is forgotten.
+HOLE_TTL_S = 600.0
+_ROLLUP_LOCK = 0x6B64726C  # "kdrl": one rollup catch-up at a time across replicas
 
 
 def latency_bucket(latency_ms: float | None) -> int:
@@ -133,12 +141,12 @@ class Rollups:
         self._lock = threading.Lock()
         self._last_refresh = 0.0
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self) -> Any:
         conn = self.ledger.conn
         conn.create_function("kd_latency_bucket", 1, latency_bucket, deterministic=True)
         return conn
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return self._conn().execute(sql, params).fetchall()
 
     # -- maintenance ------------------------------------------------------------------------
@@ -154,20 +162,25 @@ class Rollups:
         with self._lock:
             if not force and time.monotonic() - self._last_refresh < self.min_interval_s:
                 return 0
-            folded = self._catch_up("exchanges", (_HOURLY_SQL, _LATENCY_SQL))
-            folded += self._catch_up("shadow_checks", (_SHADOW_SQL,))
+            folded = self._catch_up("exchanges")
+            folded += self._catch_up("shadow_checks")
             self._last_refresh = time.monotonic()
         if folded:
             log.debug("stats rollups: folded %d rows", folded)
         return folded
 
-    def _catch_up(self, source: str, statements: Sequence[str]) -> int:
+    def _catch_up(self, source: str) -> int:
         conn = self._conn()
+        postgres = conn.dialect.name == "postgresql"
+        statements = _statements(conn.dialect, source)
         top = int(conn.execute(f"SELECT coalesce(max(id), 0) FROM {source}").fetchone()[0])
         folded = 0
         while True:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(conn.dialect.begin_write)
             try:
+                if postgres:
+                    conn.execute("SELECT pg_advisory_xact_lock(?)", (_ROLLUP_LOCK,))
+                    folded += self._fold_holes(conn, source, statements)
                 row = conn.execute("SELECT last_id FROM stats_watermark WHERE source = ?", (source,)).fetchone()
                 last = int(row[0]) if row else 0
                 if last >= top:
@@ -175,7 +188,12 @@ class Rollups:
                     return folded
                 upto = min(top, last + CHUNK_ROWS)
                 for sql in statements:
-                    conn.execute(sql, (last, upto))
+                    conn.execute(sql.format(where="id > ? AND id <= ?"), (last, upto))
+                if postgres:
+                    conn.execute(
+                        f"INSERT INTO stats_holes (source, id, seen) SELECT ?, g, ? FROM generate_series(?::bigint + 1, ?::bigint) g"
+                        f" WHERE NOT EXISTS (SELECT 1 FROM {source} s WHERE s.id = g) ON CONFLICT DO NOTHING",
+                        (source, time.time(), last, upto))
                 conn.execute(
                     "INSERT INTO stats_watermark (source, last_id) VALUES (?, ?)"
                     " ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id",
@@ -187,14 +205,24 @@ class Rollups:
                 conn.execute("ROLLBACK")
                 raise
 
+    def _fold_holes(self, conn: Any, source: str, statements: list[str]) -> int:
+        """Fold the rows that appeared where ids were missing below the watermark (PostgreSQL)."""
+        conn.execute("DELETE FROM stats_holes WHERE source = ? AND seen < ?", (source, time.time() - HOLE_TTL_S))
+        found = [int(r[0]) for r in conn.execute(
+            f"SELECT h.id FROM stats_holes h JOIN {source} s ON s.id = h.id WHERE h.source = ?", (source,))]
+        if not found:
+            return 0
+        marks = ", ".join("?" * len(found))
+        for sql in statements:
+            conn.execute(sql.format(where=f"id IN ({marks})"), found)
+        conn.execute(f"DELETE FROM stats_holes WHERE source = ? AND id IN ({marks})", [source, *found])
+        return len(found)
+
     def rebuild(self) -> int:
         """Drop and rebuild every rollup from the ledger (after a route rename, say)."""
-        with self._lock:
-            conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            for table in ("stats_hourly", "stats_latency", "stats_shadow", "stats_watermark"):
+        with self._lock, self.ledger.transaction() as conn:
+            for table in ("stats_hourly", "stats_latency", "stats_shadow", "stats_watermark", "stats_holes"):
                 conn.execute(f"DELETE FROM {table}")
-            conn.execute("COMMIT")
         return self.refresh(force=True)
 
     # -- reads: sums --------------------------------------------------------------------------
@@ -203,11 +231,11 @@ class Rollups:
         prompt_tokens, completion_tokens, and the shadow checks' checks, agree and check_cost_usd."""
         where, params = _range("hour", since, until)
         r = self._rows(
-            "SELECT total(requests), total(student), total(escalated), total(errors), total(cost_usd),"
-            f" total(counterfactual_usd), total(prompt_tokens), total(completion_tokens) FROM stats_hourly{where}",
+            "SELECT coalesce(sum(requests), 0), coalesce(sum(student), 0), coalesce(sum(escalated), 0), coalesce(sum(errors), 0), coalesce(sum(cost_usd), 0),"
+            f" coalesce(sum(counterfactual_usd), 0), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM stats_hourly{where}",
             params,
         )[0]
-        s = self._rows(f"SELECT total(checks), total(agree), total(cost_usd) FROM stats_shadow{where}", params)[0]
+        s = self._rows(f"SELECT coalesce(sum(checks), 0), coalesce(sum(agree), 0), coalesce(sum(cost_usd), 0) FROM stats_shadow{where}", params)[0]
         return {
             "requests": int(r[0]), "student": int(r[1]), "escalated": int(r[2]), "errors": int(r[3]),
             "cost_usd": float(r[4]), "counterfactual_usd": float(r[5]), "prompt_tokens": int(r[6]),
@@ -225,15 +253,15 @@ class Rollups:
                                        "counterfactual_usd": 0.0, "check_cost_usd": 0.0})
 
         for row in self._rows(
-            f"SELECT (hour / {int(width)}) * {int(width)} AS t, total(requests), total(student), total(escalated),"
-            f" total(cost_usd), total(counterfactual_usd) FROM stats_hourly{where} GROUP BY t ORDER BY t",
+            f"SELECT (hour / {int(width)}) * {int(width)} AS t, coalesce(sum(requests), 0), coalesce(sum(student), 0), coalesce(sum(escalated), 0),"
+            f" coalesce(sum(cost_usd), 0), coalesce(sum(counterfactual_usd), 0) FROM stats_hourly{where} GROUP BY t ORDER BY t",
             params,
         ):
             p = point(int(row[0]))
             p.update(requests=int(row[1]), student=int(row[2]), escalated=int(row[3]), cost_usd=float(row[4]),
                      counterfactual_usd=float(row[5]))
         for row in self._rows(
-            f"SELECT (hour / {int(width)}) * {int(width)} AS t, total(cost_usd) FROM stats_shadow{where} GROUP BY t", params
+            f"SELECT (hour / {int(width)}) * {int(width)} AS t, coalesce(sum(cost_usd), 0) FROM stats_shadow{where} GROUP BY t", params
         ):
             point(int(row[0]))["check_cost_usd"] += float(row[1])
         return [by_t[t] for t in sorted(by_t)]
@@ -245,8 +273,8 @@ class Rollups:
             r[0]: {"requests": int(r[1]), "student": int(r[2]), "escalated": int(r[3]), "errors": int(r[4]),
                    "cost_usd": float(r[5]), "counterfactual_usd": float(r[6])}
             for r in self._rows(
-                "SELECT route, total(requests), total(student), total(escalated), total(errors), total(cost_usd),"
-                f" total(counterfactual_usd) FROM stats_hourly{where} GROUP BY route",
+                "SELECT route, coalesce(sum(requests), 0), coalesce(sum(student), 0), coalesce(sum(escalated), 0), coalesce(sum(errors), 0), coalesce(sum(cost_usd), 0),"
+                f" coalesce(sum(counterfactual_usd), 0) FROM stats_hourly{where} GROUP BY route",
                 params,
             )
         }
@@ -260,7 +288,7 @@ class Rollups:
         return [
             {"route": r[0], "student_version": int(r[1]), "checks": int(r[2]), "agree": int(r[3]), "check_cost_usd": float(r[4])}
             for r in self._rows(
-                f"SELECT route, student_version, total(checks), total(agree), total(cost_usd) FROM stats_shadow{where}"
+                f"SELECT route, student_version, coalesce(sum(checks), 0), coalesce(sum(agree), 0), coalesce(sum(cost_usd), 0) FROM stats_shadow{where}"
                 " GROUP BY route, student_version",
                 params,
             )
@@ -271,7 +299,7 @@ class Rollups:
         where, params = _range("day", float(int(since // 86400) * 86400) if since is not None else None, None)
         hist: dict[tuple[str, str], dict[int, int]] = {}
         for r in self._rows(
-            f"SELECT route, served_by, bucket, total(n) FROM stats_latency{where} GROUP BY route, served_by, bucket",
+            f"SELECT route, served_by, bucket, coalesce(sum(n), 0) FROM stats_latency{where} GROUP BY route, served_by, bucket",
             params,
         ):
             hist.setdefault((r[0], r[1]), {})[int(r[2])] = int(r[3])

@@ -10,8 +10,9 @@ sqlite-utils) is brought up to date by the same list.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["EXCHANGE_COLUMNS", "MIGRATIONS", "Migration", "Table", "AddColumn", "Index", "Dialect", "SQLITE"]
+__all__ = ["EXCHANGE_COLUMNS", "MIGRATIONS", "Migration", "Table", "AddColumn", "Index"]
 
 # Columns of the ``exchanges`` table, in order, with their portable types. JSON columns hold text.
 EXCHANGE_COLUMNS: dict[str, str] = {
@@ -46,33 +47,13 @@ EXCHANGE_COLUMNS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class Dialect:
-    """How one backend spells the portable column types."""
-
-    name: str
-    types: dict[str, str]
-    without_rowid: str = ""  # the clause that stores a table by its primary key, where it helps
-
-    def column_type(self, kind: str) -> str:
-        return self.types[kind]
-
-
-SQLITE = Dialect(
-    "sqlite",
-    {"pk": "INTEGER PRIMARY KEY", "text": "TEXT", "int": "INTEGER", "bigint": "INTEGER", "real": "FLOAT",
-     "blob": "BLOB", "pk_text": "TEXT PRIMARY KEY"},
-    without_rowid=" WITHOUT ROWID",
-)
-
-
-@dataclass(frozen=True)
 class Table:
     name: str
     columns: tuple[tuple[str, str], ...]  # (name, portable type); a trailing " NOT NULL" / " DEFAULT x" is kept
     primary_key: tuple[str, ...] = ()  # a composite key (a single "pk" column needs none)
     rowless: bool = False  # stored by its primary key (SQLite WITHOUT ROWID)
 
-    def ddl(self, d: Dialect) -> str:
+    def ddl(self, d: Any) -> str:
         cols = []
         for name, spec in self.columns:
             kind, _, rest = spec.partition(" ")
@@ -96,7 +77,7 @@ class Index:
     columns: tuple[str, ...]
     unique: bool = False
 
-    def ddl(self, d: Dialect) -> str:
+    def ddl(self, d: Any) -> str:
         return f"CREATE {'UNIQUE ' if self.unique else ''}INDEX IF NOT EXISTS {self.name} ON {self.table} ({', '.join(self.columns)})"
 
 
@@ -182,5 +163,26 @@ MIGRATIONS: tuple[Migration, ...] = (
     # several replicas, or beside a CLI) reloads what changed within a poll.
     Migration("007_generations", (
         Table("generations", (("name", "pk_text"), ("value", "bigint NOT NULL DEFAULT 0"))),
+    )),
+    # Ids missing below a rollup's watermark, folded when their rows appear (PostgreSQL commits out
+    # of id order; see store.rollups).
+    Migration("008_rollup_holes", (
+        Table("stats_holes", (("source", "text NOT NULL"), ("id", "bigint NOT NULL"), ("seen", "real NOT NULL")),
+              primary_key=("source", "id")),
+    )),
+    # Per-key limits shared by every replica (store.counters): requests and tokens of the last
+    # minute, spend per day and month, and the budget held by requests in flight.
+    Migration("009_shared_limits", (
+        Table("rate_events", (("id", "pk"), ("key_id", "text NOT NULL"), ("ts", "real NOT NULL"),
+                              ("requests", "int NOT NULL DEFAULT 0"), ("tokens", "bigint NOT NULL DEFAULT 0"))),
+        Index("idx_rate_events_key_ts", "rate_events", ("key_id", "ts")),
+        Table("key_spend", (("key_id", "text NOT NULL"), ("period", "text NOT NULL"), ("spend", "real NOT NULL DEFAULT 0")),
+              primary_key=("key_id", "period")),
+        Table("budget_holds", (("uid", "pk_text"), ("key_id", "text NOT NULL"), ("amount", "real NOT NULL"),
+                               ("at", "real NOT NULL"))),
+        Index("idx_budget_holds_key", "budget_holds", ("key_id",)),
+        # dashboard sessions, shared by every replica (the admin key itself is never stored)
+        Table("sessions", (("sid_hash", "pk_text"), ("csrf", "text NOT NULL"), ("expires", "real NOT NULL"),
+                           ("admin_hash", "text NOT NULL"))),
     )),
 )

@@ -13,13 +13,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from store.sqlite import connect, migrate
+from store.db import PgConnection, is_postgres, sqlite_path
+from store.migrate import migrate
+from store.sqlite import connect
+from store.types import StoreError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LedgerWriter"]
 
-_BUMP_ROUTES = "INSERT INTO generations (name, value) VALUES ('routes', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1"
+_BUMP_ROUTES = "INSERT INTO generations (name, value) VALUES ('routes', 1) ON CONFLICT (name) DO UPDATE SET value = generations.value + 1"
 
 
 _MAX_SQL_VARIABLES = 30_000  # SQLite's limit is 32,766 bound parameters per statement (since 3.32)
@@ -42,10 +45,11 @@ class LedgerWriter:
     """
 
     def __init__(
-        self, path: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512, max_queue: int = 100_000,
+        self, url: str | Path, *, flush_ms: float = 50.0, batch_size: int = 512, max_queue: int = 100_000,
         max_queue_bytes: int = 512 * 1024 * 1024,
     ):
-        self.path = str(path)
+        self.url = str(url)
+        self.postgres = is_postgres(self.url)
         self.flush_s = flush_ms / 1000.0
         self.batch_size = batch_size
         self.max_queue = max_queue
@@ -64,10 +68,27 @@ class LedgerWriter:
         self.last_flush = 0.0
         self._last_drop_log = 0.0
 
+    def _open(self) -> Any:
+        if self.postgres:
+            return PgConnection(self.url, min_size=1, max_size=2)
+        return connect(sqlite_path(self.url))
+
+    def _errors(self) -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+        """(errors of one bad row, errors of the database being unwritable for now)."""
+        if self.postgres:
+            import psycopg
+            import psycopg_pool
+
+            return ((psycopg.IntegrityError, psycopg.DataError, psycopg.ProgrammingError),
+                    (psycopg.Error, psycopg_pool.PoolTimeout, StoreError))
+        return (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError), (sqlite3.Error,)
+
     def start(self) -> None:
-        conn = connect(self.path)
-        migrate(conn)
-        conn.close()
+        conn = self._open()
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
         self._thread = threading.Thread(target=self._run, name="kdgate-ledger-writer", daemon=True)
         self._thread.start()
 
@@ -139,8 +160,8 @@ class LedgerWriter:
         """Queue a new route (ignored if one of that name exists), with empty settings."""
         now = time.time()
         return self._submit_sql(
-            "INSERT OR IGNORE INTO routes (name, teacher_model, settings, template, origin, created, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO routes (name, teacher_model, settings, template, origin, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (name, teacher_model, "{}", json.dumps(template) if template else None, origin, now, now),
         ) and self._submit_sql(_BUMP_ROUTES)
 
@@ -159,7 +180,16 @@ class LedgerWriter:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        conn = connect(self.path)
+        conn = None
+        while conn is None:  # PostgreSQL may be down for now: rows wait in the queue meanwhile
+            try:
+                conn = self._open()
+            except StoreError as exc:
+                self.last_error = str(exc)
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                log.warning("ledger writer cannot connect yet (%s); retrying", exc)
+                time.sleep(1.0)
         stop = False
         while not stop:
             batch: list[tuple[str, Any]] = []
@@ -196,18 +226,18 @@ class LedgerWriter:
         conn.close()
 
     @staticmethod
-    def _apply(conn: sqlite3.Connection, kind: str, payload: Any) -> None:
+    def _apply(conn: Any, kind: str, payload: Any) -> None:
         if kind == "exchange":
             cols = list(payload)
             conn.execute(
-                f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                f"INSERT INTO exchanges ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) ON CONFLICT DO NOTHING",
                 [payload[c] for c in cols],
             )
         else:
             conn.execute(*payload)
 
-    def _commit(self, conn: sqlite3.Connection, work: list[tuple[str, Any]]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
+    def _commit(self, conn: Any, work: list[tuple[str, Any]]) -> None:
+        conn.execute(conn.dialect.begin_write)
         try:
             i = 0
             while i < len(work):
@@ -229,19 +259,48 @@ class LedgerWriter:
                 for k in range(i, j, per):
                     chunk = work[k : min(j, k + per)]
                     conn.execute(
-                        f"INSERT OR IGNORE INTO exchanges ({', '.join(cols)}) VALUES " + ", ".join([one] * len(chunk)),
+                        f"INSERT INTO exchanges ({', '.join(cols)}) VALUES " + ", ".join([one] * len(chunk))
+                        + " ON CONFLICT DO NOTHING",
                         [row[c] for _, row in chunk for c in cols],
                     )
                 i = j
+            if self.postgres:
+                self._settle_limits(conn, [p for k, p in work if k == "exchange"])
             conn.execute("COMMIT")
         except BaseException:
             try:
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
+            except Exception:  # a lost connection cannot roll back; the server did
                 pass
             raise
 
-    def _write(self, conn: sqlite3.Connection, batch: list[tuple[str, Any]]) -> None:
+    @staticmethod
+    def _settle_limits(conn: Any, rows: list[dict[str, Any]]) -> None:
+        """With shared limits (PostgreSQL): each written exchange's cost joins its key's day and month
+        spend, and the budget its request held is released, in the same transaction."""
+        from store.counters import period_keys
+
+        spend: dict[tuple[str, str], float] = {}
+        held: list[str] = []
+        for row in rows:
+            key_id = row.get("key_id")
+            if not key_id:
+                continue
+            if row.get("uid"):
+                held.append(row["uid"])
+            cost = float(row.get("cost_usd") or 0.0)
+            if cost > 0:
+                for period in period_keys(float(row.get("ts") or time.time())):
+                    spend[(key_id, period)] = spend.get((key_id, period), 0.0) + cost
+        for (key_id, period), amount in spend.items():
+            conn.execute(
+                "INSERT INTO key_spend (key_id, period, spend) VALUES (?, ?, ?) ON CONFLICT (key_id, period)"
+                " DO UPDATE SET spend = key_spend.spend + excluded.spend", (key_id, period, amount))
+        for start in range(0, len(held), 1000):
+            chunk = held[start : start + 1000]
+            conn.execute(f"DELETE FROM budget_holds WHERE uid IN ({', '.join('?' * len(chunk))})", chunk)
+
+    def _write(self, conn: Any, batch: list[tuple[str, Any]]) -> None:
         markers = [payload for kind, payload in batch if kind == "marker"]
         work = [(kind, payload) for kind, payload in batch if kind != "marker"]
         try:
@@ -251,7 +310,8 @@ class LedgerWriter:
             for marker in markers:
                 marker.set()
 
-    def _write_work(self, conn: sqlite3.Connection, work: list[tuple[str, Any]]) -> None:
+    def _write_work(self, conn: Any, work: list[tuple[str, Any]]) -> None:
+        row_errors, transient = self._errors()
         attempt = 0
         while work:
             try:
@@ -260,19 +320,19 @@ class LedgerWriter:
                 self.last_flush = time.time()
                 self.failing_since = None
                 break
-            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            except row_errors:
                 # one bad row must not block the others: write them one by one, drop the bad ones
                 kept = []
                 for item in work:
                     try:
                         self._commit(conn, [item])
                         kept.append(item)
-                    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError) as exc:
+                    except row_errors as exc:
                         self.rejected += 1
                         log.error("ledger refused a %s row (%s); dropped", item[0], exc)
                 self.written += sum(1 for k, _ in kept if k == "exchange")
                 break
-            except sqlite3.Error as exc:  # locked, disk full, I/O: wait and retry, rows stay queued
+            except transient as exc:  # locked, disk full, I/O, server gone: wait and retry, rows stay queued
                 attempt += 1
                 self.failed_batches += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,8 @@
-"""Shared fixtures: a stand-in teacher and a real gateway, both uvicorn servers on 127.0.0.1."""
+"""Shared fixtures: a stand-in teacher and a real gateway, both uvicorn servers on 127.0.0.1, and the
+ledger's database: a SQLite file, or a fresh database on a real PostgreSQL server (tests/pg.py).
+
+A test (or module) marked ``both_backends`` runs once per backend: its ``backend`` is "sqlite" and
+then "postgresql", and ``make_gateway`` and ``db_url`` follow it."""
 
 from __future__ import annotations
 
@@ -18,6 +22,54 @@ for _k in [k for k in os.environ if k.startswith("KDGATE_")]:
 from bench.standin import ReplayTeacher, ServerThread  # noqa: E402
 
 ADMIN_KEY = "test-admin-" + "a" * 32
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "both_backends: run once on SQLite and once on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc: Any) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("backend", BACKENDS)
+
+
+@pytest.fixture
+def backend() -> str:
+    """The ledger's backend: SQLite unless the test is marked ``both_backends``."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One real PostgreSQL server for the session (Debian's binaries; see tests/pg.py)."""
+    from tests.pg import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        message = "PostgreSQL server binaries not found (apt-get install postgresql; make test does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> Iterator[str]:
+    """A fresh database on the session's PostgreSQL server."""
+    url = postgres.create_database()
+    yield url
+    postgres.drop_database(url)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: Any) -> str:
+    """The ledger for this test on its backend: a SQLite file, or a fresh PostgreSQL database."""
+    if backend == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "ledger.db")
 
 
 def echo_answer(body: dict[str, Any]) -> str:
@@ -55,7 +107,7 @@ class Gateway:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, teacher):
+def make_gateway(tmp_path: Path, teacher, db_url: str):
     """Start a gateway against the stand-in teacher; keyword arguments override settings."""
     from gateway.app import create_app
     from gateway.settings import load_settings
@@ -65,7 +117,8 @@ def make_gateway(tmp_path: Path, teacher):
     def make(**overrides: Any) -> Gateway:
         _, tserver = teacher
         values = {
-            "db": str(tmp_path / "ledger.db"),
+            "db": db_url,
+            "artifacts_dir": str(tmp_path / "artifacts"),
             "teacher": "openai/gpt-4o-mini",
             "teacher_api_base": tserver.url + "/v1",
             "teacher_api_key": "sk-provider-secret-" + "x" * 20,

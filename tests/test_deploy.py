@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
-ENV = {**os.environ, "KDGATE_TEACHER_API_KEY": "validate-only", "KDGATE_ADMIN_KEY": "validate-only"}
+ENV = {**os.environ, "KDGATE_TEACHER_API_KEY": "validate-only", "KDGATE_ADMIN_KEY": "validate-only",
+       "POSTGRES_PASSWORD": "validate-only", "KDGATE_DB_DSN": "postgresql://kdgate:validate-only@postgres:5432/kdgate"}
 
 
 def _bin(name: str) -> str | None:
@@ -45,6 +46,17 @@ def test_compose_file_is_valid(tmp_path):
     out = subprocess.run([*compose, "-f", str(DEPLOY / "compose.yaml"), "config"], capture_output=True, text=True, env=ENV).stdout
     assert "--enable-lora" in out and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in out and "capabilities" in out
     assert "distill" in out and "--watch" in out and "serve" in out
+    # PostgreSQL, two gateway replicas on it behind one published port, the DSN as a secret file
+    import yaml
+
+    config = yaml.safe_load(out)
+    services = config["services"]
+    assert {"postgres", "gateway-1", "gateway-2", "lb", "distiller", "migrate"} <= set(services)
+    assert services["postgres"]["image"].startswith("postgres:") and "healthcheck" in services["postgres"]
+    assert all(services[g]["environment"]["KDGATE_DB_FILE"] == "/run/secrets/kdgate_db" for g in ("gateway-1", "gateway-2"))
+    assert all(services[g]["environment"]["KDGATE_EMBEDDED_DISTILLER"] == "false" for g in ("gateway-1", "gateway-2"))
+    assert [p["published"] for s in services.values() for p in s.get("ports", [])] == ["8000"]
+    assert "validate-only@postgres" not in out.split("secrets:")[0]  # the DSN is in no service's environment
     broken = tmp_path / "compose.yaml"
     text = (DEPLOY / "compose.yaml").read_text()
     broken.write_text(text.replace('      - "8000:8000"', "      8000"))  # ports must be a list
@@ -58,7 +70,16 @@ def test_kubernetes_manifests_are_valid(tmp_path):
     if tool is None:
         pytest.skip("kubernetes-validate is not installed (pip install kubernetes-validate)")
     manifests = sorted(str(p) for p in (DEPLOY / "k8s").glob("*.yaml"))
-    assert len(manifests) >= 5
+    assert len(manifests) >= 6
+    import yaml
+
+    docs = [d for p in manifests for d in yaml.safe_load_all(Path(p).read_text()) if d]
+    by_kind = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert by_kind[("Deployment", "gateway")]["spec"]["replicas"] == 3
+    assert by_kind[("HorizontalPodAutoscaler", "gateway")]["spec"]["minReplicas"] == 3
+    assert ("StatefulSet", "postgres") in by_kind and by_kind[("Deployment", "distiller")]["spec"]["replicas"] == 1
+    gateway_env = by_kind[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KDGATE_DB_FILE", "value": "/run/secrets/kdgate-db/dsn"} in gateway_env
     ok = subprocess.run([tool, "--strict", "--quiet", *manifests], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = tmp_path / "gateway.yaml"

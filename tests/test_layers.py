@@ -54,7 +54,7 @@ _SQL = re.compile(
     r"CREATE\s+(UNIQUE\s+)?(TABLE|INDEX)\b|ALTER\s+TABLE\b|DROP\s+TABLE\b|PRAGMA\s+\w+|BEGIN\s+(IMMEDIATE|EXCLUSIVE)\b)",
     re.DOTALL,
 )
-PRODUCT = ("gateway", "router", "distiller", "bench")  # every package but the store itself
+PRODUCT = ("gateway", "router", "distiller", "bench", "cli")  # every package but the store itself
 
 
 def _sql_strings(path: Path) -> list[str]:

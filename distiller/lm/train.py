@@ -407,7 +407,8 @@ def distill_lm_route(
                 result.model, result.tokenizer, val_pairs, config, target=target, judge=judge, device=result.device
             )
         version = next_version(ledger, route)
-        root = Path(artifacts_dir) if artifacts_dir else Path(ledger_path).resolve().parent / "artifacts"
+        root = Path(artifacts_dir) if artifacts_dir else (
+            Path(ledger.path).resolve().parent / "artifacts" if ledger.path else Path("artifacts").resolve())
         directory = new_artifact_dir(root, route, version)
         weights = save_student_weights(result, config, directory)
         metrics = {

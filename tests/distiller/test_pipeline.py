@@ -119,7 +119,7 @@ def test_corrupted_artifact_is_refused(ledger, fast_config) -> None:
 
 
 def test_promotion_gate_keeps_the_better_version_and_rollback(ledger, fast_config, tmp_path) -> None:
-    from distiller.cli import main as cli_main
+    from cli.app import main as cli_main
 
     rows = load_fixture("banking77_small.jsonl")
     _trained(ledger, "triage", rows, fast_config)

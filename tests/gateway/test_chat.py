@@ -10,6 +10,8 @@ import pytest
 from gateway.auth import create_key
 from tests.sql import sql_rows
 
+pytestmark = pytest.mark.both_backends
+
 
 def _client(gw, key: str | None = None, **kw) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key=key or "none", max_retries=0, **kw)

@@ -14,7 +14,9 @@ import pytest
 from gateway.auth import create_key
 from gateway.dashboard import CSRF_HEADER, SESSION_COOKIE
 from tests.conftest import ADMIN_KEY, Gateway
-from tests.sql import sql_rows, sql_value
+from tests.sql import sql_exec, sql_rows, sql_value
+
+pytestmark = pytest.mark.both_backends
 
 ROUTE = "bank"
 CURVE = [
@@ -52,8 +54,8 @@ def seed_route(
         state.routes.create(route, actor="test")
     ledger = state.ledger
     for version, status in ((1, "retired"), (2, "live"), (3, "candidate")):
-        art = Path(gw.settings.db).parent / f"artifacts-{route}-{version}"
-        art.mkdir(exist_ok=True)
+        art = gw.settings.artifacts_path / f"artifacts-{route}-{version}"
+        art.mkdir(parents=True, exist_ok=True)
         (art / "head.bin").write_bytes(b"weights %d" % version)
         checksum = write_manifest(art, {"kind": "label", "version": version})
         metrics = {"agreement": 0.9 + version / 100, "coverage_at_target": 0.5, "target_agreement": 0.97,
@@ -187,8 +189,8 @@ def test_forged_or_logged_out_session_gets_nothing(dash):
 
 def test_expired_session_is_refused(dash):
     sid, _ = login(dash)
-    sessions = dash.server.config.app.state.sessions
-    sessions.get(sid).expires = time.time() - 1
+    assert dash.server.config.app.state.sessions.get(sid) is not None
+    sql_exec(dash.state.ledger, "UPDATE sessions SET expires = ?", (time.time() - 1,))  # sessions live in the store
     assert httpx.get(dash.url + "/admin/routes-table", headers={"cookie": f"{SESSION_COOKIE}={sid}"}).status_code == 401
 
 
@@ -225,11 +227,11 @@ def test_overview_matches_the_ledger(dash):
     resp = httpx.get(dash.url + "/admin/overview?bucket=hour&since=24h", headers=admin(dash))
     assert resp.status_code == 200, resp.text
     ov = resp.json()
-    sums = sql_rows(dash.state.ledger, 
-        "SELECT count(*) AS n, total(counterfactual_usd) AS cf, total(cost_usd) AS cost,"
-        " sum(status = 200 AND served_by = 'student') AS student FROM exchanges"
+    sums = sql_rows(dash.state.ledger,
+        "SELECT count(*) AS n, coalesce(sum(counterfactual_usd), 0) AS cf, coalesce(sum(cost_usd), 0) AS cost,"
+        " sum(CASE WHEN status = 200 AND served_by = 'student' THEN 1 ELSE 0 END) AS student FROM exchanges"
     )[0]
-    shadow_cost = sql_value(dash.state.ledger, "SELECT total(cost_usd) FROM shadow_checks")
+    shadow_cost = sql_value(dash.state.ledger, "SELECT coalesce(sum(cost_usd), 0) FROM shadow_checks")
     t = ov["totals"]
     assert t["requests"] == sums["n"] == 31
     assert t["student"] == sums["student"] == 20
@@ -292,7 +294,7 @@ def test_versions_promote_and_rollback(dash):
     assert resp.status_code == 200 and resp.json() == {"route": ROUTE, "version": 3, "status": "live", "action": "promote"}
     resp = httpx.post(dash.url + f"/admin/routes/{ROUTE}/rollback/2", headers=admin(dash))
     assert resp.status_code == 200 and resp.json()["action"] == "rollback"
-    statuses = dict((r["version"], r["status"]) for r in sql_rows(dash.state.ledger, 
+    statuses = dict((r["version"], r["status"]) for r in sql_rows(dash.state.ledger,
         "SELECT version, status FROM students WHERE route = ?", (ROUTE,)))
     assert statuses == {1: "retired", 2: "live", 3: "retired"}
     kinds = [(e["kind"], e["actor"], e["detail"]["version"]) for e in dash.state.ledger.events(ROUTE)[:2]]
@@ -302,7 +304,8 @@ def test_versions_promote_and_rollback(dash):
 
 
 def test_promotion_refuses_a_tampered_artifact(dash):
-    art = Path(dash.settings.db).parent / f"artifacts-{ROUTE}-3"
+    art = dash.settings.artifacts_path / f"artifacts-{ROUTE}-3"
+    art.parent.mkdir(parents=True, exist_ok=True)
     (art / "head.bin").write_bytes(b"tampered")
     resp = httpx.post(dash.url + f"/admin/routes/{ROUTE}/promote/3", headers=admin(dash))
     assert resp.status_code == 409

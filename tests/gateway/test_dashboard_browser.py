@@ -147,10 +147,10 @@ def test_dashboard_end_to_end_in_chromium(make_dash_gateway, browser):  # noqa: 
     # the overview shows the ledger's numbers
     ledger = gw.state.ledger
     sums = sql_rows(ledger, 
-        "SELECT count(*) AS n, total(counterfactual_usd) AS cf, total(cost_usd) AS cost,"
-        " sum(status = 200 AND served_by = 'student') AS student FROM exchanges"
+        "SELECT count(*) AS n, coalesce(sum(counterfactual_usd), 0) AS cf, coalesce(sum(cost_usd), 0) AS cost,"
+        " sum(CASE WHEN status = 200 AND served_by = 'student' THEN 1 ELSE 0 END) AS student FROM exchanges"
     )[0]
-    shadow_cost = sql_value(ledger, "SELECT total(cost_usd) FROM shadow_checks")
+    shadow_cost = sql_value(ledger, "SELECT coalesce(sum(cost_usd), 0) FROM shadow_checks")
     shown = lambda sel: float(page.get_attribute(sel, "data-value"))  # noqa: E731
     assert shown("#requests") == sums["n"]
     assert page.inner_text("#requests") == f"{sums['n']:,}"

@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ADMIN_KEY
+
+pytestmark = pytest.mark.both_backends
 
 KDGATE = str(Path(sys.executable).parent / "kdgate")
 

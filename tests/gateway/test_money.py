@@ -7,7 +7,6 @@ to the exchange's row and to the check's row, and the dashboard summing both).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 
 import httpx
@@ -16,24 +15,25 @@ import pytest
 
 from bench.standin import ReplayTeacher, ServerThread, messages_key
 from tests.conftest import ADMIN_KEY
+from tests.sql import sql_rows, sql_value
 from tests.gateway.test_router_e2e import _dataset, _train_and_wait_for_cascade
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_backends]
 
 
 def _sums(db: str) -> dict[str, float]:
     """The money, computed from the ledger's rows directly (not through the store or the rollups)."""
-    with sqlite3.connect(db) as conn:
-        teacher = conn.execute("SELECT total(cost_usd) FROM exchanges WHERE served_by = 'teacher'").fetchone()[0]
-        student = conn.execute("SELECT total(cost_usd) FROM exchanges WHERE served_by = 'student'").fetchone()[0]
-        teacher_only = conn.execute("SELECT total(counterfactual_usd) FROM exchanges").fetchone()[0]
-        checks, check_cost, zero = conn.execute(
-            "SELECT count(*), total(cost_usd), sum(cost_usd <= 0) FROM shadow_checks WHERE teacher_answer IS NOT NULL").fetchone()
-    return {"teacher": teacher, "student": student, "teacher_only": teacher_only, "checks": checks,
-            "check_cost": check_cost, "free_checks": zero or 0}
+    teacher = sql_value(db, "SELECT coalesce(sum(cost_usd), 0) FROM exchanges WHERE served_by = 'teacher'")
+    student = sql_value(db, "SELECT coalesce(sum(cost_usd), 0) FROM exchanges WHERE served_by = 'student'")
+    teacher_only = sql_value(db, "SELECT coalesce(sum(counterfactual_usd), 0) FROM exchanges")
+    checks = sql_rows(db, "SELECT count(*) AS n, coalesce(sum(cost_usd), 0) AS cost, "
+                          "sum(CASE WHEN cost_usd <= 0 THEN 1 ELSE 0 END) AS zero FROM shadow_checks "
+                          "WHERE teacher_answer IS NOT NULL")[0]
+    return {"teacher": float(teacher), "student": float(student), "teacher_only": float(teacher_only),
+            "checks": int(checks["n"]), "check_cost": float(checks["cost"]), "free_checks": int(checks["zero"] or 0)}
 
 
-def test_each_cost_is_counted_once_whatever_the_rollup_timing(tmp_path):
+def test_each_cost_is_counted_once_whatever_the_rollup_timing(tmp_path, db_url):
     from gateway.app import create_app
     from gateway.settings import load_settings
 
@@ -41,7 +41,7 @@ def test_each_cost_is_counted_once_whatever_the_rollup_timing(tmp_path):
     standin = ReplayTeacher({messages_key(m): a for m, a in data}, model="gpt-4o", labels=["fruit", "vehicle"])
     with ServerThread(standin) as teacher:
         settings = load_settings(
-            db=str(tmp_path / "ledger.db"), teacher="openai/gpt-4o", teacher_api_base=teacher.url + "/v1", auth=False,
+            db=db_url, artifacts_dir=str(tmp_path / "artifacts"), teacher="openai/gpt-4o", teacher_api_base=teacher.url + "/v1", auth=False,
             admin_key=ADMIN_KEY, embedded_distiller=False, student_price_per_1k_tokens=0.002,
             routes={"topics": {"aliases": ["topic-model"], "target_agreement": 0.85, "shadow_rate": 1.0}},
         )
@@ -72,12 +72,10 @@ def test_each_cost_is_counted_once_whatever_the_rollup_timing(tmp_path):
             assert totals["teacher_only_usd"] == pytest.approx(sums["teacher_only"], rel=1e-9, abs=1e-12)
             assert totals["saved_usd"] == pytest.approx(sums["teacher_only"] - expected_actual, rel=1e-9, abs=1e-12)
             # a student answer's row holds what the answer cost (the student price), never its check's
-            with sqlite3.connect(settings.db) as conn:
-                rows = conn.execute(
-                    "SELECT e.cost_usd, e.prompt_tokens, e.completion_tokens FROM exchanges e JOIN shadow_checks s"
-                    " ON s.exchange_uid = e.uid WHERE e.served_by = 'student'").fetchall()
+            rows = sql_rows(settings.db, "SELECT e.cost_usd, e.prompt_tokens, e.completion_tokens FROM exchanges e "
+                                         "JOIN shadow_checks s ON s.exchange_uid = e.uid WHERE e.served_by = 'student'")
             assert rows
-            for cost, prompt, completion in rows:
+            for cost, prompt, completion in (tuple(r.values()) for r in rows):
                 assert cost == pytest.approx(0.002 * (prompt + completion) / 1000, rel=1e-6)
         finally:
             gateway.stop()

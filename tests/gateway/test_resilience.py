@@ -13,6 +13,8 @@ from store import Ledger, LedgerWriter
 from bench.standin import ReplayTeacher, ServerThread
 from tests.conftest import ADMIN_KEY
 
+pytestmark = pytest.mark.both_backends
+
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 

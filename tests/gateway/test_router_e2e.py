@@ -20,7 +20,7 @@ from bench.standin import ReplayTeacher, ServerThread, messages_key
 from tests.conftest import ADMIN_KEY
 from tests.sql import sql_rows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_backends]
 
 FRUITS = ["apple", "banana", "cherry", "mango", "pear", "plum", "grape", "peach", "lemon", "kiwi", "melon", "apricot"]
 VEHICLES = ["car", "truck", "bus", "bicycle", "motorbike", "tram", "van", "scooter", "train", "lorry", "taxi", "minivan"]
@@ -38,7 +38,7 @@ def _dataset(seed: int = 0) -> list[tuple[list[dict], str]]:
 
 
 @pytest.fixture
-def loop(tmp_path):
+def loop(tmp_path, db_url):
     data = _dataset()
     standin = ReplayTeacher({messages_key(m): a for m, a in data}, model="gpt-4o", labels=["fruit", "vehicle"])
     teacher = ServerThread(standin).start()
@@ -46,8 +46,9 @@ def loop(tmp_path):
     from gateway.settings import load_settings
 
     settings = load_settings(
-        db=str(tmp_path / "ledger.db"), teacher="openai/gpt-4o", teacher_api_base=teacher.url + "/v1", auth=False,
-        admin_key=ADMIN_KEY, embedded_distiller=False, routes={"topics": {"aliases": ["topic-model"], "target_agreement": 0.85}},
+        db=db_url, artifacts_dir=str(tmp_path / "artifacts"), teacher="openai/gpt-4o", teacher_api_base=teacher.url + "/v1",
+        auth=False, admin_key=ADMIN_KEY, embedded_distiller=False,
+        routes={"topics": {"aliases": ["topic-model"], "target_agreement": 0.85}},
     )
     gateway = ServerThread(create_app(settings)).start()
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none", max_retries=0)

@@ -379,7 +379,7 @@ def test_route_names_are_matched_whole(make_gateway):
 
 
 def test_cli_rename_validates_and_output_escapes_control_characters(tmp_path, capsys):
-    from gateway.cli import main
+    from cli.app import main
     from store import Ledger
 
     db = str(tmp_path / "ledger.db")
