@@ -3,7 +3,7 @@
 One run, one machine, the same stand-in upstream: the upstream called directly, through kdgate (logging
 on), and through LiteLLM's proxy (``pip install 'kdgate[bench]'``). Each server runs in its own process;
 the load generator is an aiohttp client in this one. Reports p50/p99 latency at concurrency 1 and 32
-and the throughput at concurrency 32.
+and the throughput at concurrency 32; the concurrency-1 requests are interleaved over the targets.
 """
 
 from __future__ import annotations
@@ -21,58 +21,94 @@ from typing import Any
 __all__ = ["run_overhead", "run_replicas"]
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 5}
+# The same request on the other surfaces (``--surface``), and the upstream path the gateway calls for
+# each with an OpenAI teacher: Responses natively, Messages through its chat form.
+SURFACES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "responses": ("/responses", {"model": "gpt-4o-mini", "input": "Say ok.", "max_output_tokens": 5}, "/responses"),
+    "messages": ("/messages", {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "Say ok."}]},
+                 "/chat/completions"),
+}
 
 
-async def _measure(url: str, *, requests_c1: int, seconds_c32: float, headers: dict[str, str]) -> dict[str, float]:
+def _quantile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p * len(xs)))]
+
+
+async def _measure(targets: dict[str, tuple[str, dict[str, Any], dict[str, str]]], *, requests_c1: int,
+                   seconds_c32: float) -> dict[str, dict[str, float]]:
+    """Each target (name: url, body, headers) at concurrency 1 and 32. The concurrency-1 requests go
+    round-robin over the targets (one to each, then again), so that a busy moment on this shared
+    machine lands on all of them alike and their medians compare; the concurrency-32 phases run one
+    target after the other."""
     import aiohttp
 
-    payload = json.dumps(BODY).encode()
-    hdrs = {"content-type": "application/json", **headers}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
 
-        async def one() -> float:
-            t = time.perf_counter()
-            async with session.post(url, data=payload, headers=hdrs) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"{url} answered {resp.status}")
-            return (time.perf_counter() - t) * 1000
+        def caller(name: str) -> Any:
+            url, body, headers = targets[name]
+            payload = json.dumps(body).encode()
+            hdrs = {"content-type": "application/json", **headers}
 
-        for _ in range(50):  # warm-up: connections, caches, JIT-free but lazy imports
-            await one()
-        c1 = [await one() for _ in range(requests_c1)]
-        c32: list[float] = []
-        stop_at = time.perf_counter() + seconds_c32
+            async def one() -> float:
+                t = time.perf_counter()
+                async with session.post(url, data=payload, headers=hdrs) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"{url} answered {resp.status}")
+                return (time.perf_counter() - t) * 1000
 
-        async def worker() -> None:
-            while time.perf_counter() < stop_at:
-                c32.append(await one())
+            return one
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(32)))
-        elapsed = time.perf_counter() - t0
+        calls = {name: caller(name) for name in targets}
+        for one in calls.values():
+            for _ in range(50):  # warm-up: connections, caches, lazy imports
+                await one()
+        c1: dict[str, list[float]] = {name: [] for name in targets}
+        for _ in range(requests_c1):
+            for name, one in calls.items():
+                c1[name].append(await one())
+        results = {}
+        for name, one in calls.items():
+            print(f"measuring {name} at concurrency 32 ...", file=sys.stderr, flush=True)
+            c32: list[float] = []
+            stop_at = time.perf_counter() + seconds_c32
 
-    def q(xs: list[float], p: float) -> float:
-        xs = sorted(xs)
-        return xs[min(len(xs) - 1, int(p * len(xs)))]
+            async def worker() -> None:
+                while time.perf_counter() < stop_at:
+                    c32.append(await one())
 
-    return {
-        "rps": round(len(c32) / elapsed, 1),
-        "p50_ms_c1": round(statistics.median(c1), 3),
-        "p99_ms_c1": round(q(c1, 0.99), 3),
-        "p50_ms_c32": round(statistics.median(c32), 3),
-        "p99_ms_c32": round(q(c32, 0.99), 3),
-    }
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(32)))
+            elapsed = time.perf_counter() - t0
+            results[name] = {
+                "rps": round(len(c32) / elapsed, 1),
+                "p50_ms_c1": round(statistics.median(c1[name]), 3),
+                "p99_ms_c1": round(_quantile(c1[name], 0.99), 3),
+                "p50_ms_c32": round(statistics.median(c32), 3),
+                "p99_ms_c32": round(_quantile(c32, 0.99), 3),
+            }
+            print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
+    return results
 
 
 def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float = 10.0, include_litellm: bool = True,
-                 results_dir: Path | None = None, dbs: tuple[str, ...] = ()) -> dict[str, Any]:
+                 results_dir: Path | None = None, dbs: tuple[str, ...] = (), surfaces: tuple[str, ...] = ()) -> dict[str, Any]:
     """Measure the stand-in upstream directly, through kdgate and through LiteLLM's proxy; writes and
     returns ``{"direct", "kdgate", "litellm", "kdgate_added_p50_ms_c1", ...}``.
 
     ``dbs``: more ledgers to measure kdgate on, side by side in the same run (``postgresql://...``,
     or ``postgresql`` for a temporary server started here): ``kdgate@postgresql`` beside ``kdgate``
-    (SQLite), with ``postgresql_added_p50_ms_c1`` (over SQLite's) and ``postgresql_vs_sqlite_rps``."""
+    (SQLite), with ``postgresql_added_p50_ms_c1`` (over SQLite's) and ``postgresql_vs_sqlite_rps``.
+
+    ``surfaces``: ``responses`` and/or ``messages``, measured beside chat in the same run: the same
+    request on that surface through kdgate (``kdgate@responses``) and the upstream path kdgate calls
+    for it directly (``direct@responses``: the stand-in's own /responses; Messages through an OpenAI
+    teacher is its chat form, so ``direct@messages`` is the chat call), with ``responses_added_p50_ms_c1``
+    and ``responses_vs_chat_added_p50_ms`` (its added p50 minus chat's)."""
+    unknown = [x for x in surfaces if x not in SURFACES]
+    if unknown:
+        raise ValueError(f"unknown surface(s) {', '.join(unknown)}; choose from {', '.join(SURFACES)}")
     import contextlib
 
     from bench.stack import Stack, wait_http
@@ -83,6 +119,13 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
     with stack, contextlib.ExitStack() as extra:
         upstream = f"{stack.teacher_url}/v1"
         targets = {"direct": upstream + "/chat/completions", "kdgate": f"{stack.base_url}/chat/completions"}
+        bodies: dict[str, dict[str, Any]] = {}
+        for surface in surfaces:
+            path, body, upstream_path = SURFACES[surface]
+            targets[f"direct@{surface}"] = upstream + upstream_path
+            targets[f"kdgate@{surface}"] = stack.base_url + path
+            bodies[f"kdgate@{surface}"] = body
+            bodies[f"direct@{surface}"] = body if upstream_path == path else BODY
         for db in dbs:  # the same gateway settings on another ledger, against the same upstream
             url = extra.enter_context(_postgres_url()) if db == "postgresql" else db
             port = free_port()
@@ -110,11 +153,11 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
         elif include_litellm:
             results["litellm_error"] = "litellm proxy not installed (pip install 'kdgate[bench]')"
 
-        for name, url in targets.items():
-            print(f"measuring {name} ...", file=sys.stderr, flush=True)
-            results[name] = asyncio.run(_measure(url, requests_c1=requests_c1, seconds_c32=seconds_c32,
-                                                 headers=headers.get(name, {"authorization": "Bearer sk-stand-in"})))
-            print(f"  {name}: {results[name]}", file=sys.stderr, flush=True)
+        print(f"measuring {', '.join(targets)} at concurrency 1, interleaved ...", file=sys.stderr, flush=True)
+        results.update(asyncio.run(_measure(
+            {name: (url, bodies.get(name, BODY), headers.get(name, {"authorization": "Bearer sk-stand-in"}))
+             for name, url in targets.items()},
+            requests_c1=requests_c1, seconds_c32=seconds_c32)))
     d, k = results.get("direct"), results.get("kdgate")
     pg = results.get("kdgate@postgresql")
     if d and k and pg:
@@ -122,6 +165,13 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
         results["postgresql_vs_sqlite_rps"] = round(pg["rps"] / max(k["rps"], 1e-9), 3)
     if d and k:
         results["kdgate_added_p50_ms_c1"] = round(k["p50_ms_c1"] - d["p50_ms_c1"], 3)
+        for surface in surfaces:
+            ks, ds = results.get(f"kdgate@{surface}"), results.get(f"direct@{surface}")
+            if ks and ds:
+                added = round(ks["p50_ms_c1"] - ds["p50_ms_c1"], 3)
+                results[f"{surface}_added_p50_ms_c1"] = added
+                results[f"{surface}_vs_chat_added_p50_ms"] = round(added - results["kdgate_added_p50_ms_c1"], 3)
+                results[f"{surface}_vs_chat_rps"] = round(ks["rps"] / max(k["rps"], 1e-9), 3)
         if results.get("litellm"):
             results["litellm_added_p50_ms_c1"] = round(results["litellm"]["p50_ms_c1"] - d["p50_ms_c1"], 3)
             results["kdgate_vs_litellm_rps"] = round(k["rps"] / max(results["litellm"]["rps"], 1e-9), 2)

@@ -3,7 +3,9 @@
 Used where no paid API can be reached: tests, ``kdgate bench ...`` and ``kdgate demo``. It speaks the
 documented protocol (chat completions with and without streaming, ``stream_options.include_usage``,
 ``logprobs``/``top_logprobs``, embeddings, models, OpenAI's error envelope) and reports usage so the
-gateway prices its answers with a real model's prices. Results obtained with it are labelled as such.
+gateway prices its answers with a real model's prices; and the Responses, legacy completions and
+Anthropic Messages protocols (:mod:`bench.standin_native`), so a route whose teacher is an OpenAI or
+Anthropic model can be called natively on those surfaces. Results obtained with it are labelled as such.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 
+from bench import standin_native as native
 from bench.asgi import Request, Send, StandinApp, error_envelope, send_bytes, send_json
 
 __all__ = ["ReplayTeacher", "ServerThread", "count_tokens", "messages_key", "free_port"]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+NATIVE_SUFFIXES = ("/responses", "/messages", "/completions")  # besides chat completions (bench.standin_native)
 
 
 def count_tokens(text: str) -> int:
@@ -69,6 +74,8 @@ class ReplayTeacher(StandinApp):
         self.confidence_fn = confidence_fn
         self.latency_s = latency_s
         self.calls = 0
+        self.paths: Counter[str] = Counter()  # requests per path (which protocol the gateway spoke)
+        self.last: dict[str, Any] = {}  # the last body per path (what the teacher was sent)
         self.fault: str | None = None  # set by tests: "500", "429", "timeout", "garbage", "cut"
         self.fault_count = 0  # how many calls the fault applies to (then it clears); 0 = forever
 
@@ -121,6 +128,17 @@ class ReplayTeacher(StandinApp):
             data = [{"object": "embedding", "index": i, "embedding": _fake_vector(str(x))} for i, x in enumerate(inputs)]
             tokens = sum(count_tokens(str(x)) for x in inputs)
             return await send_json(send, 200, {"object": "list", "data": data, "model": body.get("model"), "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        self.paths[path] += 1
+        self.last[path] = body
+        if path.endswith(NATIVE_SUFFIXES) and not path.endswith("/chat/completions"):
+            if path.endswith("/messages") and fault is None and "x-api-key" not in request.headers and "authorization" not in request.headers:
+                return await send_json(send, 401, native.anthropic_error("x-api-key header is required", "authentication_error"))
+            answer = self.answer({"messages": native.conversation(path, body)})
+            if path.endswith("/responses"):
+                return await native.send_response(send, body, answer, self.model)
+            if path.endswith("/messages"):
+                return await native.send_message(send, body, answer, self.model)
+            return await native.send_completion(send, body, answer, self.model)
         if not path.endswith("/chat/completions"):
             return await send_json(send, 404, error_envelope("not found"))
         answer = self.answer(body)

@@ -34,13 +34,18 @@ def overhead(
     db: Annotated[list[str] | None, typer.Option(
         "--db", help="also measure kdgate on this ledger, side by side with SQLite: a postgresql:// DSN, or "
                      "'postgresql' for a temporary local server")] = None,
+    surface: Annotated[list[str] | None, typer.Option(
+        "--surface", help="also measure this surface beside chat in the same run: responses or messages (repeatable)")] = None,
     json: JsonAlways = False,
 ) -> None:
     """Latency/throughput added by kdgate vs the upstream and LiteLLM's proxy."""
-    from bench.overhead import run_overhead
+    from bench.overhead import SURFACES, run_overhead
 
+    unknown = [x for x in surface or () if x not in SURFACES]
+    if unknown:
+        fail(f"bench overhead: unknown surface {', '.join(unknown)} (choose from {', '.join(SURFACES)})", 2)
     print_json(run_overhead(out=out, requests_c1=requests, seconds_c32=seconds, include_litellm=not no_litellm,
-                            dbs=tuple(db or ())))
+                            dbs=tuple(db or ()), surfaces=tuple(surface or ())))
 
 
 @app.command("replicas")

@@ -15,15 +15,14 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from gateway.auth import KeyStore, Principal
+from gateway.auth import KeyStore
 from gateway.money import Money, PriceBook
-from gateway.errors import BodyTooLarge, GatewayError, UnsupportedMediaType, error_body
+from gateway.errors import BadRequest, GatewayError, error_body
 from store import Ledger, LedgerWriter
-from gateway.protocol import CHAT_SCHEMA, parse_json_body
 from gateway.routing import RouteTable
-from gateway.serving import ChatService, Reply
+from gateway.serving import ChatService, new_uid
 from gateway.settings import Settings
 from gateway.teacher import TeacherClient
 
@@ -42,6 +41,7 @@ class GatewayState:
     teacher: TeacherClient
     money: Money
     chat: ChatService
+    surfaces: Any = None  # gateway.surface_serving.SurfaceService
     students: Any = None
     metrics: Any = None
     distiller: Any = None
@@ -49,32 +49,6 @@ class GatewayState:
 
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing it as soon as it passes ``limit`` bytes (chunked bodies included)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"The request body is {declared} bytes; the limit is {limit} (max_body_bytes).")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"The request body is over the limit of {limit} bytes (max_body_bytes).")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _reply(reply: Reply) -> Response:
-    if reply.stream is not None:
-        return StreamingResponse(
-            reply.stream,
-            status_code=reply.status,
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **reply.headers},
-        )
-    return Response(reply.body, status_code=reply.status, media_type="application/json", headers=reply.headers)
 
 
 STORE_POLL_S = 1.0
@@ -170,76 +144,34 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
-        return _json(exc.status, exc.body(), exc.headers)
+        return error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _json(400, error_body(f"Invalid request: {first.get('msg', 'bad input')}", type="invalid_request_error", param=param))
+        return error_response(request, BadRequest(f"Invalid request: {first.get('msg', 'bad input')}", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        kind = "invalid_request_error" if exc.status_code < 500 else "api_error"
         message = {404: f"Unknown path {request.url.path}.", 405: f"Method {request.method} is not allowed on {request.url.path}."}.get(
             exc.status_code, str(exc.detail)
         )
-        return _json(exc.status_code, error_body(message, type=kind), getattr(exc, "headers", None))
+        err = GatewayError(message, status=exc.status_code, headers=dict(getattr(exc, "headers", None) or {}))
+        err.type = "invalid_request_error" if exc.status_code < 500 else "api_error"
+        return error_response(request, err)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _json(500, error_body("The gateway hit an internal error; it has been logged.", type="api_error"))
+        return error_response(request, GatewayError("The gateway hit an internal error; it has been logged."))
 
     def state_of(request: Request) -> GatewayState:
         return request.app.state.kdgate
 
-    def principal_of(request: Request) -> Principal:
-        return state_of(request).keys.gateway_principal(request.headers.get("authorization"))
+    from gateway.api import build_api_router
 
-    @app.post(
-        "/v1/chat/completions",
-        tags=["openai"],
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_SCHEMA}}}},
-    )
-    async def chat_completions(request: Request) -> Response:
-        """OpenAI's chat completions (streaming and not), answered by a student or the teacher."""
-        state = state_of(request)
-        principal = principal_of(request)
-        body = await _read_json(state, request, principal, "chat.completions")
-        reply = await state.chat.chat(body, principal=principal, headers=_lower_headers(request))
-        return _reply(reply)
-
-    @app.post(
-        "/v1/embeddings",
-        tags=["openai"],
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"type": "object", "required": ["model", "input"]}}},
-            }
-        },
-    )
-    async def embeddings(request: Request) -> Response:
-        """OpenAI's embeddings, passed through to the provider and logged for cost."""
-        state = state_of(request)
-        principal = principal_of(request)
-        body = await _read_json(state, request, principal, "embeddings")
-        return _reply(await state.chat.embeddings(body, principal=principal, headers=_lower_headers(request)))
-
-    @app.get("/v1/models", tags=["openai"])
-    async def models(request: Request) -> Response:
-        """The models a client may ask for: the default teacher, each route and each alias."""
-        state = state_of(request)
-        principal_of(request)
-        names = {settings.teacher.split("/", 1)[-1]: "kdgate"}
-        for route in state.routes.all():
-            names.setdefault(route.name, "kdgate")
-        for name, cfg in settings.routes.items():
-            for alias in cfg.aliases:
-                names.setdefault(alias, "kdgate")
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": owner} for n, owner in sorted(names.items())]
-        return _json(200, {"object": "list", "data": data})
+    app.include_router(build_api_router())
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> Response:
@@ -269,7 +201,8 @@ def create_app(settings: Settings) -> FastAPI:
             "ledger_failing_since": writer.failing_since,
             "teacher_circuits": {f"{k[0]}@{endpoint_host(k[1])}": b.state for k, b in state.teacher.breakers.items()},
         }
-        return _json(200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks})
+        return _json(200 if ok else 503, {"status": "ready" if ok else "not ready", "checks": checks},
+                     None if ok else {"retry-after": "1"})
 
     from gateway.admin import build_admin_router
 
@@ -305,9 +238,12 @@ class LoopbackOnly:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            host = headers.get("host", "")
-            origin = headers.get("origin")
+            host, origin = "", None
+            for k, v in scope.get("headers", ()):  # ASGI header names are lower-case bytes
+                if k == b"host":
+                    host = v.decode("latin-1")
+                elif k == b"origin":
+                    origin = v.decode("latin-1")
             problem = None
             if not _loopback(host):
                 problem = "The gateway runs without auth and answers only requests to a loopback host (127.0.0.1, localhost, [::1])."
@@ -344,41 +280,20 @@ def endpoint_host(base_url: str | None) -> str:
         return "?"
 
 
-def check_json_content_type(request: Request, *, auth: bool) -> None:
-    """JSON endpoints take JSON. A browser can send ``text/plain`` (or no type, from a Blob) to any
-    site without asking first; ``application/json`` needs a CORS preflight, which the gateway never
-    grants. Without auth a missing type is refused too, so no other web page can call the gateway."""
-    kind = request.headers.get("content-type")
-    if kind is None:
-        if auth:
-            return
-        raise UnsupportedMediaType(
-            "The request has no Content-Type; send the body as application/json.", param="content-type")
-    media = kind.split(";", 1)[0].strip().lower()
-    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
-        return
-    shown = "".join(ch if ch.isprintable() else "?" for ch in media[:80])
-    raise UnsupportedMediaType(f"Content-Type {shown!r} is not supported; send the body as application/json.",
-                               param="content-type")
+def error_response(request: Request, exc: GatewayError) -> Response:
+    """An error in the surface's own format (Anthropic's on ``/v1/messages``, OpenAI's elsewhere), with
+    the ``x-request-id`` of its ledger row (a fresh one when the request never got a row) and, on
+    every 429 and 503, a ``Retry-After`` (the error's own, or one second)."""
+    headers = dict(exc.headers)
+    headers["x-request-id"] = getattr(exc, "request_id", None) or new_uid()
+    if exc.status in (429, 503) and not any(k.lower() == "retry-after" for k in headers):
+        headers["retry-after"] = "1"
+    if request.url.path.startswith("/v1/messages"):
+        from gateway.surfaces.messages import error_body as anthropic_error
 
-
-async def _read_json(state: GatewayState, request: Request, principal: Principal, endpoint: str) -> dict[str, Any]:
-    """The request's JSON body; an unreadable one is refused and logged as a failed exchange."""
-    import time
-
-    from gateway.serving import new_uid
-
-    t0 = time.perf_counter()
-    try:
-        check_json_content_type(request, auth=state.settings.auth)
-        return parse_json_body(await read_body(request, state.settings.max_body_bytes))
-    except GatewayError as exc:
-        state.chat._log_failure(uid=new_uid(), ts=time.time(), t0=t0, route=None, body=None, principal=principal, exc=exc, endpoint=endpoint)
-        raise
-
-
-def _lower_headers(request: Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-kdgate-")}
+        headers["request-id"] = headers["x-request-id"]  # what Anthropic's SDKs read as request_id
+        return _json(exc.status, anthropic_error(exc), headers)
+    return _json(exc.status, exc.body(), headers)
 
 
 def build_state(settings: Settings) -> GatewayState:
@@ -410,9 +325,11 @@ def build_state(settings: Settings) -> GatewayState:
 
     chat = ChatService(routes=routes, teacher=teacher, money=money, writer=writer, limiter=SharedLimiter(ledger) if ledger.postgres else Limiter(ledger), metrics=metrics,
                        params=ParamPolicy(settings.teacher_extra_params))
+    from gateway.surface_serving import SurfaceService
+
     state = GatewayState(
         settings=settings, ledger=ledger, writer=writer, keys=keys, routes=routes, teacher=teacher, money=money, chat=chat,
-        metrics=metrics,
+        metrics=metrics, surfaces=SurfaceService(chat, ledger, responses_ttl_s=settings.responses_ttl_days * 86400),
     )
     from gateway.students import StudentRouter
 

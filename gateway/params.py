@@ -6,7 +6,8 @@ keyword arguments beside the provider's parameters (``base_url``, ``api_key``, `
 gateway key send the operator's provider key to a host of their choosing, or write a made-up teacher
 answer into a route's training data for free. Here:
 
-- the documented parameters of each surface (OpenAI's chat completions and embeddings) pass;
+- the documented parameters of each surface (OpenAI's chat completions, embeddings, Responses and
+  legacy completions; Anthropic's Messages) pass;
 - provider and client options (:data:`PROVIDER_OPTIONS`, and anything prefixed ``litellm_``,
   ``aws_``, ``vertex_``, ``azure_``) are refused with a 400 that names the field;
 - anything else is dropped; its name (never its value) is logged and returned in the
@@ -108,9 +109,16 @@ class ParamPolicy:
         if bad:
             raise ValueError(f"teacher_extra_params cannot include provider options: {', '.join(bad)}")
         self.extra = extra
+        from gateway.surfaces import completions, messages, responses  # they import this module
+
         self.surfaces: dict[str, frozenset[str]] = {
             "chat.completions": CHAT_PARAMS | extra,
             "embeddings": EMBEDDINGS_PARAMS | extra,
+            # what a teacher that speaks the surface natively is sent (the others get the chat form)
+            "responses": responses.PARAMS,
+            "messages": messages.PARAMS,
+            "messages.count_tokens": messages.COUNT_TOKENS_PARAMS,
+            "completions": completions.PARAMS | extra,
         }
 
     def forward(self, surface: str, body: Mapping[str, Any], *, drop: Iterable[str] = ()) -> Forwarded:
@@ -121,6 +129,9 @@ class ParamPolicy:
         out: dict[str, Any] = {}
         ignored: list[str] = []
         for name, value in body.items():
+            if name in allowed and name not in skip:  # the common case: no provider option is allowed
+                out[name] = value
+                continue
             if not isinstance(name, str):  # pragma: no cover - JSON keys are strings
                 continue
             if is_provider_option(name):

@@ -360,6 +360,24 @@ class RouteTable:
         self.forget(uid)
         raise RouteNotAllowed(f"This key may not use route {route.name!r}.", param="model")
 
+    def knows_model(self, model: Any) -> bool:
+        """Whether a request may name ``model``: a configured route or alias, or a teacher clients may
+        ask for (always, with ``teacher_for_unknown_models = "default"``)."""
+        if not isinstance(model, str) or not model:
+            return False
+        return model in self._aliases or self.catalog.known(model) or self.catalog.unknown == "default"
+
+    def model_names(self) -> dict[str, str]:
+        """What ``GET /v1/models`` lists, each with its owner: the configured teachers by their bare
+        names (as their provider names them), then the configured routes and their aliases."""
+        names: dict[str, str] = {}
+        for teacher in self.catalog.teachers:
+            provider, _, bare = teacher.partition("/") if "/" in teacher else ("openai", "", teacher)
+            names.setdefault(bare, provider)
+        for alias in self._aliases:
+            names.setdefault(alias, "kdgate")
+        return names
+
     def teacher_for(self, model: Any) -> str:
         """The teacher a requested model names (raises ModelNotFound; see :mod:`gateway.catalog`)."""
         return self.catalog.resolve(model if isinstance(model, str) else None)

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,17 +19,17 @@ import orjson
 
 from gateway.auth import Principal
 from gateway.money import Money, Usage, format_usd
-from gateway.errors import GatewayError, PermissionDenied, UpstreamError
+from gateway.errors import GatewayError, PermissionDenied, UpstreamError, UpstreamStatus
 from store import LedgerWriter
 from gateway.limits import estimate_prompt_tokens, requested_output_tokens
 from gateway.params import ParamPolicy, is_provider_option
 from gateway.protocol import answer_of, assemble_stream, validate_chat, validate_embeddings
 from gateway.routing import Route, RouteTable
-from gateway.teacher import TeacherClient, TeacherTarget
+from gateway.teacher import TeacherClient, TeacherResponse, TeacherStream, TeacherTarget, sse_data
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatService", "Reply", "new_uid"]
+__all__ = ["ChatService", "Reply", "SurfaceCall", "new_uid"]
 
 
 def new_uid() -> str:
@@ -43,6 +44,29 @@ class Reply:
     body: bytes | None = None
     stream: AsyncIterator[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    native: bool = False  # the body or stream is already in the request's surface format (a native teacher's)
+
+
+@dataclass(frozen=True)
+class SurfaceCall:
+    """A request that came through a surface other than chat completions (Responses, Messages,
+    legacy completions), served as its chat form.
+
+    The route, the student and the ledger see the chat form; a teacher that speaks the surface
+    natively (:meth:`gateway.teacher.TeacherClient.speaks`) gets ``native_body`` instead, and its
+    answer is logged as ``to_chat(answer)`` (``assemble(events)`` first, for a stream)."""
+
+    name: str  # the surface, and the ledger row's endpoint: "responses" | "messages" | "completions"
+    native_body: dict[str, Any]
+    to_chat: Callable[[dict[str, Any]], dict[str, Any]]
+    assemble: Callable[[list[dict[str, Any]]], dict[str, Any] | None]
+    unmapped: tuple[str, ...] = ()  # fields only a native teacher can serve (no student, no chat teacher)
+    refuse_chat: Callable[[], None] | None = None  # raises the surface's BadRequest for ``unmapped``
+
+
+# The surface of the request being served, read where the teacher is called and rows are logged;
+# set by ChatService.chat for the request's own task (the student's path goes through unchanged).
+_SURFACE: ContextVar[SurfaceCall | None] = ContextVar("kdgate_surface", default=None)
 
 
 _DEFAULT_PARAMS = ParamPolicy()
@@ -92,27 +116,38 @@ class ChatService:
         self.students = students  # router hook (gateway.students.StudentRouter) when enabled
 
     # -- chat completions -----------------------------------------------------------------
-    async def chat(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str]) -> Reply:
-        t0 = time.perf_counter()
-        ts = time.time()
-        uid = new_uid()
+    async def chat(self, body: dict[str, Any], *, principal: Principal, headers: dict[str, str], uid: str | None = None,
+                   t0: float | None = None, ts: float | None = None, surface: SurfaceCall | None = None) -> Reply:
+        """Answer one chat-completions body (a surface's chat form when ``surface`` is given)."""
+        t0 = t0 if t0 is not None else time.perf_counter()
+        ts = ts if ts is not None else time.time()
+        uid = uid or new_uid()
         route: Route | None = None
+        token = _SURFACE.set(surface) if surface is not None else None
         try:
             validate_chat(body)
-            self.params.forward("chat.completions", body)  # refuses provider options up front
+            forwarded = teacher_body(body, params=self.params)  # refuses provider options up front
             await self._off_loop(self._check_limits, principal, body)  # before anything is learned from the request
             route = self.routes.resolve(body, headers.get("x-kdgate-route"), uid, principal=principal)
+            native_only = surface is not None and bool(surface.unmapped)
+            if native_only and not self.teacher.speaks(route.teacher, surface.name) and surface.refuse_chat is not None:
+                surface.refuse_chat()  # hosted tools, stored prompts...: only a native teacher can serve them
             await self._off_loop(self._reserve_budget, principal, route, body, uid)
-            if self.students is not None:
+            if self.students is not None and not native_only:
                 reply = await self.students.try_student(
                     route=route, body=body, principal=principal, headers=headers, uid=uid, ts=ts, t0=t0
                 )
                 if reply is not None:
                     return reply
-            return await self.teacher_chat(route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0)
+            return await self.teacher_chat(route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0,
+                                           forwarded=forwarded)
         except GatewayError as exc:
-            self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc, endpoint="chat.completions")
+            self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc,
+                              endpoint=surface.name if surface is not None else "chat.completions")
             raise
+        finally:
+            if token is not None:
+                _SURFACE.reset(token)
 
     async def teacher_chat(
         self,
@@ -126,13 +161,17 @@ class ChatService:
         extra_row: dict[str, Any] | None = None,
         extra_headers: dict[str, str] | None = None,
         on_answer: Any = None,
+        forwarded: tuple[dict[str, Any], dict[str, str]] | None = None,
     ) -> Reply:
         """Answer from the teacher and log the exchange (the student path escalates through here).
 
         ``on_answer(answer_text)``, if given, is awaited once the teacher's answer is known and may
         return more columns for the ledger row (the shadow student's answer and confidence).
         """
-        upstream, ignored = teacher_body(body, params=self.params)
+        upstream, ignored = forwarded or teacher_body(body, params=self.params)
+        upstream = dict(upstream)  # the stream path adds stream_options to it
+        surface = _SURFACE.get()
+        endpoint = surface.name if surface is not None else "chat.completions"
         headers = {
             "x-kdgate-route": route.name,
             "x-kdgate-served-by": "teacher",
@@ -141,9 +180,10 @@ class ChatService:
             **(extra_headers or {}),
         }
         if body.get("stream"):
-            return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row, on_answer)
+            return await self._teacher_stream(route, body, upstream, principal, uid, ts, t0, headers, extra_row, on_answer,
+                                              surface=surface)
         t_up = time.perf_counter()
-        target, resp = await self._with_fallbacks(route, lambda t: self.teacher.chat(t, upstream))
+        target, resp = await self._with_fallbacks(route, lambda t: self._teacher_answer(t, upstream, surface))
         upstream_s = time.perf_counter() - t_up
         if on_answer is not None:
             extra_row = {**(extra_row or {}), **(await on_answer(answer_of(resp.body)[0]) or {})}
@@ -155,14 +195,44 @@ class ChatService:
             headers["x-kdgate-teacher"] = target.model
         self._log_teacher(
             uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=resp.body,
-            usage=usage, cost=cost, stream=False, extra=extra_row, teacher_model=target.model,
+            usage=usage, cost=cost, stream=False, extra=extra_row, teacher_model=target.model, endpoint=endpoint,
         )
         if self.metrics is not None:
             total_s = time.perf_counter() - t0
             self.metrics.observe_exchange(route.name, "teacher", total_s, cost, cost, usage)
             if on_answer is None and extra_row is None:  # plain proxying: no student time inside
                 self.metrics.observe_overhead(total_s - upstream_s)
-        return Reply(body=resp.raw if resp.raw is not None else orjson.dumps(resp.body), headers=headers)
+        return Reply(body=resp.raw if resp.raw is not None else orjson.dumps(resp.body), headers=headers, native=resp.native)
+
+    async def _teacher_answer(self, target: TeacherTarget, upstream: dict[str, Any], surface: SurfaceCall | None) -> TeacherResponse:
+        """The teacher's answer: on the request's own surface when ``target`` speaks it (``body``
+        then holds its chat form and ``raw`` the native bytes), otherwise as a chat completion."""
+        if surface is None or not self.teacher.speaks(target, surface.name):
+            return await self.teacher.chat(target, upstream)
+        try:
+            native = await self.teacher.native(target, surface.name, surface.native_body)
+        except UpstreamStatus as exc:
+            if exc.status not in (404, 405):
+                raise
+            resp = await self.teacher.chat(target, upstream)  # an OpenAI-compatible server without the path
+            self.teacher.not_native(target, surface.name)
+            return resp
+        return TeacherResponse(body=surface.to_chat(native.body), raw=native.raw, headers=native.headers, native=True)
+
+    async def _open_stream(self, target: TeacherTarget, upstream: dict[str, Any], surface: SurfaceCall | None) -> TeacherStream:
+        """Open the teacher's stream, natively on the request's surface where ``target`` speaks it."""
+        if surface is None or not self.teacher.speaks(target, surface.name):
+            return await self.teacher.chat_stream(target, upstream)
+        try:
+            stream = await self.teacher.native_stream(target, surface.name, {**surface.native_body, "stream": True})
+        except UpstreamStatus as exc:
+            if exc.status not in (404, 405):
+                raise
+            stream = await self.teacher.chat_stream(target, upstream)
+            self.teacher.not_native(target, surface.name)
+            return stream
+        stream.native = True
+        return stream
 
     async def _teacher_stream(
         self,
@@ -176,14 +246,20 @@ class ChatService:
         headers: dict[str, str],
         extra_row: dict[str, Any] | None,
         on_answer: Any = None,
+        *,
+        surface: SurfaceCall | None = None,
     ) -> Reply:
         so = body.get("stream_options") or {}
         client_wants_usage = bool(so.get("include_usage"))
         # The ledger needs usage to price the answer, so ask for it and drop it again if the client did not.
         upstream["stream_options"] = {**so, "include_usage": True}
-        target, stream = await self._with_fallbacks(route, lambda t: self.teacher.chat_stream(t, upstream))
+        target, stream = await self._with_fallbacks(route, lambda t: self._open_stream(t, upstream, surface))
         if target is not route.teacher:
             headers["x-kdgate-teacher"] = target.model
+        if stream.native:
+            return self._native_stream(route, body, stream, surface, principal, uid, ts, t0, headers, extra_row,
+                                       on_answer, target)
+        endpoint = surface.name if surface is not None else "chat.completions"
 
         async def events() -> AsyncIterator[bytes]:
             chunks: list[dict[str, Any]] = []
@@ -216,22 +292,67 @@ class ChatService:
                 yield b"data: " + orjson.dumps(exc.body()) + b"\n\n"
             finally:
                 await stream.aclose()
-                response = assemble_stream(chunks)
-                usage = Usage.from_openai(response.get("usage"))
-                cost = self.money.teacher_cost(target.model, usage)
-                if error is None and not response["choices"]:
-                    error = UpstreamError("The teacher's stream ended without an answer.")
-                extra = dict(extra_row or {})
-                if on_answer is not None and error is None:
-                    extra.update(await on_answer(answer_of(response)[0]) or {})
-                self._log_teacher(
-                    uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
-                    usage=usage, cost=cost, stream=True, extra=extra, error=error, teacher_model=target.model,
-                )
-                if self.metrics is not None:
-                    self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
+                await self._stream_done(route, body, principal, uid, ts, t0, assemble_stream(chunks), error, extra_row,
+                                        on_answer, target, endpoint)
 
         return Reply(stream=events(), headers=headers)
+
+    def _native_stream(
+        self, route: Route, body: dict[str, Any], stream: TeacherStream, surface: SurfaceCall, principal: Principal,
+        uid: str, ts: float, t0: float, headers: dict[str, str], extra_row: dict[str, Any] | None, on_answer: Any,
+        target: TeacherTarget,
+    ) -> Reply:
+        """A native teacher's stream on the request's surface: its events pass through as they come;
+        the ledger gets the answer they amount to, in chat form."""
+
+        async def events() -> AsyncIterator[bytes]:
+            parsed: list[dict[str, Any]] = []
+            error: GatewayError | None = None
+            try:
+                async for event in stream:
+                    payload = sse_data(event)
+                    if payload and payload != b"[DONE]":
+                        try:
+                            value = orjson.loads(payload)
+                        except orjson.JSONDecodeError:
+                            raise UpstreamError("The teacher sent a malformed stream event.") from None
+                        if isinstance(value, dict):
+                            parsed.append(value)
+                            if value.get("type") in ("error", "response.failed") or (value.get("error") and not value.get("type")):
+                                error = UpstreamError(f"The teacher's stream failed: {str(value.get('error'))[:200]}")
+                    yield event
+            except GatewayError as exc:
+                error = exc
+                yield _in_band_error(surface.name, exc)
+            finally:
+                await stream.aclose()
+                native = surface.assemble(parsed) if error is None else None
+                response = surface.to_chat(native) if native else {"choices": [], "usage": None}
+                await self._stream_done(route, body, principal, uid, ts, t0, response, error, extra_row, on_answer,
+                                        target, surface.name)
+
+        return Reply(stream=events(), headers=headers, native=True)
+
+    async def _stream_done(
+        self, route: Route, body: dict[str, Any], principal: Principal, uid: str, ts: float, t0: float,
+        response: dict[str, Any], error: GatewayError | None, extra_row: dict[str, Any] | None, on_answer: Any,
+        target: TeacherTarget, endpoint: str,
+    ) -> None:
+        """A teacher stream has ended (``response``: what it amounted to, in chat form): price it,
+        let ``on_answer`` score it, and log it."""
+        if error is None and not response["choices"]:
+            error = UpstreamError("The teacher's stream ended without an answer.")
+        usage = Usage.from_openai(response.get("usage"))
+        cost = self.money.teacher_cost(target.model, usage)
+        extra = dict(extra_row or {})
+        if on_answer is not None and error is None:
+            extra.update(await on_answer(answer_of(response)[0]) or {})
+        self._log_teacher(
+            uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, response=response,
+            usage=usage, cost=cost, stream=True, extra=extra, error=error, teacher_model=target.model, endpoint=endpoint,
+        )
+        if self.metrics is not None:
+            self.metrics.observe_exchange(route.name, "teacher", time.perf_counter() - t0, cost, cost, usage)
 
     async def _with_fallbacks(self, route: Route, call: Any) -> tuple[TeacherTarget, Any]:
         """Call the route's teacher, then its fallback teachers in order while the failure is an outage."""
@@ -287,7 +408,11 @@ class ChatService:
 
     def record(self, row: dict[str, Any]) -> None:
         """Every ledger row of an exchange goes through here: the key's usage is counted (and its
-        budget reservation released), then it is queued."""
+        budget reservation released), then it is queued. A row of a request on another surface
+        (recorded while that request is served: the student's) gets that surface as its endpoint."""
+        surface = _SURFACE.get()
+        if surface is not None and row.get("endpoint") == "chat.completions":
+            row["endpoint"] = surface.name
         if self.limiter is not None and row.get("key_id") and not getattr(self.limiter, "blocking", False):
             self.limiter.record(
                 row["key_id"], tokens=(row.get("prompt_tokens") or 0) + (row.get("completion_tokens") or 0),
@@ -362,10 +487,11 @@ class ChatService:
         extra: dict[str, Any] | None = None,
         error: GatewayError | None = None,
         teacher_model: str | None = None,
+        endpoint: str = "chat.completions",
     ) -> None:
         answer, finish, logprobs = answer_of(response)
         row = {
-            "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
+            "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": endpoint,
             "model": body.get("model"), "teacher_model": teacher_model or route.teacher.model, "request": _logged_request(body),
             "response": orjson.dumps(response).decode(), "answer": answer, "finish_reason": finish,
             "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -395,6 +521,7 @@ class ChatService:
             request = _logged_request(body) if isinstance(body, dict) else None
         except TypeError:
             request = None
+        exc.request_id = uid  # the error reply's x-request-id names this row
         if route is not None:
             self.routes.forget(uid)  # a failed request teaches no template
         self.record(
@@ -409,3 +536,15 @@ class ChatService:
         )
         if self.metrics is not None:
             self.metrics.observe_error(route.name if route else "(unrouted)", exc.status)
+
+
+def _in_band_error(surface: str, exc: GatewayError) -> bytes:
+    """A failure after the status line, in the surface's own stream format."""
+    if surface == "messages":
+        from gateway.surfaces.messages import error_body
+
+        return b"event: error\ndata: " + orjson.dumps(error_body(exc)) + b"\n\n"
+    if surface == "responses":
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", "code": exc.code or "server_error",
+                                                         "message": exc.message, "param": exc.param}) + b"\n\n"
+    return b"data: " + orjson.dumps(exc.body()) + b"\n\n"

@@ -108,6 +108,8 @@ class Settings(BaseSettings):
         default_factory=list, description="globs of litellm model strings clients may name, e.g. 'openai/gpt-4o*'")
     teacher_for_unknown_models: Literal["reject", "default"] = Field(
         default="reject", description="'reject': 404 model_not_found; 'default': the default teacher answers it")
+    responses_ttl_days: float = Field(
+        default=30.0, gt=0, description="how long stored Responses objects (store: true) stay retrievable")
     teacher_extra_params: list[str] = Field(
         default_factory=list, description="request fields passed to teachers beyond OpenAI's documented ones (e.g. top_k)")
 

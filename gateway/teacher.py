@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -34,7 +35,8 @@ from gateway.errors import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TeacherClient", "TeacherTarget", "TeacherResponse", "TeacherStream", "CircuitBreaker", "TeacherUnavailable"]
+__all__ = ["TeacherClient", "TeacherTarget", "TeacherResponse", "TeacherStream", "CircuitBreaker", "TeacherUnavailable",
+           "NATIVE_PATHS", "sse_data"]
 
 
 class TeacherUnavailable(UpstreamError):
@@ -60,6 +62,12 @@ class CircuitBreaker:
         if self.opened_at is None:
             return "closed"
         return "half_open" if time.monotonic() - self.opened_at >= self.reset_s else "open"
+
+    def retry_after(self) -> int:
+        """Whole seconds until the circuit lets a probe through (at least 1)."""
+        if self.opened_at is None:
+            return 1
+        return max(1, math.ceil(self.reset_s - (time.monotonic() - self.opened_at)))
 
     def allow(self) -> bool:
         state = self.state
@@ -94,6 +102,18 @@ _DIRECT_PROVIDERS: dict[str, tuple[str | None, str]] = {
 }
 _RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504}
 
+# The surfaces a provider speaks natively besides chat completions, and the path of each. A request
+# on one of these surfaces goes to such a teacher as it came (its allowed fields); every other
+# teacher gets its chat form. An upstream that turns out not to have the path (404/405: an
+# OpenAI-compatible server without /responses) is remembered and gets the chat form from then on.
+NATIVE_PATHS: dict[str, dict[str, str]] = {
+    "responses": {"openai": "/responses"},
+    "completions": {"openai": "/completions", "hosted_vllm": "/completions", "openai_like": "/completions"},
+    "messages": {"anthropic": "/messages"},
+}
+ANTHROPIC_VERSION = "2023-06-01"
+_NATIVE_SHAPES = {"responses": ("output", "object"), "completions": ("choices",), "messages": ("content", "type")}
+
 
 @dataclass(frozen=True)
 class TeacherTarget:
@@ -116,6 +136,7 @@ class TeacherResponse:
     body: dict[str, Any]
     raw: bytes | None = None  # the upstream's bytes, when they can be passed on unchanged
     headers: dict[str, str] = field(default_factory=dict)
+    native: bool = False  # raw is the surface's own format and body its chat form (a native call)
 
 
 class TeacherStream:
@@ -126,6 +147,7 @@ class TeacherStream:
         self._closer = closer
         self.chunks: list[dict[str, Any]] = []
         self.first: bytes | None = None
+        self.native = False  # the events are the request surface's own (not chat chunks)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -166,6 +188,8 @@ class TeacherClient:
         self.backoff_s = backoff_s
         self.direct_http = direct_http
         self._session: aiohttp.ClientSession | None = None
+        self._endpoints: dict[tuple[str, str | None, str], tuple[str, dict[str, str]]] = {}
+        self._not_native: set[tuple[str, str | None, str]] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=1024, limit_per_host=1024, ttl_dns_cache=300, enable_cleanup_closed=True)
@@ -195,9 +219,11 @@ class TeacherClient:
     async def _guarded(self, target: TeacherTarget, call: Any, deadline: float) -> Any:
         breaker = self.breaker(target)
         if not breaker.allow():
+            wait = breaker.retry_after()
             raise TeacherUnavailable(
                 f"The teacher {target.model} failed {breaker.failures} times in a row; "
-                f"calls are paused for up to {breaker.reset_s:g}s (circuit breaker)."
+                f"calls are paused for up to {breaker.reset_s:g}s (circuit breaker).",
+                headers={"retry-after": str(wait)},
             )
         try:
             result = await self._retrying(call, deadline)
@@ -226,6 +252,28 @@ class TeacherClient:
         if self.is_direct(target):
             return await self._guarded(target, lambda: self._direct_stream(target, body, deadline), deadline)
         return await self._guarded(target, lambda: self._litellm_stream(target, body, deadline), deadline)
+
+    # -- native surfaces (Responses, legacy completions, Anthropic Messages) ------------------
+    def speaks(self, target: TeacherTarget, surface: str) -> bool:
+        """Whether ``target`` is called natively on ``surface`` (not its chat form)."""
+        return target.provider in NATIVE_PATHS.get(surface, {}) and (target.provider, target.api_base, surface) not in self._not_native
+
+    def not_native(self, target: TeacherTarget, surface: str) -> None:
+        """Remember that ``target``'s endpoint lacks ``surface`` (it answered 404/405 there)."""
+        log.warning("teacher %s has no native %s endpoint; sending it the chat form from now on", target.model, surface)
+        self._not_native.add((target.provider, target.api_base, surface))
+
+    async def native(self, target: TeacherTarget, surface: str, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
+        """A non-streaming answer on ``surface`` itself; ``body`` is the surface's own (allowed) fields."""
+        deadline = deadline or time.monotonic() + self.timeout_s
+        path = NATIVE_PATHS[surface][target.provider]
+        return await self._guarded(target, lambda: self._direct_json(target, path, body, deadline, shape=surface), deadline)
+
+    async def native_stream(self, target: TeacherTarget, surface: str, body: dict[str, Any], *, deadline: float | None = None) -> TeacherStream:
+        """A streaming answer on ``surface`` itself: its own SSE events, passed on as they come."""
+        deadline = deadline or time.monotonic() + self.timeout_s
+        path = NATIVE_PATHS[surface][target.provider]
+        return await self._guarded(target, lambda: self._direct_stream(target, body, deadline, path=path), deadline)
 
     async def embeddings(self, target: TeacherTarget, body: dict[str, Any], *, deadline: float | None = None) -> TeacherResponse:
         deadline = deadline or time.monotonic() + self.timeout_s
@@ -258,6 +306,17 @@ class TeacherClient:
 
     # -- direct HTTP ----------------------------------------------------------------------
     def _url_and_headers(self, target: TeacherTarget, path: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers of a call to ``target`` (computed once per target and path: the base,
+        the key and the credentials a URL carries do not change while the process runs)."""
+        key = (target.provider, target.api_base, path)
+        cached = self._endpoints.get(key)
+        if cached is None:
+            cached = self._endpoints[key] = self._endpoint(target, path)
+        return cached[0], dict(cached[1])
+
+    def _endpoint(self, target: TeacherTarget, path: str) -> tuple[str, dict[str, str]]:
+        if target.provider == "anthropic":
+            return self._anthropic_endpoint(target, path)
         default_base, key_var = _DIRECT_PROVIDERS.get(target.provider, (None, "OPENAI_API_KEY"))
         base = target.api_base or (os.environ.get("OPENAI_BASE_URL") if target.provider == "openai" else None) or default_base
         if not base:
@@ -272,6 +331,22 @@ class TeacherClient:
         elif basic:
             headers["authorization"] = basic  # a proxy in front of the teacher, by URL credentials
         return base.rstrip("/") + path, headers
+
+    def _anthropic_endpoint(self, target: TeacherTarget, path: str) -> tuple[str, dict[str, str]]:
+        """Anthropic's API: ``x-api-key`` and ``anthropic-version``; a base with or without ``/v1``."""
+        base, basic = _split_credentials(target.api_base or os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com")
+        base = base.rstrip("/")
+        if base.endswith("/messages"):
+            base = base[: -len("/messages")]
+        if not base.endswith("/v1"):
+            base += "/v1"
+        headers = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
+        key = self._api_key or os.environ.get("ANTHROPIC_API_KEY")
+        if key:
+            headers["x-api-key"] = key
+        elif basic:
+            headers["authorization"] = basic
+        return base + path, headers
 
     async def _post(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float) -> aiohttp.ClientResponse:
         assert self._session is not None, "TeacherClient.start() was not called"
@@ -302,7 +377,8 @@ class TeacherClient:
             raise _status_error(resp.status, raw, dict(resp.headers))
         return resp
 
-    async def _direct_json(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float) -> TeacherResponse:
+    async def _direct_json(self, target: TeacherTarget, path: str, body: dict[str, Any], deadline: float, *,
+                           shape: str | None = None) -> TeacherResponse:
         resp = await self._post(target, path, body, deadline)
         try:
             raw = await resp.read()
@@ -316,12 +392,15 @@ class TeacherClient:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise UpstreamError("The teacher's answer was not valid JSON.") from None
-        if not isinstance(parsed, dict) or ("choices" not in parsed and "data" not in parsed):
-            raise UpstreamError("The teacher's answer was not an OpenAI response.")
+        expected = _NATIVE_SHAPES[shape] if shape else ("choices", "data")
+        if not isinstance(parsed, dict) or not any(k in parsed for k in expected):
+            raise UpstreamError(f"The teacher's answer was not a{'n' if shape != 'messages' else ''} "
+                                f"{'Anthropic' if shape == 'messages' else 'OpenAI'} response.")
         return TeacherResponse(body=parsed, raw=raw, headers=_pass_headers(resp.headers))
 
-    async def _direct_stream(self, target: TeacherTarget, body: dict[str, Any], deadline: float) -> TeacherStream:
-        resp = await self._post(target, "/chat/completions", body, deadline)
+    async def _direct_stream(self, target: TeacherTarget, body: dict[str, Any], deadline: float, *,
+                             path: str = "/chat/completions") -> TeacherStream:
+        resp = await self._post(target, path, body, deadline)
         stream = TeacherStream(_sse_events(resp, self.timeout_s), closer=resp.release)
         # Read the first event now, so that a failure before any byte reaches the client is retried
         # and reported with a proper status instead of an empty 200 stream.
@@ -334,8 +413,7 @@ class TeacherClient:
         except GatewayError:
             resp.release()
             raise
-        first = stream.first or b""
-        payload = first[5:].strip() if first.startswith(b"data:") else None
+        payload = sse_data(stream.first or b"")
         valid = payload == b"[DONE]"
         if payload and not valid:
             try:
@@ -344,7 +422,7 @@ class TeacherClient:
                 valid = False
         if not valid:
             resp.release()
-            raise UpstreamError("The teacher's stream is not OpenAI's server-sent events.")
+            raise UpstreamError("The teacher's stream is not server-sent events of its API.")
         stream._events = iterator
         return stream
 
@@ -418,6 +496,15 @@ async def _sse_events(resp: aiohttp.ClientResponse, timeout_s: float) -> AsyncIt
         resp.release()
     if buffer.strip():
         yield buffer if buffer.endswith(b"\n\n") else buffer.rstrip(b"\n") + b"\n\n"
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """The ``data:`` payload of one SSE event (OpenAI's have only that line; Anthropic's and the
+    Responses API's an ``event:`` line first); None when it has none."""
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            return line[5:].strip()
+    return None
 
 
 def _split_credentials(base: str) -> tuple[str, str | None]:

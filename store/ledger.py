@@ -25,7 +25,12 @@ from store.types import Pair, StudentRefused
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "CHAT_ENDPOINTS"]
+
+# The endpoints whose exchanges are chat in the ledger (every surface logs its request and answer in
+# chat form), so each is a training pair; embeddings are not.
+CHAT_ENDPOINTS: tuple[str, ...] = ("chat.completions", "responses", "messages", "completions")
+CHAT_ENDPOINTS_SQL = "(" + ", ".join(f"'{e}'" for e in CHAT_ENDPOINTS) + ")"
 
 
 class Ledger:
@@ -268,7 +273,7 @@ class Ledger:
         sql = (
             "SELECT id, ts, route, request, answer, finish_reason, teacher_logprobs, served_by "
             "FROM exchanges WHERE route = ? AND id > ? AND status = 200 AND served_by = 'teacher' "
-            "AND endpoint = 'chat.completions' AND answer IS NOT NULL" + key_filter + " ORDER BY id"
+            f"AND endpoint IN {CHAT_ENDPOINTS_SQL} AND answer IS NOT NULL" + key_filter + " ORDER BY id"
         )
         params: list[Any] = [route, since_id, *(keys or [])]
         if limit is not None:
@@ -330,7 +335,7 @@ class Ledger:
         rows = self.conn.execute(
             "SELECT e.id, e.ts, e.request, e.student_version, s.teacher_answer FROM shadow_checks s "
             "JOIN exchanges e ON e.uid = s.exchange_uid WHERE s.route = ? AND e.route = ? AND e.id > ? "
-            "AND e.served_by = 'student' AND e.status = 200 AND e.endpoint = 'chat.completions' "
+            f"AND e.served_by = 'student' AND e.status = 200 AND e.endpoint IN {CHAT_ENDPOINTS_SQL} "
             "AND s.teacher_answer IS NOT NULL ORDER BY e.id", (route, route, since_id)).fetchall()
         checked = Counter(row["student_version"] for row in rows)
         return [
@@ -602,6 +607,28 @@ class Ledger:
         for r in rows:
             r["detail"] = json.loads(r["detail"]) if r["detail"] else None
         return rows
+
+    # -- stored responses (the Responses API) ------------------------------------------------------
+    def put_response(self, response_id: str, *, key_id: str, route: str | None, items: str, response: str,
+                     ts: float, expires: float) -> None:
+        """Store a Responses object and its conversation (JSON text) now, replacing one of the same
+        id. The gateway queues them through the writer instead (:meth:`LedgerWriter.put_response`)
+        and uses this only when the writer's queue is full."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO responses (id, key_id, route, ts, expires, items, response) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                         " ON CONFLICT (id) DO UPDATE SET key_id = excluded.key_id, route = excluded.route, ts = excluded.ts,"
+                         " expires = excluded.expires, items = excluded.items, response = excluded.response",
+                         (response_id, key_id, route, ts, expires, items, response))
+
+    def stored_response(self, response_id: str, *, key_id: str, now: float) -> dict[str, Any] | None:
+        """A stored response of this key that has not expired (another key's is not found)."""
+        row = self.conn.execute("SELECT route, ts, items, response FROM responses WHERE id = ? AND key_id = ? AND expires >= ?",
+                                (response_id, key_id, now)).fetchone()
+        return dict(row) if row else None
+
+    def delete_response(self, response_id: str, *, key_id: str) -> bool:
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM responses WHERE id = ? AND key_id = ?", (response_id, key_id)).rowcount > 0
 
     # -- dashboard sessions -------------------------------------------------------------------
     def add_session(self, sid_hash: str, *, csrf: str, expires: float, admin_hash: str, keep: int, now: float) -> None:

@@ -185,4 +185,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         Table("sessions", (("sid_hash", "pk_text"), ("csrf", "text NOT NULL"), ("expires", "real NOT NULL"),
                            ("admin_hash", "text NOT NULL"))),
     )),
+    # Responses API objects stored for GET /v1/responses/{id} and previous_response_id: the response
+    # as returned, and the conversation's items up to and including it (input and output items,
+    # without the request's instructions, which a follow-up does not inherit). Owned by a key.
+    Migration("010_responses", (
+        Table("responses", (("id", "pk_text"), ("key_id", "text NOT NULL"), ("route", "text"), ("ts", "real NOT NULL"),
+                            ("expires", "real NOT NULL"), ("items", "text NOT NULL"), ("response", "text NOT NULL"))),
+        Index("idx_responses_expires", "responses", ("expires",)),
+    )),
 )

@@ -106,9 +106,15 @@ class LedgerWriter:
 
     @staticmethod
     def _size(kind: str, payload: Any) -> int:
-        """About the memory a queued item holds: its text and blob values plus a per-value overhead."""
-        values = payload.values() if kind == "exchange" else (payload[1] if kind == "sql" else ())
-        return sum(len(v) if isinstance(v, (str, bytes)) else 0 for v in values) + 64 * len(values)
+        """About the memory a queued item holds: its large text values (what can be megabytes) plus a
+        fixed overhead. Runs on the event loop for every row, so it reads only the columns that can be big."""
+        if kind == "exchange":
+            get = payload.get
+            return 2048 + sum(len(v) for v in (get("request"), get("response"), get("answer"), get("teacher_logprobs"),
+                                               get("student_answer"), get("error")) if v)
+        if kind == "sql":
+            return 512 + sum(len(v) for v in payload[1] if isinstance(v, (str, bytes)))
+        return 0
 
     def _release(self, items: Iterable[tuple[str, Any]]) -> None:
         size = sum(self._size(k, p) for k, p in items if k != "marker")
@@ -147,6 +153,18 @@ class LedgerWriter:
             tuple(check.get(c) for c in cols),
         )
 
+    def put_response(self, row: dict[str, Any], *, purge_before: float | None = None) -> bool:
+        """Queue a stored Responses object (id, key_id, route, ts, expires, items, response; the
+        same id again replaces it), after purging those expired before ``purge_before`` if given."""
+        cols = ("id", "key_id", "route", "ts", "expires", "items", "response")
+        if purge_before is not None and not self._submit_sql("DELETE FROM responses WHERE expires < ?", (purge_before,)):
+            return False
+        return self._submit_sql(
+            f"INSERT INTO responses ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in cols[1:]),
+            tuple(row[c] for c in cols),
+        )
+
     def move_exchange(self, uid: str, route: str) -> bool:
         """Queue moving exchange ``uid`` (already queued or written) to ``route``."""
         return self._submit_sql("UPDATE exchanges SET route = ? WHERE uid = ?", (route, uid))
@@ -165,11 +183,15 @@ class LedgerWriter:
             (name, teacher_model, "{}", json.dumps(template) if template else None, origin, now, now),
         ) and self._submit_sql(_BUMP_ROUTES)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything queued before this call is committed."""
+    def mark(self) -> threading.Event:
+        """An event set once everything queued before this call is committed (or dropped as a bad row)."""
         marker = threading.Event()
         self._queue.put(("marker", marker))
-        return marker.wait(timeout)
+        return marker
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued before this call is committed."""
+        return self.mark().wait(timeout)
 
     def close(self, timeout: float = 30.0) -> None:
         if self._closed:

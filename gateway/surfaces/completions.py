@@ -36,7 +36,8 @@ from gateway.surfaces import (
 )
 from gateway.surfaces.sse import DONE, data
 
-__all__ = ["PARAMS", "DEFAULT_MAX_TOKENS", "validate", "prompt_text", "to_chat", "from_chat", "CompletionsStream"]
+__all__ = ["PARAMS", "DEFAULT_MAX_TOKENS", "validate", "prompt_text", "to_chat", "from_chat", "CompletionsStream",
+           "from_native_to_chat", "assemble_native_stream"]
 
 # OpenAI's documented request fields (https://platform.openai.com/docs/api-reference/completions/create).
 PARAMS: frozenset[str] = frozenset({
@@ -207,3 +208,37 @@ class CompletionsStream:
 
     def error(self, exc: GatewayError) -> list[bytes]:
         return [data(exc.body())]
+
+
+# -- native completions answers (a teacher that has /v1/completions, called on it directly) ------
+
+def from_native_to_chat(completion: dict[str, Any]) -> dict[str, Any]:
+    """A native ``text_completion`` as a chat completion, so the ledger logs one form."""
+    choices = [
+        {"index": c.get("index", i), "message": {"role": "assistant", "content": c.get("text") or ""},
+         "finish_reason": c.get("finish_reason") or "stop", "logprobs": None}
+        for i, c in enumerate(completion.get("choices") or [])
+    ]
+    return {"id": completion.get("id"), "object": "chat.completion", "created": completion.get("created") or 0,
+            "model": completion.get("model"), "choices": choices, "usage": completion.get("usage")}
+
+
+def assemble_native_stream(chunks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The ``text_completion`` a native completions stream amounts to (its chunks, in order);
+    None when it held none."""
+    if not chunks:
+        return None
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    usage = None
+    for chunk in chunks:
+        for choice in chunk.get("choices") or []:
+            index = choice.get("index", 0)
+            texts.setdefault(index, []).append(choice.get("text") or "")
+            if choice.get("finish_reason"):
+                finish[index] = choice["finish_reason"]
+        usage = chunk.get("usage") or usage
+    head = chunks[0]
+    choices = [{"index": i, "text": "".join(t), "finish_reason": finish.get(i), "logprobs": None} for i, t in sorted(texts.items())]
+    return {"id": head.get("id"), "object": "text_completion", "created": head.get("created"), "model": head.get("model"),
+            "choices": choices, "usage": usage}

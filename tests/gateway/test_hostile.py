@@ -293,7 +293,7 @@ def test_admin_api_refuses_gateway_missing_wrong_and_malformed_keys(make_gateway
     for path in paths:
         for what, (headers, status) in refused.items():
             resp = httpx.get(gw.url + path, headers=headers)
-            err = _envelope(resp, status)
+            _envelope(resp, status)
             assert ADMIN_KEY not in resp.text and gw_key not in resp.text, (path, what)
         assert httpx.get(gw.url + path, params={"key": ADMIN_KEY, "api_key": ADMIN_KEY}).status_code == 401
     for method, path, body in (("POST", "/admin/keys", {"name": "x"}), ("POST", "/admin/routes", {"name": "r9"}),

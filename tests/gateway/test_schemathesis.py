@@ -42,13 +42,20 @@ def _check(case: Any, resp: Any, problems: list[str]) -> None:
         problems.append(f"{resp.status_code} for {where}: {resp.text[:300]}")
         return
     if 400 <= resp.status_code < 500:
+        anthropic = case.formatted_path.startswith("/v1/messages")  # Anthropic's error shape there
         try:
-            err = resp.json()["error"]
-            ok = isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
+            body = resp.json()
+            err = body["error"]
+            if anthropic:
+                ok = body["type"] == "error" and isinstance(err, dict) and set(err) == {"type", "message"}
+            else:
+                ok = isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}
         except Exception:
             ok = False
         if not ok:
-            problems.append(f"{resp.status_code} without OpenAI's envelope for {where}: {resp.text[:300]}")
+            problems.append(f"{resp.status_code} without {'Anthropic' if anthropic else 'OpenAI'}'s envelope for {where}: {resp.text[:300]}")
+        if not resp.headers.get("x-request-id"):
+            problems.append(f"{resp.status_code} without x-request-id for {where}")
 
 
 def test_every_operation_survives_generated_input(live):
@@ -58,9 +65,11 @@ def test_every_operation_survives_generated_input(live):
     problems: list[str] = []
     operations = 0
     calls = [0]
+    paths = set()
     for result in schema.get_all_operations():
         operation = result.ok()
         operations += 1
+        paths.add(operation.path)
         strategy = st.one_of(
             operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
             operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
@@ -86,6 +95,8 @@ def test_every_operation_survives_generated_input(live):
         run()
     log.warning("schemathesis: %d operations, %d cases sent (at most %d each)", operations, calls[0], MAX_EXAMPLES)
     assert operations >= 8, f"only {operations} operations in /openapi.json"
+    assert {"/v1/responses", "/v1/responses/{response_id}", "/v1/messages", "/v1/messages/count_tokens",
+            "/v1/completions", "/v1/models/{model_id}"} <= paths, paths
     assert not problems, f"{len(problems)} bad answers:\n" + "\n".join(sorted(set(problems))[:30])
 
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -51,7 +48,7 @@ def _declared() -> set[tuple[str, str]]:
 
 EXPECTED_TABLES = {"exchanges", "routes", "api_keys", "embeddings", "students", "route_events", "shadow_checks",
                    "stats_hourly", "stats_latency", "stats_shadow", "stats_watermark", "stats_holes", "generations",
-                   "rate_events", "key_spend", "budget_holds", "sessions", "_migrations"}
+                   "rate_events", "key_spend", "budget_holds", "sessions", "responses", "_migrations"}
 
 
 def test_the_same_named_migrations_make_the_same_schema(db_url, backend):
