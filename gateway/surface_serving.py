@@ -221,10 +221,13 @@ class SurfaceService:
             completions.validate(body)
             creq = completions.to_chat(body)
             native, _ = teacher_body(body, surface="completions", params=self.chat.params)
+            asked_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if body.get("stream"):  # the ledger prices the answer from the usage chunk
                 native["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         reply = await self._serve("completions", creq, native, principal, headers, uid, t0, ts)
         if reply.native:
+            if reply.stream is not None and not asked_usage:
+                reply.stream = _without_usage_chunk(reply.stream)  # asked for the ledger, not by the client
             return reply
         completion_id, created = "cmpl-" + uid[4:], int(ts)
         if reply.stream is None:
@@ -260,6 +263,21 @@ def _logged_failure(chat: ChatService, endpoint: str, uid: str, t0: float, ts: f
     except GatewayError as exc:
         chat._log_failure(uid=uid, ts=ts, t0=t0, route=None, body=body, principal=principal, exc=exc, endpoint=endpoint)
         raise
+
+
+async def _without_usage_chunk(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A completions stream less its final usage chunk (no choices, only usage), as OpenAI sends
+    it only to a client that asked for ``include_usage``."""
+    async for event in events:
+        payload = sse_data(event)
+        if payload and payload.startswith(b"{") and b'"usage"' in payload:
+            try:
+                value = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                value = None
+            if isinstance(value, dict) and value.get("choices") == [] and value.get("usage"):
+                continue
+        yield event
 
 
 def _items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -264,9 +264,14 @@ def test_completions_plain_and_stream(openai_gw, claude_gw, teacher, native):
     assert standin.paths["/v1/completions"] == (1 if native else 0)
     chunks = list(client.completions.create(model=model, prompt="stream me", max_tokens=20, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "echo: stream me"
+    # the gateway asks the teacher for usage (to price the answer); the client, which did not, gets none
+    assert all(c.choices for c in chunks) and not any(c.usage for c in chunks)
+    asked = list(client.completions.create(model=model, prompt="stream me", max_tokens=20, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert asked[-1].usage.completion_tokens > 0
     gw.flush()
     streamed = sql_rows(gw.state.ledger, "SELECT answer, cost_usd FROM exchanges WHERE endpoint = 'completions' AND stream = 1")
-    assert streamed[0]["answer"] == "echo: stream me" and streamed[0]["cost_usd"] > 0
+    assert len(streamed) == 2 and all(r["answer"] == "echo: stream me" and r["cost_usd"] > 0 for r in streamed)
 
 
 # -- models, unknown models, request ids, Retry-After ----------------------------------------------
