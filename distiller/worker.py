@@ -105,23 +105,40 @@ class Worker:
                 continue
             log.info("distilling route %s: %s", route, why)
             st = self._state(route)
-            report = self._run(route, self.config.with_overrides({"finetune": "never"}))
             cfg = self.config.for_route((self.ledger.route(route) or {}).get("settings"))
-            if report.status == "free_text" and cfg.lm_base_model:
-                report = self._run_lm(route, cfg)
-            elif report.status == "trained" and self._wants_finetune(cfg, st, report):
-                # the head is retrained (and served) first; the slow encoder fine-tuning comes second,
-                # only when the frozen student falls short and the data has grown enough since the last one
-                self._start_finetune(route, st, self._train_pairs(route, report))
+            report = self._distill(route, cfg, st)
             if report.status == "interrupted":
                 break  # stopping: the route is retried from the same point next time
             st.last_exchange_id = report.last_exchange_id
-            st.last_run = time.time()
+            if report.status != "insufficient":
+                # an insufficient route trained nothing: it is tried again with its next new pair,
+                # not only after retrain_after_pairs more
+                st.last_run = time.time()
             st.last_status = report.status
             out.append(report)
             with self._reports_lock:
                 self.reports.append(report)
         return out
+
+    def _distill(self, route: str, cfg: DistillerConfig, st: RouteState) -> DistillReport:
+        """One run for a due route: the student kind its data calls for, trained and gated."""
+        tried_lm = bool(cfg.lm_base_model) and self._extraction(route, cfg)
+        if tried_lm:
+            # values copied from the request (names, dates, places) are beyond a label head, which answers
+            # only values it has seen: the structured LM student takes the route (and no encoder fine-tuning)
+            report = self._run_lm(route, cfg)
+            if report.status != "failed":
+                return report
+            log.warning("route %s: the LM student failed (%s); the label student is trained instead", route,
+                        report.message)
+        report = self._run(route, self.config.with_overrides({"finetune": "never"}))
+        if report.status == "free_text" and cfg.lm_base_model and not tried_lm:
+            return self._run_lm(route, cfg)
+        if report.status == "trained" and self._wants_finetune(cfg, st, report):
+            # the head is retrained (and served) first; the slow encoder fine-tuning comes second,
+            # only when the frozen student falls short and the data has grown enough since the last one
+            self._start_finetune(route, st, self._train_pairs(route, report))
+        return report
 
     def finetuning(self, route: str) -> bool:
         thread = self._finetunes.get(route)
@@ -187,6 +204,22 @@ class Worker:
             return False
         return st.finetuned_pairs == 0 or train_pairs >= cfg.finetune_growth * st.finetuned_pairs
 
+    def _extraction(self, route: str, cfg: DistillerConfig) -> bool:
+        """Whether the route is an extraction route (:func:`distiller.lm.structured.looks_like_extraction`)
+        with enough pairs to train on; decided on its newest pairs with the static template stripped."""
+        from distiller.lm.structured import looks_like_extraction
+        from router.template import learn_template
+
+        pairs = [p for p in self.ledger.teacher_pairs(route) if p.answer and p.answer.strip()][-2000:]
+        if len(pairs) < cfg.min_pairs or cfg.lm_settings.get("answer_grammar") == "off":
+            return False
+        template = learn_template([p.messages for p in pairs])
+        yes, why = looks_like_extraction([template.strip(p.messages) for p in pairs], [p.answer for p in pairs])
+        self.ledger.record_event(route, "distill.student_kind", actor="distiller",
+                                 detail={"kind": "lm" if yes else "label", "reason": why})
+        log.info("route %s: %s", route, why)
+        return yes
+
     def _run_lm(self, route: str, cfg: DistillerConfig) -> DistillReport:
         """A free-text route with a base LM configured: distil an LM student."""
         from distiller.lm.config import LMTrainConfig
@@ -195,7 +228,8 @@ class Worker:
         t0 = time.monotonic()
         last_id = self.ledger.max_exchange_id(route)
         try:
-            lm_cfg = LMTrainConfig.from_dict({"base_model": cfg.lm_base_model}, preset_name=cfg.lm_preset)
+            lm_cfg = LMTrainConfig.from_dict({**cfg.lm_settings, "base_model": cfg.lm_base_model},
+                                             preset_name=cfg.lm_preset)
             out = distill_lm_route(self.db_path, route, lm_cfg, artifacts_dir=self.artifacts_root)
             ok, message = True, f"lm student v{out.get('version')}: {out.get('status')}"
         except Exception as exc:

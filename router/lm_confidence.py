@@ -19,9 +19,11 @@ import numpy as np
 from router.student import StudentError
 from router.text import message_text
 
-__all__ = ["FEATURE_NAMES", "logprob_features", "Calibrator", "prompt_text", "embed_prompts", "confidence_for"]
+__all__ = ["FEATURE_NAMES", "logprob_features", "DECISION_FEATURES", "decision_features", "Calibrator", "prompt_text",
+           "embed_prompts", "confidence_for"]
 
 FEATURE_NAMES = ["mean", "min", "q10", "q25", "last", "log_len"]
+DECISION_FEATURES = ["min", "mean", "sum", "log_n", "min_label", "min_key", "min_first", "min_cont", "min_margin"]
 
 
 def logprob_features(logprobs: Sequence[float]) -> np.ndarray:
@@ -44,6 +46,28 @@ def logprob_features(logprobs: Sequence[float]) -> np.ndarray:
             math.log1p(lp.size),
         ]
     )
+
+
+def decision_features(decisions: Sequence[Any]) -> np.ndarray:
+    """Features of a structured answer's decisions (:class:`router.lm_decode.Decision`), in
+    :data:`DECISION_FEATURES` order.
+
+    Only decisions count: a forced step carries no information. Over all of them the minimum, mean
+    and sum of the log-probabilities (each over the ids the grammar allowed) and log(1 + how many);
+    the minimum per kind of decision (a label, a key or the end, a span's first token, a span going
+    on), since one unsure span start sinks an answer however sure the rest is; and the smallest gap
+    between the chosen id and the runner-up.
+    """
+    lp = np.array([d.logprob for d in decisions], dtype=np.float64) if decisions else np.zeros(1)
+    lp = np.maximum(lp, -50.0)
+
+    def lowest(kinds: tuple[str, ...]) -> float:
+        values = [max(d.logprob, -50.0) for d in decisions if d.kind in kinds]
+        return float(min(values)) if values else 0.0
+
+    margin = min((d.margin for d in decisions), default=10.0)
+    return np.array([lp.min(), lp.mean(), lp.sum(), math.log1p(len(decisions)), lowest(("label",)),
+                     lowest(("key", "eos")), lowest(("first",)), lowest(("cont",)), min(margin, 10.0)])
 
 
 @dataclass

@@ -112,6 +112,10 @@ class LMEngine:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
         if torch_dtype is None:
             torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        if model_dir is None:
+            from router.lm_base import resolve_base
+
+            base_model = resolve_base(base_model).path  # a packaged name is read from the converted cache
         source = str(model_dir) if model_dir is not None else base_model
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
         if adapter_dir is not None:

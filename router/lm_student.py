@@ -231,6 +231,10 @@ class EmbeddedLMStudent:
             self.batches += 1
             self.batched_requests += len(group)
             for i, (p, g) in enumerate(zip(group, gens)):
+                if self.answer_format == "json" and not _parses(g.text):
+                    # a JSON route's answer that does not parse is an escalation, never an answer
+                    p.future.set_exception(StudentError("The LM student's answer is not valid JSON."))
+                    continue
                 p.future.set_result(
                     StudentOutput(
                         text=g.text,
@@ -249,6 +253,16 @@ class EmbeddedLMStudent:
             for p in group:
                 if not p.future.done():
                     p.future.set_exception(StudentError(f"The LM student failed to generate: {exc}"))
+
+
+def _parses(text: str) -> bool:
+    import json
+
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def _import_builtin_kinds() -> None:
     # Imported lazily: each pulls heavy libraries (numpy, torch, transformers).
     import importlib
 
-    for module in ("router.label_student", "router.lm_student"):
+    for module in ("router.label_student", "router.lm_student", "router.lm_structured"):
         try:
             importlib.import_module(module)
         except ImportError:

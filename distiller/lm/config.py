@@ -24,7 +24,12 @@ class ConfigError(ValueError):
 class LMTrainConfig:
     """How to fine-tune one LM student. Defaults suit a small LoRA run on a real base model."""
 
-    base_model: str = ""  # Hugging Face model id or local directory
+    base_model: str = ""  # a packaged base (smollm2-135m, gemma3-270m), a Hugging Face model id or a local directory
+    # -- what kind of LM student
+    answer_grammar: str = "auto"  # "auto": a JSON extraction route the answer grammar covers gets a structured
+    # student (distiller.lm.structured); "off": always the free-text student
+    structured: dict[str, Any] = dataclasses.field(default_factory=dict)  # StructuredConfig overrides
+    time_budget_s: float = 0.0  # most seconds of training (0: the structured student's default, 30 min; none for free text)
     # -- adaptation
     method: str = "lora"  # "lora" | "full" (full fine-tuning: only sensible for tiny models)
     lora_r: int = 16
@@ -75,6 +80,8 @@ class LMTrainConfig:
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', not {self.device!r}.")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}.")
+        if self.answer_grammar not in ("auto", "off"):
+            raise ConfigError(f"answer_grammar must be 'auto' or 'off', not {self.answer_grammar!r}.")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be at least 1.")
 

@@ -205,10 +205,13 @@ def _prepare_model(config: LMTrainConfig, device: str) -> tuple[Any, Any]:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" and config.method == "lora" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    from router.lm_base import resolve_base
+
+    base_path = resolve_base(config.base_model).path  # a packaged name is converted once, then read from the cache
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -383,6 +386,11 @@ def distill_lm_route(
     if config.max_pairs:
         pairs = pairs[-config.max_pairs :]
     pairs.sort(key=lambda p: (p.ts, p.id))
+    if config.answer_grammar == "auto":
+        structured = _distill_structured_if_eligible(ledger, route, pairs, config, artifacts_dir=artifacts_dir,
+                                                     promote=promote)
+        if structured is not None:
+            return structured
     n_val = max(config.min_val_pairs, int(round(len(pairs) * config.val_fraction)))
     if len(pairs) < n_val + 1:
         raise ValueError(f"Route {route!r} has {len(pairs)} usable pairs; at least {n_val + 1} are needed.")
@@ -395,7 +403,9 @@ def distill_lm_route(
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        from router.lm_base import resolve_base
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(config.base_model).path)
         examples, stats = build_examples(
             tokenizer, train_pairs, max_seq_len=config.max_seq_len, use_teacher_logprobs=config.token_kl == "auto"
         )
@@ -467,3 +477,39 @@ def distill_lm_route(
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _distill_structured_if_eligible(
+    ledger: Any, route: str, pairs: Sequence[Any], config: LMTrainConfig, *, artifacts_dir: str | Path | None,
+    promote: bool,
+) -> dict[str, Any] | None:
+    """A JSON extraction route whose answers the answer grammar expresses gets a structured student
+    (:mod:`distiller.lm.structured`); None for any other route, which gets the free-text student.
+
+    Decided on the training pairs with the route's template stripped, as the student would read
+    them; the reason is recorded as a route event either way.
+    """
+    from transformers import AutoTokenizer
+
+    from distiller.lm import evaluate, structured
+    from router.lm_base import resolve_base
+    from router.template import learn_template
+
+    cfg = structured.StructuredConfig.from_lm_config(config)
+    n_val = min(max(cfg.min_val_pairs, int(round(len(pairs) * cfg.val_fraction))), cfg.max_val_pairs)
+    train_pairs = pairs[:-n_val] if len(pairs) > n_val else pairs
+    answers = [p.answer for p in train_pairs]
+    if not answers or evaluate.answer_format(answers) != "json":
+        return None
+    template = learn_template([p.messages for p in train_pairs])
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(cfg.base_model).path)
+    schema, why = structured.eligible(tokenizer, [template.strip(p.messages) for p in train_pairs], answers,
+                                      min_coverage=cfg.min_coverage, max_enum=cfg.max_enum)
+    ledger.record_event(route, "distill.lm_kind", actor="distiller",
+                        detail={"kind": structured.KIND if schema is not None else "lm", "reason": why})
+    if schema is None:
+        log.info("route %s: the free-text LM student (%s)", route, why)
+        return None
+    log.info("route %s: a structured LM student (%s)", route, why)
+    return structured.distill_structured_route(ledger, route, pairs, cfg, artifacts_dir=artifacts_dir, promote=promote,
+                                               schema=schema, template=template)

@@ -421,3 +421,26 @@ def test_validation_reached_back_is_scored_out_of_fold(fast_config) -> None:
     # own scores (which never get a pin right) are what describe it
     _, plain, plain_pins = scored(cfg.with_overrides({"refit_on_validation": False}))
     assert plain_pins.sum() == 0 and "pin_blocked" not in plain.model.heads[0].classes
+
+
+def test_worker_gives_extraction_routes_the_lm_student_and_others_the_label_student(ledger, fast_config, tmp_path) -> None:
+    """With ``lm_base_model`` set, an extraction route (values copied from the request) goes to the LM
+    distiller first; when that fails (here: no such base model) the label student is trained instead.
+    A JSON route without open values never tries the LM."""
+    import json
+
+    from distiller.worker import Worker
+    from tests import extraction
+
+    seed_exchanges(ledger, "travel", extraction.pairs(120, seed=2))
+    seed_exchanges(ledger, "flags", [{"messages": [{"role": "user", "content": f"ticket {i}: my card was declined"}],
+                                      "answer": json.dumps({"intent": "card", "urgent": i % 3 == 0})} for i in range(120)])
+    worker = Worker(ledger.path, fast_config.with_overrides({"lm_base_model": str(tmp_path / "no-such-model")}))
+    reports = {r.route: r for r in worker.step()}
+    assert reports["travel"].status == "trained" and reports["flags"].status == "trained"
+    chosen = {r: [e["detail"]["kind"] for e in ledger.events(r) if e["kind"] == "distill.student_kind"]
+              for r in ("travel", "flags")}
+    assert chosen == {"travel": ["lm"], "flags": ["label"]}
+    failed = [e for e in ledger.events("travel") if e["kind"] == "distill.run" and e["detail"].get("kind") == "lm"]
+    assert failed and failed[0]["detail"]["ok"] is False  # the LM run was tried, and failed
+    assert registry.live(ledger, "travel")["kind"] == "structured"  # the label student serves meanwhile
