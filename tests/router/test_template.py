@@ -111,19 +111,27 @@ ADVERSARIAL = ["a.", "1", "1 ", "12-", "(12) ", "a@", "a.b@b-", "+1 ", "11111 ",
 @pytest.mark.parametrize("unit", ADVERSARIAL)
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_every_scrub_pattern_is_linear_on_adversarial_input(name: str, unit: str) -> None:
-    """1 MB of text built to make a backtracking pattern quadratic (issue 18: the old email pattern
-    took 6.3 s on 40 kB of "a."). Linear patterns take tens of milliseconds; the bound is generous
-    for a loaded CI machine and still 100x under what the quadratic one needed for 40 kB."""
-    text = (unit * (1_000_000 // len(unit) + 1))[:1_000_000]
-    t0 = time.perf_counter()
-    PATTERNS[name].sub("X", text)
-    assert time.perf_counter() - t0 < 0.5
+    """Text built to make a backtracking pattern quadratic (issue 18: the old email pattern took 6.3 s
+    on 40 kB of "a."). Measured by growth, not by a clock bound, so a loaded machine cannot fail it:
+    10x the text takes ~10x the time for a linear pattern (9-13x measured) and ~100x for a quadratic one."""
+
+    def best_of_3(size: int) -> float:
+        text = (unit * (size // len(unit) + 1))[:size]
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            PATTERNS[name].sub("X", text)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    small, large = best_of_3(100_000), best_of_3(1_000_000)
+    assert large < 0.01 or large / max(small, 1e-4) < 35, (small, large)
 
 
 def test_scrubbing_caps_its_input() -> None:
     text = "a." * 2_000_000 + " reach me at x@example.com"
     t0 = time.perf_counter()
     out = scrub_pii(text)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 2.0  # capped: ~50 ms; uncapped, 4 MB of "a." would take minutes
     assert len(out) <= MAX_SCRUB_CHARS and "example.com" not in out
     assert scrub_pii("write to jane.doe+news@mail.example.co.uk today") == "write to [EMAIL] today"
