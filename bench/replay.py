@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,113 @@ def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def replay_stack(stream_path: Path, workdir: Path, *, teacher_model: str, port: int | None, distiller: dict[str, Any],
-                 admin_key: str | None, route_settings: dict[str, Any]) -> Stack:
+                 admin_key: str | None, route_settings: dict[str, Any], routes: Sequence[str] = ()) -> Stack:
     """The stand-in teacher replaying ``stream_path`` and ``kdgate serve`` with its embedded distiller,
-    one route (``replay``) whose alias is the teacher's model name."""
+    one route (``replay``) whose alias is the teacher's model name, and one per name in ``routes``
+    (named by the requests' ``X-KDGate-Route``), all with ``route_settings``."""
+    named = {name: dict(route_settings) for name in routes if name != "replay"}
     settings: dict[str, Any] = {"default_shadow_rate": 0.02, "admin_key": admin_key, "distiller": distiller or None,
-                                "routes": {"replay": {"aliases": [teacher_model], **route_settings}}}
+                                "routes": {"replay": {"aliases": [teacher_model], **route_settings}, **named}}
     return Stack(workdir, settings=settings, teacher_model=teacher_model, dataset=stream_path, port=port)
 
 
-def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: float, concurrency: int, progress: bool = True) -> list[dict[str, Any]]:
-    """Send every request in order (``rate`` per second at most, 0 = as fast as answered)."""
+class Pacer:
+    """``--paced``: the stream waits while the distiller trains, so a replay measures how much each
+    teacher pair teaches rather than how fast this CPU trains.
+
+    A thread watches the ledger: the worker records ``distill.started`` (with the newest exchange id
+    it will train on) and ``distill.finished`` around every run, head retrain or encoder
+    fine-tuning alike. The stream is held while a run is in progress, and while one is due by the
+    worker's own schedule (its pairs have doubled, or ``retrain_after_pairs`` arrived) but has not
+    started yet; after a run it waits one registry poll more, so the gateway serves the new version.
+    Held time is not counted in the stream's clock (``held_s``).
+    """
+
+    def __init__(self, db: Path, distiller: dict[str, Any], *, poll_s: float = 0.2, gateway_poll_s: float = 2.5,
+                 wait_for_finetune: bool = True):
+        from store import Ledger
+
+        self.ledger = Ledger(str(db))
+        self.retrain_after = int(distiller.get("retrain_after_pairs", 500))
+        self.min_pairs = int(distiller.get("min_pairs", 50))
+        self.grace_s = 3 * float(distiller.get("poll_seconds", 2.0)) + 10.0
+        self.poll_s, self.gateway_poll_s = poll_s, gateway_poll_s
+        self.open = threading.Event()
+        self.open.set()
+        self.wait_for_finetune = wait_for_finetune
+        self.held_s = 0.0
+        self.holds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="pacer", daemon=True)
+
+    def start(self) -> Pacer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.open.set()
+
+    def wait(self) -> None:
+        self.open.wait()
+
+    def _busy(self) -> tuple[bool, bool]:
+        """(a run is in progress, a run is due and has not started)."""
+        running = due = False
+        for route in self.ledger.routes_with_teacher_pairs():
+            events = self.ledger.events(route, limit=400)
+            tuning = [e for e in events if (e["detail"] or {}).get("finetune") == "always"]
+            if self.wait_for_finetune and sum(e["kind"] == "distill.started" for e in tuning) > \
+                    sum(e["kind"] == "distill.finished" for e in tuning):
+                running = True
+                continue
+            started = [e for e in events if e["kind"] == "distill.started" and e not in tuning]
+            finished = [e for e in events if e["kind"] == "distill.finished" and e not in tuning]
+            if len(started) > len(finished):
+                running = True
+                continue
+            if not started:
+                continue  # the worker's first look comes within its poll; nothing to wait for yet
+            last = started[0]["detail"] or {}
+            since = int(last.get("last_exchange_id") or 0)
+            before = self.ledger.count_exchanges(route, served_by="teacher", status=200) - \
+                self.ledger.count_exchanges(route, since_id=since, served_by="teacher", status=200)
+            new = self.ledger.count_exchanges(route, since_id=since, served_by="teacher", status=200)
+            first = (finished[0]["detail"] or {}).get("status") == "insufficient" if finished else False
+            step = self.min_pairs - before if first else min(self.retrain_after, max(self.min_pairs, before))
+            if new >= max(1, step):
+                due = True
+        return running, due
+
+    def _watch(self) -> None:
+        held_since = None
+        due_since = None
+        while not self._stop.is_set():
+            try:
+                running, due = self._busy()
+            except Exception:  # a locked ledger for a moment: look again
+                running, due = True, False
+            now = time.monotonic()
+            due_since = (due_since or now) if due and not running else None
+            stalled = due_since is not None and now - due_since > self.grace_s  # the worker does not agree it is due
+            hold = running or (due and not stalled)
+            if hold and self.open.is_set():
+                self.open.clear()
+                held_since = now
+                self.holds += 1
+            elif not hold and not self.open.is_set():
+                time.sleep(self.gateway_poll_s)  # the gateway loads a promoted version within its poll
+                self.held_s += time.monotonic() - (held_since or now)
+                self.open.set()
+            time.sleep(self.poll_s)
+
+
+def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: float, concurrency: int, progress: bool = True,
+                pacer: Pacer | None = None, route_header: str | None = None) -> list[dict[str, Any]]:
+    """Send every request in order (``rate`` per second at most, 0 = as fast as answered). With a
+    ``pacer``, each request waits while the distiller trains, and the held time does not count
+    against the rate. On any exception (SIGTERM in the bench becomes SystemExit) no further request
+    is sent and the exception propagates at once."""
     import openai
     from tqdm import tqdm
 
@@ -82,25 +180,42 @@ def send_stream(rows: list[dict[str, Any]], base_url: str, *, model: str, rate: 
     bar = tqdm(total=len(rows), desc="replay", unit="req", disable=not progress)
     lock = threading.Lock()
     start = time.monotonic()
+    stopping = threading.Event()
 
     def one(i: int) -> None:
+        if stopping.is_set():
+            return
+        if pacer is not None:
+            pacer.wait()
         if rate > 0:
-            delay = start + i / rate - time.monotonic()
+            delay = start + (pacer.held_s if pacer else 0.0) + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-        raw = client.chat.completions.with_raw_response.create(model=model, messages=rows[i]["messages"])
+        if stopping.is_set():
+            return
+        extra = {"X-KDGate-Route": rows[i]["route"]} if route_header and rows[i].get("route") else None
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=rows[i]["messages"],
+                                                               extra_headers=extra)
         resp = raw.parse()
         results[i] = {"uid": raw.headers.get("x-request-id"), "served_by": raw.headers.get("x-kdgate-served-by"),
-                      "answer": resp.choices[0].message.content}
+                      "route": raw.headers.get("x-kdgate-route"), "answer": resp.choices[0].message.content}
         with lock:
             bar.update(1)
             if bar.n % 200 == 0:
                 served = sum(1 for r in results[max(0, i - 500): i + 1] if r and r["served_by"] == "student")
                 bar.set_postfix(student_recent=f"{served / max(1, min(500, i + 1)):.0%}")
 
-    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+    pool = ThreadPoolExecutor(max(1, concurrency))
+    try:
         for fut in [pool.submit(one, i) for i in range(len(rows))]:
             fut.result()
+    except BaseException:
+        stopping.set()
+        if pacer is not None:
+            pacer.stop()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     bar.close()
     return [r for r in results if r is not None]
 
@@ -120,8 +235,11 @@ def stream_answer_kind(rows: list[dict[str, Any]]) -> str:
     return "json" if sample and all(is_object(a) for a in sample) else "label"
 
 
-def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledger_rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Saving and quality over the stream, its last quarter, a threshold sweep and baselines."""
+def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledger_rows: dict[str, dict[str, Any]], *,
+                   ceiling: float | None = None, target: float = 0.98) -> dict[str, Any]:
+    """Saving and quality over the stream, its last quarter, a threshold sweep and baselines; when
+    the student first served and the worst window after it; with ``ceiling`` (the best fixed
+    threshold's last-quarter share, :func:`ceiling_share`), ``ceiling_ratio``."""
     import numpy as np
 
     from router.agreement import answers_agree
@@ -183,8 +301,94 @@ def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledge
         "oracle": {"student_share": round(float((has_student & student_correct).mean()), 4), "agreement": 1.0,
                    "saved_fraction": round(float(counter[has_student & student_correct].sum() / total), 4)},
     }
-    return {"overall": block(slice(0, n)), "last_quarter": block(slice(q, n)), "apgr": round(apgr, 4), "cpt": cpt,
-            "student_alone_agreement": round(q_weak, 4), "baselines": baselines, "sweep": sweep}
+    out = {"overall": block(slice(0, n)), "last_quarter": block(slice(q, n)), "apgr": round(apgr, 4), "cpt": cpt,
+           "student_alone_agreement": round(q_weak, 4), "baselines": baselines, "sweep": sweep}
+    out.update(cascade_figures(served, correct))
+    lq = slice(q, n)
+    out["ceiling_ratio"] = (ceiling_ratio(served[lq], correct[lq], conf_f[lq], ceiling, target)
+                            if ceiling else None)
+    out["ceiling_share"] = ceiling
+    served_lq = served[lq]
+    out["last_quarter"]["student_agreement"] = (round(float(correct[lq][served_lq].mean()), 4)
+                                                if served_lq.any() else None)
+    return out
+
+
+WINDOW = 1000  # requests in the sliding window of min_window_agreement
+
+
+def cascade_figures(served: Any, correct: Any, window: int = WINDOW) -> dict[str, Any]:
+    """When the student first answered, and the worst stretch after it.
+
+    ``first_cascade_request``: the 1-based position of the first request the student answered (None:
+    never). ``teacher_pairs_before_cascade``: the teacher answers before it (what the route paid to
+    get there). ``min_window_agreement``: the lowest agreement of returned answers over any ``window``
+    consecutive requests from the first cascade on (the whole remainder when shorter)."""
+    import numpy as np
+
+    served = np.asarray(served, dtype=bool)
+    correct = np.asarray(correct, dtype=float)
+    if not served.any():
+        return {"first_cascade_request": None, "teacher_pairs_before_cascade": int(len(served)),
+                "min_window_agreement": None}
+    first = int(np.argmax(served))
+    after = correct[first:]
+    if len(after) <= window:
+        worst = float(after.mean())
+    else:
+        sums = np.convolve(after, np.ones(window), mode="valid")
+        worst = float(sums.min() / window)
+    return {"first_cascade_request": first + 1, "teacher_pairs_before_cascade": int((~served[:first]).sum()),
+            "min_window_agreement": round(worst, 4)}
+
+
+def ceiling_ratio(last_quarter_served: Any, last_quarter_correct: Any, last_quarter_confidence: Any, ceiling: float,
+                  target: float) -> float | None:
+    """The last quarter's student share *at the target* over the ceiling's share (see
+    :func:`ceiling_share`). The share at the target: of the last quarter's served answers, the most
+    (by the confidence they were served at, highest first) whose agreement still meets the target, as a
+    share of the last quarter; the whole student share when what it served met the target."""
+    import numpy as np
+
+    if not ceiling:
+        return None
+    served = np.asarray(last_quarter_served, dtype=bool)
+    if not served.any():
+        return 0.0
+    conf = np.asarray(last_quarter_confidence, dtype=float)[served]
+    ok = np.asarray(last_quarter_correct, dtype=float)[served]
+    order = np.argsort(-conf, kind="mergesort")
+    running = np.cumsum(ok[order]) / np.arange(1, len(order) + 1)
+    meets = np.nonzero(running >= target - 1e-12)[0]
+    at_target = (int(meets.max()) + 1) if len(meets) else 0
+    return round(at_target / len(served) / ceiling, 4)
+
+
+def ceiling_share(stream_path: Path, rows: list[dict[str, Any]], target: float, *, cache_dir: Path,
+                  progress: bool = False) -> dict[str, Any]:
+    """The ceiling a replay's last quarter is measured against: the distiller's own student
+    (default settings, the same family the route trains) trained on every teacher answer before the
+    last quarter (which no cascade route ever has: it sees only escalations and checks), scored on the
+    last quarter's answers at the best fixed threshold for those answers themselves (``bench
+    learning-curve`` with one size). Cached under ``cache_dir`` by the stream's digest and target."""
+    import hashlib
+
+    digest = hashlib.sha256(stream_path.read_bytes()).hexdigest()[:16]
+    cache = cache_dir / f"ceiling-{digest}-{target:g}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from bench.learning_curve import run_learning_curve
+
+    n = len(rows) - len(rows) // 4
+    result = run_learning_curve([stream_path], sizes=[n], targets=[target], progress=progress, min_test=len(rows) // 4)
+    point = next((p for p in result["points"] if p.get("n") == n and "coverage" in p), None)
+    out = {"stream_sha256_16": digest, "target": target, "train_pairs": n, "test_pairs": result["test_pairs"],
+           "share": None if point is None else round(float(point["coverage"][f"{target:g}"]), 4),
+           "encoder": None if point is None else point.get("encoder"),
+           "train_seconds": None if point is None else point.get("train_seconds")}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out, indent=2))
+    return out
 
 
 def plot(metrics: dict[str, Any], path: Path, title: str) -> None:
@@ -230,7 +434,14 @@ def run_replay(
     progress: bool = True,
     results_dir: Path | None = None,
     score_versions_on_last_quarter: bool = False,
+    paced: bool | str = False,
+    ceiling: bool | float = False,
 ) -> tuple[dict[str, Any], Stack | None]:
+    """Replay ``rows`` through a fresh gateway and its distiller; returns the metrics (and the stack
+    when ``keep_running``). ``paced``: the stream waits while the distiller trains (:class:`Pacer`).
+    ``ceiling``: True computes the ceiling share for ``ceiling_ratio`` (:func:`ceiling_share`,
+    cached), a number is taken as that share. Rows with a ``route`` name it (header); the metrics
+    then carry ``routes``, the same figures per route."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stream_path = workdir / "stream.jsonl"
@@ -239,14 +450,21 @@ def run_replay(
             fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
     distiller = {"poll_seconds": 2.0, "retrain_after_pairs": 500, "retrain_after_minutes": 2.0, **(distiller or {})}
     stack = replay_stack(stream_path, workdir, teacher_model=teacher_model, port=port, distiller=distiller,
-                         admin_key=admin_key, route_settings=route_settings or {})
+                         admin_key=admin_key, route_settings=route_settings or {},
+                         routes=sorted({str(r["route"]) for r in rows if r.get("route")}))
     t0 = time.monotonic()
+    pacer = None
     try:
         stack.start()
-        sent = send_stream(rows, stack.base_url, model=teacher_model, rate=rate, concurrency=concurrency, progress=progress)
+        pacer = Pacer(stack.db, distiller, wait_for_finetune=paced != "heads").start() if paced else None
+        sent = send_stream(rows, stack.base_url, model=teacher_model, rate=rate, concurrency=concurrency, progress=progress,
+                           pacer=pacer, route_header="route")
     except BaseException:
         stack.stop()
         raise
+    finally:
+        if pacer is not None:
+            pacer.stop()
     elapsed = time.monotonic() - t0
     if not keep_running:
         stack.stop()
@@ -261,19 +479,36 @@ def run_replay(
     deadline = time.monotonic() + 30
     uids = [s["uid"] for s in sent]
     while True:  # a running gateway writes within its flush window
-        found = ledger.count_exchanges("replay", endpoint="chat.completions", status=200)
+        found = ledger.count_exchanges(None, endpoint="chat.completions", status=200)
         if found >= len(uids) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    by_uid = {r["uid"]: r for r in ledger.exchange_rows(
-        "replay", columns=("uid", "cost_usd", "counterfactual_usd", "confidence", "student_answer", "served_by"))}
+    route_names = sorted({s.get("route") or "replay" for s in sent})
+    by_uid = {r["uid"]: r for route in route_names for r in ledger.exchange_rows(
+        route, columns=("uid", "cost_usd", "counterfactual_usd", "confidence", "student_answer", "served_by"))}
     versions = list(reversed(ledger.student_versions("replay")))
     latency = {}
     for who in ("student", "teacher"):
         vals = sorted(r["latency_ms"] for r in ledger.exchange_rows("replay", columns=("latency_ms",), served_by=who, status=200))
         latency[f"{who}_p50_ms"] = round(vals[len(vals) // 2], 2) if vals else None
         latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
-    metrics = replay_metrics(rows, sent, by_uid)
+    target = float((route_settings or {}).get("target_agreement", 0.98))
+    share = None
+    if ceiling is True:
+        share = ceiling_share(stream_path, rows, target, cache_dir=Path("bench/results") if results_dir is None else results_dir,
+                              progress=progress)["share"]
+    elif ceiling:
+        share = float(ceiling)
+    metrics = replay_metrics(rows[:len(sent)], sent, by_uid, ceiling=share, target=target)
+    if len(route_names) > 1:
+        metrics["routes"] = {}
+        for route in route_names:
+            idx = [i for i, s_ in enumerate(sent) if (s_.get("route") or "replay") == route]
+            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, target=target)
+            part.pop("sweep", None)
+            metrics["routes"][route] = part
+    if pacer is not None:
+        metrics["paced"] = {"held_s": round(pacer.held_s, 1), "holds": pacer.holds}
     live = ledger.live_student("replay")
     if live and not keep_running:  # with the stack stopped, the machine is quiet
         metrics["router_decision_ms"] = time_decisions(live["artifact_path"], live["checksum"], rows)
@@ -285,6 +520,7 @@ def run_replay(
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
+        "pacing": pacing_text(paced, rate),
         "route_settings": route_settings or {},
         "distiller": distiller,
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
@@ -379,6 +615,16 @@ def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]]
     return {"p50": round(times[len(times) // 2], 2), "p95": round(times[int(len(times) * 0.95)], 2), "requests": len(times)}
 
 
+def pacing_text(paced: bool | str, rate: float) -> str:
+    """How a replay's stream was paced, in words (the table and the JSON say it)."""
+    if paced == "heads":
+        return (f"paced: {rate:g} requests/s, held while the distiller retrains the student's heads "
+                "(encoder fine-tuning runs beside the stream)")
+    if paced:
+        return f"paced: {rate:g} requests/s, held while the distiller trains (held time not counted)"
+    return f"unpaced: {rate:g} requests/s while the distiller trains beside the stream"
+
+
 def format_table(m: dict[str, Any]) -> str:
     """A replay's results as the terminal shows them: saving and agreement, baselines, versions."""
     from gateway.money import format_usd
@@ -390,6 +636,20 @@ def format_table(m: dict[str, Any]) -> str:
     for label, b in m["baselines"].items():
         lines.append(f"{label:<22}{b['student_share']:>14.1%}{b['agreement']:>11.2%}{b['saved_fraction']:>8.1%}")
     o = m["overall"]
+    if m.get("pacing"):
+        lines.append(f"\npacing: {m['pacing']}" + (f" (held {m['paced']['held_s']:.0f} s in {m['paced']['holds']} holds)"
+                                                   if m.get("paced") else ""))
+    if m.get("first_cascade_request"):
+        lines.append(f"first student answer at request {m['first_cascade_request']:,} after "
+                     f"{m['teacher_pairs_before_cascade']:,} teacher answers; lowest agreement over "
+                     f"{WINDOW:,} requests after it {m['min_window_agreement']:.2%}")
+    else:
+        lines.append("the student never answered")
+    if m.get("ceiling_ratio") is not None:
+        lines.append(f"last quarter at the target / ceiling ({m['ceiling_share']:.1%}): {m['ceiling_ratio']:.3f}")
+    for route, r in (m.get("routes") or {}).items():
+        lines.append(f"  route {route}: {r['overall']['requests']:,} requests, {r['overall']['student_share']:.1%} served, "
+                     f"{r['overall']['saved_fraction']:.1%} saved, agreement {r['overall']['agreement']:.2%}")
     if m.get("router_decision_ms"):
         d = m["router_decision_ms"]
         lines.append(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")

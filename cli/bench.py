@@ -82,6 +82,12 @@ def replay(
     name: Annotated[str | None, typer.Option(help="results name (default: from the path)")] = None,
     config_json: Annotated[str | None, typer.Option(
         "--config-json", help="distiller settings as a JSON object, e.g. '{\"min_val_checks\": 150}'")] = None,
+    paced: Annotated[bool, typer.Option(
+        "--paced", help="the stream waits while the distiller trains (its wall time does not count): sample efficiency, "
+                        "whatever the CPU")] = False,
+    ceiling: Annotated[str, typer.Option(
+        help="the last quarter's ceiling share for ceiling_ratio: 'auto' (train the route's student family on every "
+             "earlier answer; cached under bench/results), 'off', or a share such as 0.9028")] = "auto",
     json: Json = False,
 ) -> None:
     """Replay a request stream through the live gateway with a stand-in teacher."""
@@ -106,8 +112,18 @@ def replay(
     if target_confidence is not None:
         route_settings["target_confidence"] = target_confidence
     name = name or stream_name(dataset)
+    if ceiling == "auto":
+        ceiling_arg: bool | float = True
+    elif ceiling == "off":
+        ceiling_arg = False
+    else:
+        try:
+            ceiling_arg = float(ceiling)
+        except ValueError:
+            fail("--ceiling: 'auto', 'off' or a share in (0, 1]", 2)
     metrics, _ = run_replay(rows, name=name, out=out, teacher_model=teacher_model, rate=rate, concurrency=concurrency,
-                            route_settings=route_settings, distiller=distiller, score_versions_on_last_quarter=score_versions)
+                            route_settings=route_settings, distiller=distiller, score_versions_on_last_quarter=score_versions,
+                            paced=paced, ceiling=ceiling_arg)
     if json:
         print_json(metrics)
     else:
@@ -256,6 +272,9 @@ def demo(
     port: Annotated[int, typer.Option(help="the gateway's port")] = 8000,
     limit: Annotated[int | None, typer.Option(help="replay only the first N requests")] = None,
     rate: Annotated[float, typer.Option(help="requests per second")] = 40.0,
+    unpaced: Annotated[bool, typer.Option(
+        "--unpaced", help="do not hold the stream while the distiller retrains (on a slow machine the route then "
+                          "pays the teacher for every request that arrives meanwhile)")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="stop the gateway after the table instead of leaving it running")] = False,
     directory: Annotated[Path, typer.Option("--dir", help="where the demo's ledger and students go")] = Path("kdgate-demo"),
     json: Json = False,
@@ -269,10 +288,14 @@ def demo(
     info = sys.stderr if json else sys.stdout
     rows = demo_stream(limit)
     admin_key = secrets.token_hex(16)
+    from bench.replay import pacing_text
+
+    paced = False if unpaced else "heads"
     print(f"kdgate demo: {len(rows)} banking77 requests through a local gateway; the teacher is a stand-in "
-          "that replays the data set's answers at gpt-4o prices.", file=info)
+          f"that replays the data set's answers at gpt-4o prices. Pacing: {pacing_text(paced, rate)}.", file=info)
     metrics, stack = run_replay(rows, name="demo-banking77", rate=rate, port=port, workdir=directory.resolve(),
-                                keep_running=not no_wait, admin_key=admin_key, route_settings={"target_agreement": 0.98})
+                                keep_running=not no_wait, admin_key=admin_key, route_settings={"target_agreement": 0.98},
+                                paced=paced)
     print_json(metrics) if json else print(format_table(metrics))
     if stack is None:
         return

@@ -8,6 +8,7 @@ by time, the newest pairs validating, as production would see them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -184,7 +185,9 @@ def load_route_dataset(ledger: Any, route: str, config: DistillerConfig, *, val_
     """The route's dataset from the ledger's successful teacher exchanges (see :func:`build_dataset`)."""
     examples: list[Example] = []
     dropped: dict[str, int] = {}
-    for pair in ledger.teacher_pairs(route, shadow_checks=True):
+    pairs = _weigh_checks_by_probability(list(ledger.teacher_pairs(route, shadow_checks=True)),
+                                         ledger.check_probabilities(route))
+    for pair in pairs:
         reason = unusable_reason(pair.answer, pair.finish_reason)
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
@@ -194,6 +197,28 @@ def load_route_dataset(ledger: Any, route: str, config: DistillerConfig, *, val_
                     weight=pair.weight)
         )
     return build_dataset(route, examples, config, dropped=dropped, val_floor_id=val_floor_id)
+
+
+def _weigh_checks_by_probability(pairs: list[Any], probabilities: dict[int, tuple[int | None, float]]) -> list[Any]:
+    """Checks sampled by confidence stand for ``1 / probability`` served requests each.
+
+    The ledger weighs a version's checks alike (its served count over its checks); where the
+    gateway recorded each check's probability, that total is shared in proportion to the inverse
+    probabilities instead: a check of a confident answer (rarely sampled) stands for more requests
+    than one near the threshold. Checks without a probability keep their weight."""
+    if not probabilities:
+        return pairs
+    by_version: dict[Any, list[Any]] = {}
+    for pair in pairs:
+        if pair.id in probabilities and pair.weight > 1.0:
+            by_version.setdefault(probabilities[pair.id][0], []).append(pair)
+    weights: dict[int, float] = {}
+    for group in by_version.values():
+        total = sum(p.weight for p in group)
+        inverse = [1.0 / probabilities[p.id][1] for p in group]
+        scale = total / sum(inverse)
+        weights.update({p.id: max(1.0, inv * scale) for p, inv in zip(group, inverse)})
+    return [dataclasses.replace(p, weight=weights[p.id]) if p.id in weights else p for p in pairs]
 
 
 def examples_from_jsonl(path: str | Path, *, limit: int | None = None) -> list[Example]:

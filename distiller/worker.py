@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Worker", "RouteState", "start_embedded_worker", "spawn_worker_process", "main"]
 
+SPEND_WINDOW_S = 600.0  # the teacher spend rate the schedule weighs routes by is this recent
+
 
 @dataclass
 class RouteState:
@@ -43,6 +45,9 @@ class RouteState:
     last_run: float = 0.0  # when it last ran (trained or not)
     last_status: str = ""
     finetuned_pairs: int = 0  # training pairs at the last encoder fine-tuning
+    pairs_at_last_run: int = 0  # teacher pairs the route had when it last ran (the young-route schedule)
+    last_seconds: float = 0.0  # how long its last head run took (the schedule's cost estimate)
+    last_coverage: float = 0.0  # the coverage at target its live version reported
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Worker:
             if newest:  # resume after a restart from what the last registered version saw
                 st.last_exchange_id = int(newest[0]["metrics"].get("last_exchange_id", 0))
                 st.last_run = float(newest[0]["created"])
+                st.pairs_at_last_run = int(newest[0].get("train_pairs") or 0) + int(newest[0].get("val_pairs") or 0)
             self.states[route] = st
         return st
 
@@ -88,27 +94,56 @@ class Worker:
             return False, "no new pairs"
         if st.last_run == 0.0:
             return True, f"{new} pairs and no run yet"
-        if new >= cfg.retrain_after_pairs:
-            return True, f"{new} new pairs (retrain_after_pairs={cfg.retrain_after_pairs})"
+        if st.last_status == "insufficient" and st.pairs_at_last_run + new >= cfg.min_pairs:
+            return True, f"{st.pairs_at_last_run + new} pairs, enough for a first student (min_pairs={cfg.min_pairs})"
+        # A young route retrains each time its pairs have doubled (50, 100, 200, 400, ...) until
+        # retrain_after_pairs is the smaller step: its first versions serve within a few hundred pairs.
+        step = min(cfg.retrain_after_pairs, max(cfg.min_pairs, st.pairs_at_last_run))
+        if new >= step:
+            return True, f"{new} new pairs (retrain after {step}; retrain_after_pairs={cfg.retrain_after_pairs})"
         if now - st.last_run >= cfg.retrain_after_minutes * 60:
             return True, f"{new} new pairs and {cfg.retrain_after_minutes:g} minutes since the last run"
         return False, f"{new} new pairs, waiting"
 
+    def expected_saving_rate(self, route: str, now: float | None = None) -> float:
+        """What training ``route`` now is expected to save per CPU-second: its teacher spend rate
+        (dollars per second over the last ``SPEND_WINDOW_S``) times the share of it a new version
+        is expected to take over (the uncovered share, ``1 - coverage``, scaled by how much its data
+        grew since the last run), over the seconds its last run took. Used to order due routes."""
+        now = time.time() if now is None else now
+        st = self._state(route)
+        spend = self.ledger.teacher_spend_since(route, now - SPEND_WINDOW_S) / SPEND_WINDOW_S
+        new = self.ledger.count_exchanges(route, since_id=st.last_exchange_id, served_by="teacher", status=200)
+        growth = new / max(1, st.pairs_at_last_run + new)
+        gain = (1.0 - st.last_coverage) * max(growth, 0.05)
+        return spend * gain / max(st.last_seconds, 1.0)
+
     def step(self) -> list[DistillReport]:
-        """One pass over the routes; trains those that are due. Returns this pass's reports."""
+        """One pass over the due routes, the one expected to save most per CPU-second first (see
+        :meth:`expected_saving_rate`). Returns this pass's reports."""
         out = []
+        due_routes = []
         for route in self.route_names():
+            due, why = self.due(route)
+            if due:
+                due_routes.append((self.expected_saving_rate(route), route, why))
+        due_routes.sort(key=lambda x: -x[0])
+        for score, route, why in due_routes:
             if self.stop.is_set():
                 break
-            due, why = self.due(route)
-            if not due:
-                continue
-            log.info("distilling route %s: %s", route, why)
+            log.info("distilling route %s: %s (expected saving %.3g $/CPU-s)", route, why, score)
             st = self._state(route)
             cfg = self.config.for_route((self.ledger.route(route) or {}).get("settings"))
+            pairs_now = st.pairs_at_last_run + self.ledger.count_exchanges(
+                route, since_id=st.last_exchange_id, served_by="teacher", status=200)
+            t0 = time.monotonic()
             report = self._distill(route, cfg, st)
             if report.status == "interrupted":
                 break  # stopping: the route is retried from the same point next time
+            st.last_seconds = time.monotonic() - t0  # the schedule's cost estimate for the route
+            st.pairs_at_last_run = pairs_now
+            if report.status == "trained":
+                st.last_coverage = float((report.metrics or {}).get("coverage_at_target") or 0.0)
             st.last_exchange_id = report.last_exchange_id
             if report.status != "insufficient":
                 # an insufficient route trained nothing: it is tried again with its next new pair,
@@ -175,12 +210,19 @@ class Worker:
 
     def _run(self, route: str, config: DistillerConfig) -> DistillReport:
         t0 = time.monotonic()
+        # benches that pace their stream by the distiller (bench replay --paced) read these two
+        self.ledger.record_event(route, "distill.started", actor="distiller",
+                                 detail={"last_exchange_id": self.ledger.max_exchange_id(route),
+                                         "finetune": config.finetune})
         try:
             report = distill_route(self.ledger, route, config, artifacts_root=self.artifacts_root, stop=self.stop)
         except Exception as exc:  # one route's failure must not stop the worker
             log.exception("distilling route %s failed", route)
             self.ledger.record_event(route, "distill.failed", actor="distiller", detail={"error": str(exc)})
             report = DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
+        self.ledger.record_event(route, "distill.finished", actor="distiller",
+                                 detail={"status": report.status, "seconds": round(time.monotonic() - t0, 3),
+                                         "finetune": config.finetune})
         if report.status in ("trained", "failed"):
             # the gateway's /metrics reads these (the worker is another process)
             self.ledger.record_event(route, "distill.run", actor="distiller", detail={

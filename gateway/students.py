@@ -14,6 +14,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 __all__ = ["StudentRouter", "LiveStudent"]
 
 REGISTRY_POLL_S = 2.0
+# Labelled requests kept per route (teacher answers of shadow-mode requests, escalations and
+# checks), so a new version is scored on those it never trained on as soon as it loads.
+CARRY_REQUESTS = 2000
 
 
 @dataclass
@@ -133,6 +137,7 @@ class StudentRouter:
         self._background: set[asyncio.Task] = set()
         self._shadow_slots = asyncio.Semaphore(16)
         self._seen: dict[str, tuple[int, str]] = {}
+        self._labelled: dict[str, deque[tuple[float, list[dict[str, Any]], str]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,6 +195,7 @@ class StudentRouter:
             self._carry_out(route_name, policy.on_version(LiveVersion(live.version, live.curve, live.metrics, live.val_pairs)),
                             actor="router")
             log.info("route %s: student v%d (%s) is serving", route_name, live.version, live.kind)
+            await self._carry_evidence(route_name, live)
             if old is not None:
                 if old.batcher is not None:
                     await old.batcher.close()
@@ -203,6 +209,51 @@ class StudentRouter:
                 self._seen.pop(route_name, None)
                 if old.batcher is not None:
                     await old.batcher.close()
+
+    def _remember(self, route_name: str, uid: str, messages: list[dict[str, Any]], teacher_answer: str | None) -> None:
+        if teacher_answer is None:
+            return
+        buf = self._labelled.get(route_name)
+        if buf is None:
+            buf = self._labelled[route_name] = deque(maxlen=CARRY_REQUESTS)
+        buf.append((uid, messages, teacher_answer))
+
+    async def _carry_evidence(self, route_name: str, live: LiveStudent) -> None:
+        """Score a version that just went live on the labelled requests it never trained on (those
+        whose exchange is newer than its newest training exchange): its certification starts from
+        them, not from its validation split alone. Off the loop; a failure only means the evidence
+        starts empty. The requests are those remembered before it went live (taken before any
+        await): every later one is scored as it comes, so none counts twice."""
+        buf = self._labelled.get(route_name)
+        trained_through = int((live.metrics or {}).get("last_exchange_id") or 0)
+        if not buf or not trained_through or not hasattr(live.student, "predict_batch"):
+            return
+        items = list(buf)
+
+        def score() -> list[tuple[float, bool]]:
+            # by exchange id, as the distiller cut its data: a request still in the writer's queue
+            # has no id yet and is left out
+            ids = self.ledger.exchange_ids([uid for uid, _, _ in items])
+            fresh = [(m, a) for uid, m, a in items if ids.get(uid, 0) > trained_through]
+            if not fresh:
+                return []
+            outs = live.student.predict_batch([m for m, _ in fresh])
+            return [(o.confidence, live.agrees(o.text, a)) for o, (_, a) in zip(outs, fresh)]
+
+        try:
+            scored = await asyncio.to_thread(score)
+        except Exception as exc:
+            log.info("route %s: v%d not scored on recent labelled requests (%s)", route_name, live.version, exc)
+            return
+        policy = self.policy(route_name)
+        if policy.live is None or policy.live.version != live.version:
+            return
+        changes: list[ModeChange] = []
+        for confidence, agree in scored:
+            changes += policy.on_labelled(confidence, agree)
+        if scored:
+            log.info("route %s: v%d scored on %d labelled requests it never trained on", route_name, live.version, len(scored))
+        self._carry_out(route_name, changes, actor="router")
 
     def _load(self, row: dict[str, Any]) -> LiveStudent:
         from router.student import load_student
@@ -243,6 +294,10 @@ class StudentRouter:
         """Persist the policy's mode changes (they reach every process through the store) and record
         each one's event."""
         for change in changes:
+            if not change.settings:  # an event about the version, not a mode change
+                self.ledger.record_event(route_name, change.event, actor=actor, detail=change.detail)
+                log.warning("route %s: %s %s", route_name, change.event, change.detail)
+                continue
             claimed = self.routes.claim_change(route_name, expect=change.expect, changes=change.settings,
                                                event=change.event, actor=actor, detail=change.detail)
             if claimed and change.event == "drift.paused":
@@ -309,7 +364,8 @@ class StudentRouter:
             try:
                 return await self.chat.teacher_chat(
                     route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0,
-                    on_answer=lambda answer: self._score_shadow(route, live, task, answer, uid, in_cascade=False),
+                    on_answer=lambda answer: self._score_shadow(route, live, task, answer, uid, in_cascade=False,
+                                                                messages=body["messages"]),
                 )
             except GatewayError as exc:
                 return await self._student_when_teacher_down(route, live, body, principal, uid, ts, t0, exc, task)
@@ -322,10 +378,18 @@ class StudentRouter:
             return await self._escalate(route, body, principal, uid, ts, t0, reason="student_error")
         decision = policy.decide(out.confidence, forbid_escalation=forbid)
         if not decision.use_student:
+            async def labelled(answer: str | None) -> dict[str, Any]:
+                # every escalation is labelled evidence about the live version, below its threshold
+                self._remember(route.name, uid, body["messages"], answer)
+                if answer is not None:
+                    self._labelled_outcome(route, live, out.confidence, live.agrees(out.text, answer))
+                return {}
+
             return await self._escalate(
                 route, body, principal, uid, ts, t0, reason=decision.reason,
                 extra_row={"confidence": out.confidence, "student_version": live.version, "student_answer": out.text},
                 extra_headers={"x-kdgate-confidence": f"{out.confidence:.4f}", "x-kdgate-student-version": str(live.version)},
+                on_answer=labelled,
             )
         return self._student_reply(route, live, body, principal, uid, ts, t0, out)
 
@@ -341,13 +405,15 @@ class StudentRouter:
         reason: str,
         extra_row: dict[str, Any] | None = None,
         extra_headers: dict[str, str] | None = None,
+        on_answer: Any = None,
     ) -> Reply:
         if self.metrics is not None:
             self.metrics.observe_escalation(route.name)
         headers = {"x-kdgate-escalation": reason, **(extra_headers or {})}
         try:
             return await self.chat.teacher_chat(
-                route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0, extra_row=extra_row, extra_headers=headers
+                route=route, body=body, principal=principal, uid=uid, ts=ts, t0=t0, extra_row=extra_row, extra_headers=headers,
+                on_answer=on_answer,
             )
         except GatewayError as exc:
             live = self.live.get(route.name)
@@ -440,9 +506,14 @@ class StudentRouter:
         )
         if self.metrics is not None:
             self.metrics.observe_exchange(route.name, "student", latency_s, cost, counterfactual, Usage(est_prompt, est_completion * n))
-        rate = float(route.settings.get("shadow_rate") or 0.0)
-        if rate > 0 and random.random() < rate:
-            self._spawn(self._shadow_check(route, live, body, out.text, uid))
+        policy = self.policy(route.name)
+        policy.on_served(out.confidence)
+        # checked with a probability that depends on the confidence (the route's shadow_rate on
+        # average); the probability is recorded with the check, whose weight is its inverse
+        probability = policy.check_probability(out.confidence)
+        if probability > 0 and random.random() < probability:
+            self._spawn(self._shadow_check(route, live, body, out.text, uid, confidence=out.confidence,
+                                           probability=probability))
         if not body.get("stream"):
             return Reply(body=orjson.dumps(response), headers=headers)
         return Reply(stream=_student_stream(response, body, logprobs), headers=headers)
@@ -453,7 +524,8 @@ class StudentRouter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _score_shadow(self, route: Route, live: LiveStudent, task: asyncio.Task, answer: str | None, uid: str, *, in_cascade: bool) -> dict[str, Any]:
+    async def _score_shadow(self, route: Route, live: LiveStudent, task: asyncio.Task, answer: str | None, uid: str, *,
+                            in_cascade: bool, messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The student's side answer in shadow mode, scored against the teacher's."""
         try:
             out = await asyncio.wait_for(task, self.settings.student_timeout_s)
@@ -461,10 +533,22 @@ class StudentRouter:
             log.warning("route %s: shadow student failed (%s)", route.name, type(exc).__name__)
             return {}
         agree = live.agrees(out.text, answer)
-        self._record_check(route, live, uid, out.text, answer, agree, cost=0.0, in_cascade=in_cascade)
+        self._record_check(route, live, uid, out.text, answer, agree, cost=0.0, in_cascade=in_cascade,
+                           confidence=out.confidence)
+        if answer is not None:
+            if messages is not None:
+                self._remember(route.name, uid, messages, answer)
+            self._labelled_outcome(route, live, out.confidence, agree)
         return {"confidence": out.confidence, "student_version": live.version, "student_answer": out.text}
 
-    async def _shadow_check(self, route: Route, live: LiveStudent, body: dict[str, Any], student_answer: str, uid: str) -> None:
+    def _labelled_outcome(self, route: Route, live: LiveStudent, confidence: float, agree: bool) -> None:
+        """An unserved answer of ``live`` scored against the teacher's: evidence for its policy."""
+        policy = self.policy(route.name)
+        if policy.live is not None and policy.live.version == live.version:
+            self._carry_out(route.name, policy.on_labelled(confidence, agree), actor="router")
+
+    async def _shadow_check(self, route: Route, live: LiveStudent, body: dict[str, Any], student_answer: str, uid: str, *,
+                            confidence: float | None = None, probability: float | None = None) -> None:
         """Also ask the teacher about a student-served request, in the background, and score the student."""
         if self._shadow_slots.locked():
             return  # never queue unbounded background spend; the sample just gets smaller under load
@@ -484,15 +568,23 @@ class StudentRouter:
             teacher_answer = answer_of(resp.body)[0]
             # the check's cost goes on its own row only (gateway.money: counted once)
             cost = self.money.check_cost(route.teacher.model, Usage.from_openai(resp.body.get("usage")))
-            self._record_check(route, live, uid, student_answer, teacher_answer, live.agrees(student_answer, teacher_answer), cost=cost, in_cascade=True)
+            self._remember(route.name, uid, body["messages"], teacher_answer)
+            self._record_check(route, live, uid, student_answer, teacher_answer, live.agrees(student_answer, teacher_answer),
+                               cost=cost, in_cascade=True, confidence=confidence, probability=probability)
 
-    def _record_check(self, route: Route, live: LiveStudent, uid: str, student_answer: str | None, teacher_answer: str | None, agree: bool, *, cost: float, in_cascade: bool) -> None:
+    def _record_check(self, route: Route, live: LiveStudent, uid: str, student_answer: str | None, teacher_answer: str | None,
+                      agree: bool, *, cost: float, in_cascade: bool, confidence: float | None = None,
+                      probability: float | None = None) -> None:
         self.writer.submit_check({
             "ts": time.time(), "route": route.name, "exchange_uid": uid, "student_version": live.version,
             "student_answer": student_answer, "teacher_answer": teacher_answer, "agree": int(agree), "cost_usd": cost,
+            "confidence": confidence, "sample_prob": probability if in_cascade else None,
         })
-        if in_cascade:  # a served answer checked: the policy watches for drift
-            self._carry_out(route.name, self.policy(route.name).on_check(agree), actor="drift-monitor")
+        if in_cascade:  # a served answer checked: the policy's evidence, revocation tests and drift monitor
+            policy = self.policy(route.name)
+            same = policy.live is not None and policy.live.version == live.version
+            self._carry_out(route.name, policy.on_check(agree, confidence=confidence if same else None,
+                                                        probability=probability), actor="drift-monitor")
 
 
 def _unsupported(body: dict[str, Any]) -> bool:

@@ -7,13 +7,27 @@ Events
     :meth:`RoutePolicy.on_version`   a student version went live (hot-loaded)
     :meth:`RoutePolicy.on_settings`  the route's settings changed (admin, CLI, config, another replica)
     :meth:`RoutePolicy.on_check`     a served student answer was checked against the teacher
+    :meth:`RoutePolicy.on_labelled`  an unserved student answer was scored against the teacher's
+                                     (a shadow-mode side answer, or an escalation)
+    :meth:`RoutePolicy.on_served`    a student answer was served (the check sampler's scale)
     :meth:`RoutePolicy.decide`       a cascade request's student answer, with its calibrated confidence
+
+The threshold in force (:attr:`RoutePolicy.threshold`): the route's own, else the lower of two
+certified ones: the live version's validation curve at the route's ``target_confidence``
+(:func:`router.policy.effective_threshold`), and the live evidence (:class:`router.certify.VersionEvidence`:
+every labelled answer of this version, anytime-valid). A version whose checks show it under its
+target or its calibration (a betting test, weighted by each check's probability) loses the first
+and keeps only what answers labelled after that certify; everything it does not serve is then
+escalated, so every one of them is labelled and it re-earns a threshold as fast as the evidence allows.
 
 Mode changes (:class:`ModeChange`), each persisted by the caller with its event:
     ``mode.auto_cascade``  shadow -> cascade: the live version meets the target on its validation
-                           curve with the route's ``target_confidence``, on a useful share of traffic
+                           curve with the route's ``target_confidence``, or its live evidence
+                           certifies a threshold, on a useful share of traffic
     ``drift.paused``       cascade -> shadow (``paused_by_drift``): the checks are significantly
                            under the target (:meth:`router.policy.LiveAgreement.drifted`)
+    ``threshold.revoked``  (no settings) the live version's checks fall significantly under the target
+                           or under its calibration: it serves only what later evidence certifies
     ``drift.cleared``      the pause is lifted because a new version went live (it must still earn
                            cascade); an operator who sets ``mode = cascade`` lifts it too
                            (:meth:`gateway.routing.RouteTable.update_settings`)
@@ -25,9 +39,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.policy import NEVER, Decision, LiveAgreement, decide, effective_threshold, expected_at, ready_for_cascade
+from router.certify import VersionEvidence, check_probability
+from router.policy import (
+    DEFAULT_TARGET_CONFIDENCE,
+    NEVER,
+    Decision,
+    LiveAgreement,
+    decide,
+    effective_threshold,
+    expected_at,
+    ready_for_cascade,
+)
 
-__all__ = ["RoutePolicy", "LiveVersion", "ModeChange"]
+__all__ = ["RoutePolicy", "LiveVersion", "ModeChange", "MIN_CASCADE_COVERAGE"]
+
+MIN_CASCADE_COVERAGE = 0.01  # a version that would serve less than this stays in shadow
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,9 @@ class RoutePolicy:
         self.default_target = default_target
         self.live: LiveVersion | None = None
         self.checks = LiveAgreement(window)
+        self.evidence: VersionEvidence | None = None
         self.threshold = NEVER
+        self.threshold_source = "none"  # "setting" | "validation" | "live" | "none"
         self._derive()
 
     # -- state ---------------------------------------------------------------------------------
@@ -77,9 +105,30 @@ class RoutePolicy:
     def paused_by_drift(self) -> bool:
         return bool(self.settings.get("paused_by_drift"))
 
+    @property
+    def alpha(self) -> float:
+        """The certification's error rate: 1 - the route's ``target_confidence``."""
+        c = self.settings.get("target_confidence")
+        return 1.0 - (DEFAULT_TARGET_CONFIDENCE if c is None else float(c))
+
+    def _new_evidence(self) -> None:
+        live = self.live
+        self.evidence = (VersionEvidence.for_curve(live.curve, self.target, alpha=self.alpha)
+                         if live is not None and live.curve else None)
+
     def _derive(self) -> None:
         live = self.live
-        self.threshold = effective_threshold(self.settings, live.curve if live else None, live.val_pairs if live else None)
+        if self.settings.get("threshold") is not None:
+            self.threshold, self.threshold_source = float(self.settings["threshold"]), "setting"
+            return
+        ev = self.evidence
+        validated = NEVER
+        if ev is None or ev.revoked is None:
+            validated = effective_threshold(self.settings, live.curve if live else None, live.val_pairs if live else None)
+        certified = ev.threshold() if ev is not None else NEVER
+        self.threshold = min(validated, certified)
+        self.threshold_source = ("none" if math.isinf(self.threshold)
+                                 else "validation" if validated <= certified else "live")
 
     def _apply(self, change: ModeChange) -> ModeChange:
         self.settings.update(change.settings)
@@ -90,11 +139,17 @@ class RoutePolicy:
         live = self.live
         if live is None or self.mode != "shadow" or not self.settings.get("auto_cascade") or self.paused_by_drift:
             return []
-        if not ready_for_cascade(live.metrics, live.curve, self.target, n_val=live.val_pairs,
-                                 confidence=self.settings.get("target_confidence")):
+        ev = self.evidence
+        by_evidence = (ev is not None and not math.isinf(ev.threshold())
+                       and expected_at(live.curve, ev.threshold())["coverage"] >= MIN_CASCADE_COVERAGE)
+        if not by_evidence and (ev is not None and ev.revoked or not ready_for_cascade(
+                live.metrics, live.curve, self.target, n_val=live.val_pairs,
+                confidence=self.settings.get("target_confidence"))):
             return []
         return [self._apply(ModeChange({"mode": "cascade"}, "mode.auto_cascade",
-                                       {"version": live.version, "target": self.target}, expect={"mode": "shadow"}))]
+                                       {"version": live.version, "target": self.target,
+                                        "by": "live evidence" if by_evidence else "validation",
+                                        "labelled": ev.labelled if ev is not None else 0}, expect={"mode": "shadow"}))]
 
     # -- events --------------------------------------------------------------------------------
     def on_version(self, live: LiveVersion) -> list[ModeChange]:
@@ -103,6 +158,7 @@ class RoutePolicy:
         previous = self.live
         self.live = live
         self.checks.reset()
+        self._new_evidence()
         changes: list[ModeChange] = []
         if self.paused_by_drift and previous is not None and previous.version != live.version:
             changes.append(self._apply(ModeChange({"paused_by_drift": False}, "drift.cleared",
@@ -115,23 +171,64 @@ class RoutePolicy:
         """The route's settings are now ``settings`` (the whole effective set). When a pause was
         lifted (an operator put the route back in cascade), the checks start afresh."""
         was_paused = self.paused_by_drift
+        before = (self.target, self.alpha)
         self.settings = dict(settings)
+        if (self.target, self.alpha) != before:
+            self._new_evidence()  # counted against another target: start afresh
         self._derive()
         if was_paused and not self.paused_by_drift:
             self.checks.reset()
         return self._maybe_cascade()
 
-    def on_check(self, agree: bool) -> list[ModeChange]:
-        """A served (cascade) student answer was checked. When the window is significantly under
-        the target the route goes back to shadow, paused, and the window starts afresh."""
-        self.checks.add(agree)
-        if self.mode != "cascade" or not self.checks.drifted(self.target):
+    def check_probability(self, confidence: float) -> float:
+        """How likely a served answer of this confidence is to be checked (the route's ``shadow_rate``
+        on average; more near the threshold, fewer far above it: :func:`router.certify.check_probability`)."""
+        rate = float(self.settings.get("shadow_rate") or 0.0)
+        if not self.settings.get("check_by_confidence", True):
+            return rate
+        return check_probability(confidence, rate=rate, scale=self.evidence.scale if self.evidence else None)
+
+    def on_served(self, confidence: float) -> None:
+        """A student answer was served (checked or not)."""
+        if self.evidence is not None:
+            self.evidence.add_served(confidence)
+
+    def on_labelled(self, confidence: float, agree: bool) -> list[ModeChange]:
+        """An answer of the live version the student did not serve was scored against the teacher's
+        (a shadow-mode side answer, an escalation): evidence for a lower threshold. A shadow route
+        whose evidence now certifies a threshold moves to cascade."""
+        if self.evidence is None:
             return []
+        before = self.threshold
+        self.evidence.add_labelled(confidence, agree)
+        self._derive()
+        if self.threshold != before and self.mode == "shadow":
+            return self._maybe_cascade()
+        return []
+
+    def on_check(self, agree: bool, *, confidence: float | None = None, probability: float | None = None) -> list[ModeChange]:
+        """A served (cascade) student answer was checked (sampled with ``probability``). The checks
+        feed the version's evidence and its revocation tests; when the window of the last checks is
+        significantly under the target the route goes back to shadow, paused, and the window starts
+        afresh."""
+        self.checks.add(agree)
+        changes: list[ModeChange] = []
+        if self.evidence is not None and confidence is not None:
+            rate = float(self.settings.get("shadow_rate") or 0.0) or (probability or 1.0)
+            why = self.evidence.add_check(confidence, agree, probability or rate, rate=rate)
+            self._derive()
+            if why is not None:
+                changes.append(ModeChange({}, "threshold.revoked", {
+                    "version": self.live.version if self.live else None, "why": why, "target": self.target,
+                    "live_agreement": self.evidence.live_agreement, "expected": self.evidence.expected_agreement,
+                    "checks": len(self.evidence.checks_agree)}))
+        if self.mode != "cascade" or not self.checks.drifted(self.target):
+            return changes
         detail = {"live_agreement": self.checks.agreement, "checks": self.checks.n, "target": self.target,
                   "version": self.live.version if self.live else None}
         self.checks.reset()
-        return [self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail,
-                                       expect={"mode": "cascade"}))]
+        return changes + [self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail,
+                                                 expect={"mode": "cascade"}))]
 
     def decide(self, confidence: float, *, forbid_escalation: bool = False) -> Decision:
         """Whether a cascade request is answered by the student at this calibrated ``confidence``."""
@@ -144,7 +241,16 @@ class RoutePolicy:
             "threshold_effective": None if math.isinf(self.threshold) else self.threshold,
             "live_agreement": self.checks.agreement,
             "live_checks": self.checks.n,
+            "threshold_source": self.threshold_source,
         }
+        ev = self.evidence
+        if ev is not None:
+            out["certification"] = {
+                "labelled": ev.labelled, "checks": len(ev.checks_agree), "served": ev.served,
+                "weighted_agreement": ev.live_agreement, "calibrated_expectation": ev.expected_agreement,
+                "certified_threshold": None if math.isinf(ev.threshold()) else ev.threshold(),
+                "revoked": ev.revoked,
+            }
         if self.live is not None and not math.isinf(self.threshold):
             out["expected"] = expected_at(self.live.curve, self.threshold)
         return out

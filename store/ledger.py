@@ -216,6 +216,17 @@ class Ledger:
         rows = self._query("SELECT * FROM exchanges WHERE uid = ?", (uid,))
         return rows[0] if rows else None
 
+    def exchange_ids(self, uids: Sequence[str]) -> dict[str, int]:
+        """uid -> id of the exchanges among ``uids`` (those not written yet are absent)."""
+        out: dict[str, int] = {}
+        uids = list(uids)
+        for i in range(0, len(uids), 500):
+            chunk = uids[i:i + 500]
+            marks = ", ".join("?" * len(chunk))
+            out.update({str(r[0]): int(r[1]) for r in self.conn.execute(
+                f"SELECT uid, id FROM exchanges WHERE uid IN ({marks})", tuple(chunk)).fetchall()})
+        return out
+
     def count_exchanges(
         self, route: str | None = None, *, since_id: int = 0, served_by: str | None = None, status: int | None = None,
         endpoint: str | None = None,
@@ -352,6 +363,20 @@ class Ledger:
             )
             for row in rows
         ]
+
+    def teacher_spend_since(self, route: str, since_ts: float) -> float:
+        """Dollars the route's teacher answers cost since ``since_ts`` (what a student could save)."""
+        return float(self._scalar(
+            "SELECT coalesce(sum(cost_usd), 0) FROM exchanges WHERE route = ? AND served_by = 'teacher' AND ts >= ?",
+            (route, since_ts)) or 0.0)
+
+    def check_probabilities(self, route: str) -> dict[int, tuple[int | None, float]]:
+        """Exchange id -> (student version, probability it was checked with) of the route's shadow
+        checks that recorded one (checks sampled by confidence; see router.certify)."""
+        rows = self.conn.execute(
+            "SELECT e.id, e.student_version, s.sample_prob FROM shadow_checks s JOIN exchanges e ON e.uid = s.exchange_uid "
+            "WHERE s.route = ? AND e.route = ? AND s.sample_prob IS NOT NULL", (route, route)).fetchall()
+        return {int(r[0]): (r[1], float(r[2])) for r in rows}
 
     def max_exchange_id(self, route: str | None = None) -> int:
         if route is None:

@@ -193,4 +193,10 @@ MIGRATIONS: tuple[Migration, ...] = (
                             ("expires", "real NOT NULL"), ("items", "text NOT NULL"), ("response", "text NOT NULL"))),
         Index("idx_responses_expires", "responses", ("expires",)),
     )),
+    # Shadow checks sampled by the student's confidence (router.certify.check_probability): each row
+    # keeps the probability it was checked with, so its inverse weighs it (None: the route's flat rate).
+    Migration("011_check_probability", (
+        AddColumn("shadow_checks", "sample_prob", "real"),
+        AddColumn("shadow_checks", "confidence", "real"),
+    )),
 )

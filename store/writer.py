@@ -146,8 +146,10 @@ class LedgerWriter:
 
     def submit_check(self, check: dict[str, Any]) -> bool:
         """Queue a shadow check: ts, route, exchange_uid, student_version, student_answer,
-        teacher_answer, agree, cost_usd (the teacher call's, recorded here and nowhere else)."""
-        cols = ("ts", "route", "exchange_uid", "student_version", "student_answer", "teacher_answer", "agree", "cost_usd")
+        teacher_answer, agree, cost_usd (the teacher call's, recorded here and nowhere else),
+        confidence and sample_prob (the probability it was checked with; None: not sampled)."""
+        cols = ("ts", "route", "exchange_uid", "student_version", "student_answer", "teacher_answer", "agree", "cost_usd",
+                "confidence", "sample_prob")
         return self._submit_sql(
             f"INSERT INTO shadow_checks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
             tuple(check.get(c) for c in cols),

@@ -159,3 +159,23 @@ def test_validation_reaches_back_for_shadow_checks_in_cascade_mode() -> None:
     # enough checks already, or the setting off: the plain split
     assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 5})).val_reach_back == 0
     assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 0})).val_reach_back == 0
+
+
+def test_checks_sampled_by_confidence_are_weighted_by_their_inverse_probability():
+    """A version's checks stand for its served answers; where each check recorded the probability it
+    was sampled with, a rarely sampled (confident) one stands for more of them than one near the
+    threshold, and the version's total is unchanged. Teacher answers and checks without a
+    probability keep their weights."""
+    from distiller.dataset import _weigh_checks_by_probability
+    from store.types import Pair
+
+    def pair(i: int, weight: float, served_by: str = "student") -> Pair:
+        return Pair(i, float(i), "r", [], "a", "stop", None, served_by, weight)
+
+    pairs = [pair(1, 1.0, "teacher"), pair(2, 30.0), pair(3, 30.0), pair(4, 30.0), pair(5, 50.0)]
+    probabilities = {2: (1, 0.01), 3: (1, 0.04), 4: (1, 0.04)}  # 5: a flat-rate check (no probability)
+    out = {p.id: p.weight for p in _weigh_checks_by_probability(pairs, probabilities)}
+    assert out[1] == 1.0 and out[5] == 50.0
+    assert out[2] == pytest.approx(4 * out[3]) and out[3] == out[4]
+    assert out[2] + out[3] + out[4] == pytest.approx(90.0)
+    assert _weigh_checks_by_probability(pairs, {}) == pairs

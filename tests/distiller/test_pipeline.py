@@ -173,6 +173,42 @@ def test_worker_picks_up_new_pairs(ledger, fast_config) -> None:
     assert Worker(ledger.path, worker.config).due("triage")[0] is False
 
 
+def test_a_young_route_retrains_each_time_its_pairs_double(ledger, fast_config) -> None:
+    """Until retrain_after_pairs is the smaller step, a route retrains when its pairs have doubled
+    (60 -> 120 -> 240 here), so its first versions come within a few hundred pairs."""
+    from distiller.worker import Worker
+
+    rows = load_fixture("banking77_small.jsonl")
+    worker = Worker(ledger.path, fast_config.with_overrides({"retrain_after_pairs": 500, "retrain_after_minutes": 1e6}))
+    seed_exchanges(ledger, "triage", rows[:30])
+    assert [r.status for r in worker.step()] == ["insufficient"]
+    seed_exchanges(ledger, "triage", rows[30:60])  # 60 in all: enough for a first student, at once
+    assert worker.due("triage")[0] and [r.status for r in worker.step()] == ["trained"]
+    seed_exchanges(ledger, "triage", rows[60:110])
+    due, why = worker.due("triage")
+    assert not due, why  # 50 new pairs on 60: not doubled yet
+    seed_exchanges(ledger, "triage", rows[110:125])
+    due, why = worker.due("triage")
+    assert due and "retrain after 60" in why
+
+
+def test_the_worker_trains_first_the_route_expected_to_save_most(ledger, fast_config) -> None:
+    """Two routes due at once: the one whose teacher costs more per second goes first."""
+    import time as _time
+
+    from distiller.worker import Worker
+
+    rows = load_fixture("banking77_small.jsonl")
+    now = _time.time()
+    seed_exchanges(ledger, "cheap", rows[:80], start_ts=now - 100)
+    seed_exchanges(ledger, "dear", rows[80:160], start_ts=now - 100)
+    with ledger.conn:
+        ledger.conn.execute("UPDATE exchanges SET cost_usd = CASE route WHEN 'dear' THEN 0.01 ELSE 0.001 END")
+    worker = Worker(ledger.path, fast_config)
+    assert worker.expected_saving_rate("dear") > 5 * worker.expected_saving_rate("cheap") > 0
+    assert [r.route for r in worker.step()] == ["dear", "cheap"]
+
+
 def test_learning_curve_bench_on_a_tiny_stream(tmp_path) -> None:
     from bench.learning_curve import format_table, run_learning_curve, write_results
     from tests.distiller.conftest import FIXTURES

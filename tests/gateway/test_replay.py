@@ -43,6 +43,29 @@ def test_replay_metrics_add_up():
     assert m["cpt"]["95"] == pytest.approx(3 / 8)
 
 
+def test_cascade_figures_and_ceiling_ratio():
+    from bench.replay import cascade_figures, ceiling_ratio, format_table
+
+    rows, sent, ledger = _case()
+    m = replay_metrics(rows, sent, ledger, ceiling=0.8, target=0.98)
+    # the student first answered request 3, after two teacher answers; every answer returned agreed
+    assert (m["first_cascade_request"], m["teacher_pairs_before_cascade"], m["min_window_agreement"]) == (3, 2, 1.0)
+    # the last quarter: the student served one of its two requests, rightly: 0.5 at the target, over 0.8
+    assert m["ceiling_ratio"] == pytest.approx(0.5 / 0.8) and m["ceiling_share"] == 0.8
+    assert replay_metrics(rows, sent, ledger)["ceiling_ratio"] is None  # no ceiling given
+    served = [False] * 3 + [True] * 10
+    correct = [True] * 3 + [True, False, True, False, True, True, True, True, True, True]
+    f = cascade_figures(served, correct, window=4)
+    assert f == {"first_cascade_request": 4, "teacher_pairs_before_cascade": 3, "min_window_agreement": 0.5}
+    assert cascade_figures([False] * 5, [True] * 5)["first_cascade_request"] is None
+    # served at 0.99, 0.9, 0.8 and 0.7, wrong at 0.8: at 98%, only the two most confident count
+    assert ceiling_ratio([True] * 4 + [False], [True, True, False, True, True], [0.99, 0.9, 0.8, 0.7, 0.1], 0.5, 0.98) == \
+        pytest.approx((2 / 5) / 0.5)
+    table = format_table({**m, "pacing": "paced: 40 requests/s", "paced": {"held_s": 12.0, "holds": 3}, "dataset": "x",
+                          "requests": 8, "lost": 0, "student_versions": []})
+    assert "pacing: paced: 40 requests/s (held 12 s in 3 holds)" in table and "first student answer at request 3" in table
+
+
 def test_replay_distiller_settings_are_checked_before_anything_starts(capsys):
     from bench.replay import distiller_overrides
     from cli.app import main
@@ -164,3 +187,45 @@ finally:
     finally:
         if bench.poll() is None:
             bench.kill()
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_demo_mid_stream_stops_everything_it_started(tmp_path):
+    """`kdgate demo` stopped with SIGTERM while it replays (the demo's own process, not a bench
+    script): its gateway, stand-in teacher and distiller stop with it, and its first line says how
+    the stream is paced."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = subprocess.Popen([sys.executable, "-m", "cli", "demo", "--limit", "2000", "--rate", "5", "--port", str(port),
+                             "--dir", str(tmp_path / "demo"), "--no-wait"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = demo.stdout.readline()
+        assert "Pacing: paced" in first, first
+        deadline = time.monotonic() + 120
+        kids: list[psutil.Process] = []
+        while time.monotonic() < deadline:  # stand-in, gateway and the gateway's distiller
+            kids = psutil.Process(demo.pid).children(recursive=True)
+            if len(kids) >= 3 and (tmp_path / "demo" / "kdgate.db").exists():
+                break
+            time.sleep(0.2)
+        assert len(kids) >= 3, kids
+        time.sleep(2)  # mid-stream: requests in flight
+        os.kill(demo.pid, signal.SIGTERM)
+        assert demo.wait(90) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while any(k.is_running() and k.status() != psutil.STATUS_ZOMBIE for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if demo.poll() is None:
+            demo.kill()

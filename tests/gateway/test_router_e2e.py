@@ -191,3 +191,79 @@ def test_a_new_version_lifts_a_drift_pause(loop):
     assert state.routes.get("topics").settings["paused_by_drift"] is False
     kinds = [e["kind"] for e in state.ledger.events("topics")]
     assert "drift.cleared" in kinds
+
+
+
+def test_a_student_that_degrades_mid_stream_stops_serving_before_the_window_falls_under_the_target(loop):
+    """After 1,000 requests the student serves, the teacher changes its mind about a third of the
+    traffic (8 of the 24 words): the student, as confident as before, is now wrong on a third of what
+    it serves. Over any 1,000 consecutive requests (the replay's ``min_window_agreement``), the answers
+    the gateway returns agree with the teacher at the target minus one point at least: the route loses
+    its threshold (the version's checks fall under what its calibration promised, or under the
+    target) or is paused (the window monitor) first. Checks at 20% of served answers."""
+    data, standin, gateway, client, state, tmp_path = loop
+    _train_and_wait_for_cascade(data, client, state, tmp_path)
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    assert httpx.patch(gateway.url + "/admin/routes/topics", json={"shadow_rate": 0.2}, headers=admin).status_code == 200
+    target, window, change_at = 0.85, 1000, 1000
+    flipped = set(FRUITS[:4] + VEHICLES[:4])
+    answers = dict(standin.answers)
+    returned: list[bool] = []
+    stopped_at = worst = None
+    for i, (messages, _) in enumerate(itertools.islice(itertools.cycle(data), 3500)):
+        if i == change_at:
+            for m, a in data:
+                if any(f" {w} " in f" {m[1]['content'].rstrip('.?')} " for w in flipped):
+                    answers[messages_key(m)] = "vehicle" if a == "fruit" else "fruit"
+            assert sum(answers[k] != a for k, a in standin.answers.items()) == 40
+            standin.answers = dict(answers)
+        headers, resp = _ask(client, messages)
+        returned.append(resp.choices[0].message.content == answers[messages_key(messages)])
+        if stopped_at is None:
+            if len(returned) >= window:
+                worst = min(worst or 1.0, sum(returned[-window:]) / window)
+                assert worst >= target - 0.01, (
+                    f"request {i}: returned answers agree {worst:.1%} over the last {window} and the route still "
+                    f"serves: {state.students.describe('topics').get('certification')}")
+            if state.students.describe("topics")["threshold_effective"] is None or \
+                    state.routes.get("topics").settings["mode"] != "cascade":
+                stopped_at = i
+        elif i > stopped_at + 50:
+            break
+        time.sleep(0.005)  # the background checks keep pace, as at a real request rate
+    assert stopped_at is not None and stopped_at > change_at, (stopped_at, state.students.describe("topics"))
+    # once it stopped, what it returns is the teacher's (escalations), which teach the next version
+    assert all(returned[stopped_at + 5:])
+    assert state.writer.flush(10)
+    kinds = [e["kind"] for e in state.ledger.events("topics")]
+    assert "threshold.revoked" in kinds or "drift.paused" in kinds
+    checks = sql_rows(state.ledger, "SELECT sample_prob, confidence FROM shadow_checks WHERE route = 'topics' "
+                                    "AND sample_prob IS NOT NULL")
+    assert checks and all(0 < c["sample_prob"] <= 1 and c["confidence"] is not None for c in checks)
+
+
+def test_a_new_version_starts_from_the_labelled_requests_it_never_trained_on(loop):
+    """A version trained, then 20 requests answered by the teacher in shadow mode, then the version
+    promoted: it is scored on those 20 as it loads (the requests it trained on do not count), so
+    its certification starts from them."""
+    from distiller import registry
+
+    data, standin, gateway, client, state, tmp_path = loop
+    _train_and_wait_for_cascade(data, client, state, tmp_path)
+    state.routes.update_settings("topics", {"mode": "shadow", "auto_cascade": False}, actor="test")
+    report = distill_route(state.ledger, "topics", DistillerConfig(min_pairs=40, finetune="never", min_label_examples=2),
+                           artifacts_root=tmp_path / "artifacts", promote=False)
+    for messages, _ in data[100:120]:
+        headers, _ = _ask(client, messages)
+        assert headers["x-kdgate-served-by"] == "teacher"
+    assert state.writer.flush(10)
+    registry.promote(state.ledger, "topics", report.version, actor="test")
+    deadline = time.monotonic() + 60
+    cert: dict = {}
+    while time.monotonic() < deadline:
+        d = state.students.describe("topics")
+        cert = d.get("certification") or {}
+        if (d.get("student") or {}).get("version") == report.version and cert.get("labelled"):
+            break
+        time.sleep(0.2)
+    assert cert.get("labelled") == 20, state.students.describe("topics")

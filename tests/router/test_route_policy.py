@@ -114,8 +114,95 @@ def test_decide_in_each_mode():
 
 def test_describe_shows_threshold_checks_and_expectation():
     p = RoutePolicy({"mode": "cascade", "target_agreement": 0.98})
-    assert p.describe() == {"threshold_effective": None, "live_agreement": None, "live_checks": 0}
+    assert p.describe() == {"threshold_effective": None, "live_agreement": None, "live_checks": 0,
+                            "threshold_source": "none"}
     p.on_version(GOOD)
     p.on_check(True)
     d = p.describe()
     assert d["threshold_effective"] == 0.1 and d["live_checks"] == 1 and d["expected"]["coverage"] == 1.0
+
+
+YOUNG = LiveVersion(4, _curve(1.0, pairs=40), {"agreement": 1.0}, 40)  # too few validation pairs for 98%
+
+
+def test_a_young_version_earns_cascade_from_live_labelled_answers():
+    """40 validation pairs certify nothing at 98%; the side answers shadow mode scores do, and the
+    route moves to cascade at the threshold they certify, as soon as they certify it."""
+    p = RoutePolicy(SHADOW)
+    assert p.on_version(YOUNG) == [] and p.mode == "shadow" and math.isinf(p.threshold)
+    changes, labelled = [], 0
+    while not changes and labelled < 2000:
+        changes = p.on_labelled(0.95, True)
+        labelled += 1
+    assert [c.event for c in changes] == ["mode.auto_cascade"] and changes[0].detail["by"] == "live evidence"
+    assert 200 < labelled < 1000 and p.mode == "cascade" and p.threshold_source == "live"
+    assert p.decide(0.95).use_student and not p.decide(0.05).use_student
+    assert p.describe()["certification"]["labelled"] == labelled
+
+
+def test_labelled_answers_that_disagree_certify_nothing():
+    p = RoutePolicy(SHADOW)
+    p.on_version(YOUNG)
+    assert all(p.on_labelled(0.95, i % 10 != 0) == [] for i in range(3000))  # 90% against a 98% target
+    assert p.mode == "shadow" and math.isinf(p.threshold)
+
+
+def test_checks_under_the_target_revoke_the_threshold_and_only_new_evidence_restores_it():
+    p = RoutePolicy({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.05})
+    p.on_version(GOOD)
+    assert p.threshold == 0.1 and p.threshold_source == "validation"
+    changes = []
+    for i in range(400):
+        changes += p.on_check(i % 5 != 0, confidence=0.95, probability=0.05)  # 80% agreement
+        if any(c.event == "threshold.revoked" for c in changes):
+            break
+    # the window monitor pauses the route as well (it looks at the last checks only); the revocation
+    # is about the version, whatever the mode, and stays
+    assert {c.event for c in changes} <= {"threshold.revoked", "drift.paused"}
+    revoked = [c for c in changes if c.event == "threshold.revoked"]
+    assert revoked and revoked[0].settings == {} and revoked[0].detail["version"] == 1
+    assert revoked[0].detail["why"] in ("below_target", "below_calibration") and revoked[0].detail["checks"] <= 400
+    p.on_settings({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.05})  # an operator resumes it
+    assert math.isinf(p.threshold) and not p.decide(0.99).use_student  # the validation curve no longer counts
+    # every request now escalates, and every escalation is labelled: answers right above 0.5 and
+    # wrong under it certify the candidate at 0.5 again, not the one at 0.1
+    for i in range(4000):
+        confidence = (i % 100) / 100
+        p.on_labelled(confidence, confidence >= 0.5)
+        if not math.isinf(p.threshold):
+            break
+    assert p.threshold_source == "live" and p.decide(0.97).use_student and not p.decide(0.45).use_student
+    # a new version starts its own evidence, and its validation counts again
+    p.on_version(LiveVersion(5, GOOD.curve, GOOD.metrics, GOOD.val_pairs))
+    assert p.threshold == 0.1 and p.evidence.revoked is None and p.evidence.labelled == 0
+
+
+def test_a_version_whose_checks_fall_under_its_calibration_loses_its_threshold():
+    """Served answers agree at 98.5%, over a 98% target, but the calibrator promised 99.99%: the
+    calibration test revokes the threshold; the window monitor, which compares with the target, sees nothing."""
+    import random
+
+    p = RoutePolicy({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.05})
+    p.on_version(GOOD)
+    rng = random.Random(0)
+    changes = []
+    for _ in range(20000):
+        changes += p.on_check(rng.random() < 0.985, confidence=0.9999, probability=0.05)
+        if changes:
+            break
+    assert [c.event for c in changes] == ["threshold.revoked"] and changes[0].detail["why"] == "below_calibration"
+    assert p.mode == "cascade" and not p.paused_by_drift
+
+
+def test_checks_are_sampled_by_confidence_at_the_routes_rate():
+    p = RoutePolicy({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.02})
+    p.on_version(GOOD)
+    assert p.check_probability(0.9) == 0.02  # no served answers yet: the flat rate
+    for _ in range(50):
+        p.on_served(0.99)
+    assert p.check_probability(0.5) > 0.02 > p.check_probability(0.9999)
+    flat = RoutePolicy({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.02, "check_by_confidence": False})
+    flat.on_version(GOOD)
+    for _ in range(50):
+        flat.on_served(0.99)
+    assert flat.check_probability(0.5) == 0.02 == flat.check_probability(0.9999)
