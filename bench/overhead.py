@@ -177,12 +177,9 @@ def run_overhead(*, out: Path | None, requests_c1: int = 500, seconds_c32: float
             results["kdgate_vs_litellm_rps"] = round(k["rps"] / max(results["litellm"]["rps"], 1e-9), 2)
     results["upstream"] = "stand-in OpenAI-compatible server (bench.standin), loopback"
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results_dir = Path("bench/results") if results_dir is None else results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "overhead.json").write_text(json.dumps(results, indent=2))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+    from bench.stack import write_results
+
+    write_results(results, "overhead", out, results_dir)
     return results
 
 
@@ -312,10 +309,7 @@ def run_replicas(*, replicas: tuple[int, ...] = (1, 2), db: str | None = None, s
     if one and two:
         results["two_vs_one_rps"] = round(two["rps"] / max(one["rps"], 1e-9), 3)
     results["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    results_dir = Path("bench/results") if results_dir is None else results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "replicas.json").write_text(json.dumps(results, indent=2))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))
+    from bench.stack import write_results
+
+    write_results(results, "replicas", out, results_dir)
     return results

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.stack import Stack, child_env
+from bench.stack import Stack, child_env, write_results
 
 __all__ = ["run_replay", "replay_metrics", "demo_stream", "load_stream", "stream_name", "distiller_overrides", "format_table",
            "score_versions"]
@@ -529,13 +529,8 @@ def run_replay(
                               "coverage_at_target": v["metrics"].get("coverage_at_target")} for v in versions],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
-    results_dir = Path("bench/results") if results_dir is None else results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"replay-{name}.json").write_text(json.dumps(metrics, indent=2))
-    plot(metrics, results_dir / f"replay-{name}.png", f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2))
+    saved = write_results(metrics, f"replay-{name}", out, results_dir)
+    plot(metrics, saved.with_suffix(".png"), f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")
     return metrics, (stack if keep_running else None)
 
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.stack import Stack
+from bench.stack import Stack, write_results
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,6 @@ def _integrity(db: Path) -> tuple[bool, str]:
     finally:
         ledger.close()
     return text == "ok", text
-
-
-def _write(results: dict[str, Any], name: str, out: Path | None, results_dir: Path | None = None) -> None:
-    text = json.dumps(results, indent=2)
-    results_dir = Path("bench/results") if results_dir is None else results_dir
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{name}.json").write_text(text)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
 
 
 def _warm_student(stack: Stack, rows: list[dict[str, Any]], *, first: int, timeout_s: float = 300.0,
@@ -240,7 +230,7 @@ def run_soak(*, minutes: float, connections: int = 500, out: Path | None = None,
         if student else "stand-in OpenAI-compatible server (bench.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write(results, "soak", out)
+    write_results(results, "soak", out)
     return results
 
 
@@ -310,5 +300,5 @@ def run_crash(
         "teacher": "stand-in OpenAI-compatible server (bench.standin), loopback",
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write(results, "crash", out, results_dir)
+    write_results(results, "crash", out, results_dir)
     return results

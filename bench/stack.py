@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Stack", "child_env", "wait_http", "toml_settings"]
+__all__ = ["Stack", "child_env", "wait_http", "toml_settings", "write_results"]
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -240,3 +240,17 @@ def _stop(proc: subprocess.Popen, *, sig: int = signal.SIGTERM, timeout: float =
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait(10)
+
+
+def write_results(results: dict[str, Any], name: str, out: Path | None = None, results_dir: Path | None = None) -> Path:
+    """Save a bench's JSON as ``<results_dir>/<name>.json`` (default ``bench/results``) and, if given,
+    also at ``out``. Returns the file under ``results_dir``."""
+    text = json.dumps(results, indent=2)
+    results_dir = Path("bench/results") if results_dir is None else results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    path.write_text(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return path

@@ -78,6 +78,7 @@ class ReplayTeacher(StandinApp):
         self.last: dict[str, Any] = {}  # the last body per path (what the teacher was sent)
         self.fault: str | None = None  # set by tests: "500", "429", "timeout", "garbage", "cut"
         self.fault_count = 0  # how many calls the fault applies to (then it clears); 0 = forever
+        self.chat_only = False  # set by tests: answer only chat completions, 404 on the native paths
 
     @classmethod
     def from_jsonl(cls, path: str, **kwargs: Any) -> "ReplayTeacher":
@@ -131,6 +132,8 @@ class ReplayTeacher(StandinApp):
         self.paths[path] += 1
         self.last[path] = body
         if path.endswith(NATIVE_SUFFIXES) and not path.endswith("/chat/completions"):
+            if self.chat_only:  # an OpenAI-compatible server with only chat completions
+                return await send_json(send, 404, error_envelope("not found"))
             if path.endswith("/messages") and fault is None and "x-api-key" not in request.headers and "authorization" not in request.headers:
                 return await send_json(send, 401, native.anthropic_error("x-api-key header is required", "authentication_error"))
             answer = self.answer({"messages": native.conversation(path, body)})

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json
+from cli.common import Json, dataset_paths
 from cli.distill import ConfigJson, distiller_config
 from cli.output import fail, print_json
 
@@ -146,11 +146,7 @@ def learning_curve(
     json: Json = False,
 ) -> None:
     """Agreement and coverage as a route's data grows."""
-    # `--dataset A B`: click options take one value each, so the paths after the first arrive as extra arguments
-    streams = [*dataset, *(Path(a) for a in ctx.args)]
-    bad = [str(p) for p in ctx.args if p.startswith("-")]
-    if bad:
-        fail(f"unknown option(s) {', '.join(bad)}", 2)
+    streams = dataset_paths(dataset, ctx)
     from bench.learning_curve import (
         check_targets,
         format_table,

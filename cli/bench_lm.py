@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cli.bench import app
-from cli.common import Json
+from cli.common import Json, dataset_paths
 from cli.output import fail, print_json
 
 __all__ = ["lm_curve"]
@@ -40,10 +40,7 @@ def lm_curve(
     json: Json = False,
 ) -> None:
     """Train the distiller's LM student on the first N pairs and score it on the test pairs."""
-    paths = [*dataset, *(Path(a) for a in ctx.args)]
-    bad = [str(p) for p in ctx.args if p.startswith("-")]
-    if bad:
-        fail(f"unknown option(s) {', '.join(bad)}", 2)
+    paths = dataset_paths(dataset, ctx)
     if len(paths) != 2:
         fail(f"--dataset takes two files, TRAIN.jsonl and TEST.jsonl; got {len(paths)}", 2)
     missing = [str(p) for p in paths if not p.is_file()]
@@ -69,7 +66,7 @@ def lm_curve(
         for noisy in ("httpx", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     from bench.lm_curve import format_table, run_lm_curve, write_results
-    from distiller.lm.structured import ConfigError
+    from distiller.lm.config import ConfigError
     from router.student import StudentError
 
     try:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +67,11 @@ class SurfaceCall:
 # The surface of the request being served, read where the teacher is called and rows are logged;
 # set by ChatService.chat for the request's own task (the student's path goes through unchanged).
 _SURFACE: ContextVar[SurfaceCall | None] = ContextVar("kdgate_surface", default=None)
+
+
+def _endpoint(surface: SurfaceCall | None) -> str:
+    """The ledger row's endpoint for a request from ``surface`` (None: chat completions)."""
+    return surface.name if surface is not None else "chat.completions"
 
 
 _DEFAULT_PARAMS = ParamPolicy()
@@ -143,7 +148,7 @@ class ChatService:
                                            forwarded=forwarded)
         except GatewayError as exc:
             self._log_failure(uid=uid, ts=ts, t0=t0, route=route, body=body, principal=principal, exc=exc,
-                              endpoint=surface.name if surface is not None else "chat.completions")
+                              endpoint=_endpoint(surface))
             raise
         finally:
             if token is not None:
@@ -171,7 +176,7 @@ class ChatService:
         upstream, ignored = forwarded or teacher_body(body, params=self.params)
         upstream = dict(upstream)  # the stream path adds stream_options to it
         surface = _SURFACE.get()
-        endpoint = surface.name if surface is not None else "chat.completions"
+        endpoint = _endpoint(surface)
         headers = {
             "x-kdgate-route": route.name,
             "x-kdgate-served-by": "teacher",
@@ -207,32 +212,40 @@ class ChatService:
     async def _teacher_answer(self, target: TeacherTarget, upstream: dict[str, Any], surface: SurfaceCall | None) -> TeacherResponse:
         """The teacher's answer: on the request's own surface when ``target`` speaks it (``body``
         then holds its chat form and ``raw`` the native bytes), otherwise as a chat completion."""
-        if surface is None or not self.teacher.speaks(target, surface.name):
-            return await self.teacher.chat(target, upstream)
-        try:
-            native = await self.teacher.native(target, surface.name, surface.native_body)
-        except UpstreamStatus as exc:
-            if exc.status not in (404, 405):
-                raise
-            resp = await self.teacher.chat(target, upstream)  # an OpenAI-compatible server without the path
-            self.teacher.not_native(target, surface.name)
-            return resp
-        return TeacherResponse(body=surface.to_chat(native.body), raw=native.raw, headers=native.headers, native=True)
+
+        async def native() -> TeacherResponse:
+            assert surface is not None
+            answer = await self.teacher.native(target, surface.name, surface.native_body)
+            return TeacherResponse(body=surface.to_chat(answer.body), raw=answer.raw, headers=answer.headers, native=True)
+
+        return await self._on_surface(target, surface, native, lambda: self.teacher.chat(target, upstream))
 
     async def _open_stream(self, target: TeacherTarget, upstream: dict[str, Any], surface: SurfaceCall | None) -> TeacherStream:
         """Open the teacher's stream, natively on the request's surface where ``target`` speaks it."""
-        if surface is None or not self.teacher.speaks(target, surface.name):
-            return await self.teacher.chat_stream(target, upstream)
-        try:
+
+        async def native() -> TeacherStream:
+            assert surface is not None
             stream = await self.teacher.native_stream(target, surface.name, {**surface.native_body, "stream": True})
+            stream.native = True
+            return stream
+
+        return await self._on_surface(target, surface, native, lambda: self.teacher.chat_stream(target, upstream))
+
+    async def _on_surface(self, target: TeacherTarget, surface: SurfaceCall | None, native: Callable[[], Awaitable[Any]],
+                          chat: Callable[[], Awaitable[Any]]) -> Any:
+        """``native()`` when ``target`` speaks the request's surface, else ``chat()``; an upstream that
+        answers the native path 404/405 (an OpenAI-compatible server without it) gets ``chat()``, and
+        the teacher client remembers not to try that path on it again."""
+        if surface is None or not self.teacher.speaks(target, surface.name):
+            return await chat()
+        try:
+            return await native()
         except UpstreamStatus as exc:
             if exc.status not in (404, 405):
                 raise
-            stream = await self.teacher.chat_stream(target, upstream)
-            self.teacher.not_native(target, surface.name)
-            return stream
-        stream.native = True
-        return stream
+        answer = await chat()
+        self.teacher.not_native(target, surface.name)
+        return answer
 
     async def _teacher_stream(
         self,
@@ -259,7 +272,7 @@ class ChatService:
         if stream.native:
             return self._native_stream(route, body, stream, surface, principal, uid, ts, t0, headers, extra_row,
                                        on_answer, target)
-        endpoint = surface.name if surface is not None else "chat.completions"
+        endpoint = _endpoint(surface)
 
         async def events() -> AsyncIterator[bytes]:
             chunks: list[dict[str, Any]] = []

@@ -19,7 +19,6 @@ sha256 is that of its weights file when it is a local directory.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -30,9 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from router.artifact import sha256_file
 from router.student import StudentError
 
-__all__ = ["PACKAGED", "BaseModel", "resolve_base", "model_cache", "check_base", "sha256_file"]
+__all__ = ["PACKAGED", "BaseModel", "resolve_base", "model_cache", "check_base"]
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ class BaseModel:
     path: str
     sha256: str | None  # of the source weights (the GGUF for packaged models)
     source: str  # "gguf:<file>" | "directory" | "hub"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_cache() -> Path:

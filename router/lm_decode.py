@@ -164,6 +164,17 @@ class _Lean:
         return KVCache([torch.zeros(self.nkv, length, self.hd) for _ in range(self.n_layers)],
                        [torch.zeros(self.nkv, length, self.hd) for _ in range(self.n_layers)], length)
 
+    def _fused(self, attn: Any, mlp: Any) -> dict[str, Any]:
+        """A layer's projections packed for one matmul each: q, k and v together; gate and up together."""
+        import torch
+
+        return {
+            "qkv": self._lin(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], 0)),
+            "o": self._lin(attn.o_proj.weight),
+            "gu": self._lin(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)),
+            "down": self._lin(mlp.down_proj.weight),
+        }
+
     def scores(self, h: Any, ids: Sequence[int]) -> Any:
         """Logits of one hidden state over ``ids`` (the gathered head)."""
         import torch
@@ -240,10 +251,7 @@ class FastLlama(_Lean):
             for layer in body.layers:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append({
-                    "qkv": self._lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)),
-                    "o": self._lin(a.o_proj.weight),
-                    "gu": self._lin(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)),
-                    "down": self._lin(m.down_proj.weight),
+                    **self._fused(a, m),
                     "n1": layer.input_layernorm.weight.detach().float().clone(),
                     "n2": layer.post_attention_layernorm.weight.detach().float().clone(),
                 })
@@ -306,10 +314,7 @@ class FastGemma(_Lean):
             for layer in body.layers:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append({
-                    "qkv": self._lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], 0)),
-                    "o": self._lin(a.o_proj.weight),
-                    "gu": self._lin(torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)),
-                    "down": self._lin(m.down_proj.weight),
+                    **self._fused(a, m),
                     "n_in": one(layer.input_layernorm.weight), "n_post_attn": one(layer.post_attention_layernorm.weight),
                     "n_pre_ff": one(layer.pre_feedforward_layernorm.weight),
                     "n_post_ff": one(layer.post_feedforward_layernorm.weight),

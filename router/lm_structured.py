@@ -25,9 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import queue
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from router.batching import MicroBatcher
 from router.lm_base import check_base, resolve_base
 from router.lm_confidence import Calibrator, decision_features
 from router.lm_grammar import Request, RouteSchema
@@ -150,13 +148,10 @@ class StructuredLMStudent:
         self.route = str(manifest.get("route", ""))
         self.version = int(manifest.get("version", 0))
         self.model = load_structured_model(self.directory, manifest, device=device)
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_ms / 1000.0
         self.batches = 0
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"kdgate-lm-structured-{self.route}", daemon=True)
-        self._thread.start()
+        self._batcher: MicroBatcher[_Pending] = MicroBatcher(
+            self._serve, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0, name=f"kdgate-lm-structured-{self.route}",
+            closed_error=lambda: StudentError("The structured LM student was closed."))
 
     def warm(self) -> None:
         """One decode, so the first request does not pay for lazy initialisation."""
@@ -167,10 +162,10 @@ class StructuredLMStudent:
 
     def predict(self, messages: list[dict[str, Any]], params: dict[str, Any] | None = None) -> StudentOutput:
         """Answer one chat (blocks until its batch has run); raises StudentError when it cannot."""
-        if self._closed:
+        if self._batcher.closed:
             raise StudentError("This structured LM student is closed.")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Pending(list(messages), future))
+        self._batcher.put(_Pending(list(messages), future))
         return future.result()
 
     async def apredict(self, messages: list[dict[str, Any]], params: dict[str, Any] | None = None) -> StudentOutput:
@@ -180,42 +175,7 @@ class StructuredLMStudent:
         return await asyncio.to_thread(self.predict, messages, params)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.max_wait_s
-            stop = False
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._serve(batch)
-            if stop:
-                break
-        while True:  # fail what is still queued rather than leave callers waiting
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if left is not None:
-                left.future.set_exception(StudentError("The structured LM student was closed."))
+        self._batcher.close()
 
     def _serve(self, batch: list[_Pending]) -> None:
         model = self.model

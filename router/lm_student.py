@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any
 
 
 from router.artifact import load_manifest
+from router.batching import MicroBatcher
 from router.lm_confidence import (
     FEATURE_NAMES,
     Calibrator,
@@ -109,15 +107,12 @@ class EmbeddedLMStudent:
     ):
         self.directory = Path(directory)
         self.device = device
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_ms / 1000.0
         self._loaded = _Loaded(LMEngine.from_artifact(self.directory, manifest, device=device), manifest)
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._closed = False
         self.batches = 0  # how many generate() batches ran (observable batching)
         self.batched_requests = 0
-        self._thread = threading.Thread(target=self._run, name=f"kdgate-lm-{self.route}", daemon=True)
-        self._thread.start()
+        self._batcher: MicroBatcher[_Pending] = MicroBatcher(
+            self._serve_batch, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0, name=f"kdgate-lm-{self.route}",
+            closed_error=lambda: StudentError("The LM student was closed."))
 
     # the Student protocol's attributes follow the currently loaded artifact
     @property
@@ -143,10 +138,10 @@ class EmbeddedLMStudent:
 
     def predict(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> StudentOutput:
         """Answer one chat; blocks until its batch has run. Raises StudentError on failure."""
-        if self._closed:
+        if self._batcher.closed:
             raise StudentError("This LM student is closed.")
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Pending(list(messages), dict(params or {}), future))
+        self._batcher.put(_Pending(list(messages), dict(params or {}), future))
         return future.result()
 
     async def apredict(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> StudentOutput:
@@ -171,48 +166,15 @@ class EmbeddedLMStudent:
         log.info("lm student %s swapped: version %d -> %d", loaded.route, old.version, loaded.version)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._batcher.close()
 
     # -- batching thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = [item]
-            deadline = time.monotonic() + self.max_wait_s
-            stop = False
-            while len(batch) < self.max_batch:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            groups: dict[tuple, list[_Pending]] = {}
-            for p in batch:
-                groups.setdefault(_sampling_key(p.params), []).append(p)
-            for key, group in groups.items():
-                self._serve(key, group)
-            if stop:
-                break
-        # fail whatever is still queued rather than leave callers waiting forever
-        while True:
-            try:
-                left = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if left is not None:
-                left.future.set_exception(StudentError("The LM student was closed."))
+    def _serve_batch(self, batch: list[_Pending]) -> None:
+        groups: dict[tuple, list[_Pending]] = {}
+        for p in batch:
+            groups.setdefault(_sampling_key(p.params), []).append(p)
+        for key, group in groups.items():
+            self._serve(key, group)
 
     def _serve(self, key: tuple, group: list[_Pending]) -> None:
         loaded = self._loaded  # this batch's engine, even if a swap happens meanwhile

@@ -13,11 +13,24 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LMTrainConfig", "ConfigError", "PRESETS", "preset"]
+__all__ = ["LMTrainConfig", "ConfigError", "PRESETS", "preset", "check_known"]
 
 
 class ConfigError(ValueError):
     """An LM training configuration is invalid (unknown key, unknown preset, bad value)."""
+
+
+def check_known(cls: type, data: dict[str, Any], what: str) -> None:
+    """Raise ConfigError naming the keys of ``data`` that are not fields of the dataclass ``cls``
+    (with the closest known name for each), so a typo fails when settings are read."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"Unknown {what}(s): {', '.join(hints)}. Known settings: {', '.join(sorted(known))}.")
 
 
 @dataclass
@@ -88,16 +101,7 @@ class LMTrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, preset_name: str | None = None) -> "LMTrainConfig":
         """Build a config from ``data`` (over a preset if named); unknown keys raise ConfigError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(
-                f"Unknown LM training setting(s): {', '.join(hints)}. Known settings: {', '.join(sorted(known))}."
-            )
+        check_known(cls, data, "LM training setting")
         base = preset(preset_name) if preset_name else cls()
         return dataclasses.replace(base, **data)
 

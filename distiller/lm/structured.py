@@ -24,7 +24,6 @@ Read top to bottom, one route:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from distiller.lm.config import ConfigError, check_known
 from router.agreement import answers_agree
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema, encode_answer, value_text
 from router.lm_structured import KIND
@@ -47,10 +47,6 @@ __all__ = ["StructuredConfig", "induce_schema", "eligible", "looks_like_extracti
            "StructuredRun"]
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A structured-student setting is unknown or invalid."""
 
 
 @dataclass
@@ -106,15 +102,7 @@ class StructuredConfig:
     def from_dict(cls, data: dict[str, Any] | None, *, base: "StructuredConfig | None" = None) -> "StructuredConfig":
         """``base`` (default: the defaults) with ``data`` applied; unknown keys raise ConfigError."""
         data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, known, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(f"Unknown structured-student setting(s): {', '.join(hints)}. "
-                              f"Known settings: {', '.join(sorted(known))}.")
+        check_known(cls, data, "structured-student setting")
         return dataclasses.replace(base or cls(), **data)
 
     @classmethod

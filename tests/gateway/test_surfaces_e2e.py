@@ -425,3 +425,22 @@ def test_stored_responses_are_seen_by_every_replica(make_gateway):
     with pytest.raises(openai.NotFoundError):
         _openai(slow, key).responses.retrieve(kept.id)
     assert _openai(slow, key).responses.retrieve(follow.id).id == follow.id
+
+
+def test_a_teacher_without_the_native_path_is_asked_on_chat_and_remembered(openai_gw, teacher):
+    """An OpenAI-compatible upstream that has only chat completions answers /v1/responses 404: the
+    request is served through chat, and the gateway does not try the native path on it again."""
+    standin, _ = teacher
+    standin.chat_only = True
+    try:
+        before = standin.paths.copy()
+        client = _openai(openai_gw)
+        for text in ("first try", "second try"):
+            assert client.responses.create(model="gpt-4o-mini", input=text).output_text == f"echo: {text}"
+        chunks = [e.delta for e in client.responses.create(model="gpt-4o-mini", input="streamed", stream=True)
+                  if e.type == "response.output_text.delta"]
+        assert "".join(chunks) == "echo: streamed"
+        assert standin.paths["/v1/responses"] - before["/v1/responses"] == 1
+        assert standin.paths["/v1/chat/completions"] - before["/v1/chat/completions"] == 3
+    finally:
+        standin.chat_only = False

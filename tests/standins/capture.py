@@ -18,13 +18,8 @@ from bench.asgi import Request, Send, StandinApp, send_json
 __all__ = ["CaptureServer", "Captured"]
 
 
-@dataclass
-class Captured:
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
+class Captured(Request):
+    """A request as it arrived (the stand-ins' Request), except that an empty body reads as None."""
 
     def json(self) -> Any:
         return orjson.loads(self.body) if self.body else None
