@@ -315,6 +315,7 @@ def replay_metrics(rows: list[dict[str, Any]], sent: list[dict[str, Any]], ledge
 
 
 WINDOW = 1000  # requests in the sliding window of min_window_agreement
+PACED_RETRAIN_MINUTES = 1e9  # paced replays retrain by pairs only (see replay())
 
 
 def cascade_figures(served: Any, correct: Any, window: int = WINDOW) -> dict[str, Any]:
@@ -448,7 +449,11 @@ def run_replay(
     with open(stream_path, "w") as fh:
         for r in rows:
             fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
-    distiller = {"poll_seconds": 2.0, "retrain_after_pairs": 500, "retrain_after_minutes": 2.0, **(distiller or {})}
+    # Paced, the stream's clock stops while the distiller trains, so a wall-clock retrain ("any new
+    # pairs after 2 minutes") would fire after a couple of minutes of holds on a handful of pairs and
+    # hold the stream again: free versions in stream time. Paced replays retrain by pairs only.
+    distiller = {"poll_seconds": 2.0, "retrain_after_pairs": 500,
+                 "retrain_after_minutes": PACED_RETRAIN_MINUTES if paced else 2.0, **(distiller or {})}
     stack = replay_stack(stream_path, workdir, teacher_model=teacher_model, port=port, distiller=distiller,
                          admin_key=admin_key, route_settings=route_settings or {},
                          routes=sorted({str(r["route"]) for r in rows if r.get("route")}))
@@ -593,30 +598,56 @@ def score_versions(
 def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]], n: int = 400) -> dict[str, Any]:
     """The router's own decision, one request at a time: the live student's features (template
     strip, embedding, TF-IDF) and calibrated confidence, timed in this process on the stream's last
-    ``n`` requests after a warm-up. This is what a request pays before the student-or-teacher choice."""
+    ``n`` requests after a warm-up. This is what a request pays before the student-or-teacher choice.
+    For a label student both encoder runtimes are timed, in alternating blocks of 25 requests
+    (``by_runtime``); ``p50``/``p95`` are the runtime the gateway serves with by default."""
+    from router import embedding
     from router.student import load_student
 
+    before = embedding._runtime
     student = load_student(artifact_path, expected_checksum=checksum)
+    encoder = getattr(student, "embedder", None)
+    runtimes = ["torch"]
+    if isinstance(encoder, embedding.Embedder):
+        served = embedding.prepare_serving_process("auto")
+        runtimes = sorted({"torch", served})
+    else:
+        served, n = "torch", min(n, 100)  # an LM student: one decode per request
     sample = rows[-n:]
-    for r in sample[:20]:
-        student.predict(r["messages"], {})
-    times = []
-    for r in sample:
-        t0 = time.perf_counter()
-        student.predict(r["messages"], {})
-        times.append((time.perf_counter() - t0) * 1000)
-    student.close()
-    times.sort()
-    return {"p50": round(times[len(times) // 2], 2), "p95": round(times[int(len(times) * 0.95)], 2), "requests": len(times)}
+    times: dict[str, list[float]] = {r: [] for r in runtimes}
+    try:
+        for runtime in runtimes:
+            embedding._runtime = runtime
+            for r in sample[:20]:
+                student.predict(r["messages"], {})
+        for start in range(0, len(sample), 25):
+            for runtime in runtimes:
+                embedding._runtime = runtime
+                for r in sample[start:start + 25]:
+                    t0 = time.perf_counter()
+                    student.predict(r["messages"], {})
+                    times[runtime].append((time.perf_counter() - t0) * 1000)
+    finally:
+        embedding._runtime = before
+        student.close()
+
+    def pcts(vals: list[float]) -> dict[str, float]:
+        vals = sorted(vals)
+        return {"p50": round(vals[len(vals) // 2], 2), "p95": round(vals[int(len(vals) * 0.95)], 2)}
+
+    out: dict[str, Any] = {**pcts(times[served]), "requests": len(sample), "runtime": served}
+    if len(runtimes) > 1:
+        out["by_runtime"] = {r: pcts(v) for r, v in times.items()}
+    return out
 
 
 def pacing_text(paced: bool | str, rate: float) -> str:
     """How a replay's stream was paced, in words (the table and the JSON say it)."""
     if paced == "heads":
         return (f"paced: {rate:g} requests/s, held while the distiller retrains the student's heads "
-                "(encoder fine-tuning runs beside the stream)")
+                "(encoder fine-tuning runs beside the stream; retrains by pairs only)")
     if paced:
-        return f"paced: {rate:g} requests/s, held while the distiller trains (held time not counted)"
+        return f"paced: {rate:g} requests/s, held while the distiller trains (held time not counted; retrains by pairs only)"
     return f"unpaced: {rate:g} requests/s while the distiller trains beside the stream"
 
 
@@ -647,7 +678,10 @@ def format_table(m: dict[str, Any]) -> str:
                      f"{r['overall']['saved_fraction']:.1%} saved, agreement {r['overall']['agreement']:.2%}")
     if m.get("router_decision_ms"):
         d = m["router_decision_ms"]
-        lines.append(f"router decision (features + calibrated score, one request): p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
+        lines.append(f"router decision (features + calibrated score, one request, encoder on {d.get('runtime', 'torch')}): "
+                     f"p50 {d['p50']:.1f} ms, p95 {d['p95']:.1f} ms")
+        for runtime, t in sorted((d.get("by_runtime") or {}).items()):
+            lines.append(f"  encoder on {runtime}: p50 {t['p50']:.1f} ms, p95 {t['p95']:.1f} ms (same requests, alternating blocks)")
     lines.append(f"\nteacher spend without kdgate ${format_usd(o['teacher_spend_usd'])}, with kdgate ${format_usd(o['actual_spend_usd'])}"
                  f"  (APGR {m['apgr']:.3f}; CPT50/80/95 {m['cpt']['50']:.1%}/{m['cpt']['80']:.1%}/{m['cpt']['95']:.1%})")
     if m.get("version_scores"):

@@ -305,3 +305,40 @@ def demo(
         pass
     finally:
         stack.stop()
+
+
+@app.command("decision", context_settings={"allow_extra_args": True})
+def decision(
+    ctx: typer.Context,
+    dataset: Annotated[list[Path], typer.Option(help="JSONL stream whose user texts build the requests")],
+    artifact: Annotated[Path | None, typer.Option(
+        help="a label student's artifact directory: time its whole decision too, not only the encoder")] = None,
+    requests: Annotated[int, typer.Option(help="requests timed per prompt length and runtime")] = 60,
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "16,32,64,128,256",
+    name: Annotated[str, typer.Option(help="results name")] = "decision",
+    out: Out = None,
+    json: Json = False,
+) -> None:
+    """The router's decision as prompts grow: the student encoder on PyTorch vs ONNX Runtime."""
+    from bench.decision import format_table, run_decision
+    from bench.replay import load_stream
+    from bench.stack import write_results
+
+    paths = dataset_paths(dataset, ctx)
+    try:
+        rows = [r for p in paths for r in load_stream(p)]
+        length_list = tuple(int(x) for x in lengths.split(",") if x.strip())
+    except (OSError, ValueError) as exc:
+        fail(str(exc), 2)
+    if not length_list or min(length_list) < 1 or requests < 1:
+        fail("--lengths must be positive token counts and --requests at least 1", 2)
+    if artifact is not None and not (artifact / "manifest.json").is_file():
+        fail(f"--artifact: no student artifact (manifest.json) in {artifact}", 2)
+    result = run_decision(rows, requests=requests, artifact=artifact, lengths=length_list)
+    result["dataset"] = [str(p) for p in paths]
+    path = write_results(result, name, out=out)
+    if json:
+        print_json(result)
+    else:
+        print(format_table(result))
+        print(f"\nresults: {path}")

@@ -116,7 +116,8 @@ def create_app(settings: Settings) -> FastAPI:
             from router.embedding import prepare_serving_process
 
             # what the first student load would import, and oneDNN off (the student path's memory)
-            await asyncio.to_thread(prepare_serving_process)
+            runtime = await asyncio.to_thread(prepare_serving_process, settings.student_encoder_runtime)
+            log.info("student encoders run on %s", "ONNX Runtime" if runtime == "onnx" else "PyTorch")
         _freeze_startup_objects()
         follower = asyncio.get_running_loop().create_task(
             follow_store(state, seen=state.ledger.generations()), name="kdgate-follow-store")

@@ -339,6 +339,11 @@ class VersionEvidence:
                 return self._revoke("below_calibration")
         return None
 
+    def revoke(self, why: str) -> str:
+        """Drop what the evidence held (the validation points and every answer so far): from now on
+        only answers labelled later can certify this version. ``why`` is kept in ``revoked``."""
+        return self._revoke(why)
+
     def _revoke(self, why: str) -> str:
         self.revoked = why
         g = len(self.candidates)

@@ -40,6 +40,14 @@ _DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}", "de
 _CACHE: dict[tuple[str, str], Embedder] = {}
 _CACHE_LOCK = threading.Lock()
 
+# How this process runs student encoders for small batches: "torch", or "onnx" (ONNX Runtime, see
+# router.onnx_encoder). The gateway sets it at startup (prepare_serving_process); the distiller's
+# bulk embedding stays on PyTorch. Vectors are the same either way (checked at export).
+RUNTIMES = ("auto", "onnx", "torch")
+_runtime = "torch"
+ONNX_MAX_BATCH = 64  # larger batches (the distiller's) go through SentenceTransformer.encode
+ONNX_MAX_TOKENS = 192  # longer inputs too: PyTorch is faster on them (router.onnx_encoder)
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """Map a configured model to what SentenceTransformer should load.
@@ -82,6 +90,8 @@ class Embedder:
         self._model = model
         self._lock = threading.Lock()
         self._plain: bool | None = None  # see _plain_mean_pooling
+        self._onnx: Any = None  # an OnnxEncoder, False once it is known not to apply
+        self._onnx_lock = threading.Lock()  # not self._lock: building it loads the model under that one
 
     @property
     def model(self) -> Any:
@@ -112,6 +122,11 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         import torch
 
+        if len(texts) <= ONNX_MAX_BATCH and _runtime == "onnx":
+            onnx = self._onnx_encoder()
+            vecs = onnx.encode(texts, int(self.model.max_seq_length or 512), longest=ONNX_MAX_TOKENS) if onnx else None
+            if vecs is not None:
+                return vecs
         if len(texts) == 1 and self._plain_mean_pooling():
             return self._encode_one(texts[0])
 
@@ -125,6 +140,23 @@ class Embedder:
             )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
+
+    @property
+    def runtime(self) -> str:
+        """What encodes a small batch here: "onnx" once the export is in use, else "torch"."""
+        return "onnx" if _runtime == "onnx" and self._onnx_encoder() else "torch"
+
+    def _onnx_encoder(self) -> Any:
+        if self._onnx is None:
+            with self._onnx_lock:
+                if self._onnx is None:
+                    enc = None
+                    if self._plain_mean_pooling():
+                        from router.onnx_encoder import OnnxEncoder
+
+                        enc = OnnxEncoder.for_model(self.model, lambda texts: np.stack([self._encode_one(t)[0] for t in texts]))
+                    self._onnx = enc or False
+        return self._onnx
 
     def _plain_mean_pooling(self) -> bool:
         """Whether the model is exactly transformer -> mean pooling -> normalize (MiniLM and most
@@ -153,9 +185,11 @@ class Embedder:
         return np.ascontiguousarray(vec.float().cpu().numpy(), dtype=np.float32)
 
 
-def prepare_serving_process() -> None:
+def prepare_serving_process(runtime: str = "torch") -> str:
     """Ready the gateway's process to serve students: import what loading one needs (torch,
-    transformers, sentence-transformers) now, and turn oneDNN off for inference.
+    transformers, sentence-transformers) now, turn oneDNN off for inference, and choose how student
+    encoders run (``runtime``: "onnx", "torch", or "auto": ONNX Runtime when it is installed).
+    Returns the runtime chosen.
 
     The import: the gateway calls this at startup, before it moves its startup objects out of the
     garbage collector's reach (``gateway.app._freeze_startup_objects``); imported on the first
@@ -171,11 +205,20 @@ def prepare_serving_process() -> None:
     / 189-190 ms off). The distiller's own process keeps it for training. Not measured for LM
     students served in-process.
     """
+    global _runtime
+    if runtime not in RUNTIMES:
+        raise ValueError(f"encoder runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     import sentence_transformers  # noqa: F401
     import torch
     import transformers  # noqa: F401
 
     torch.backends.mkldnn.enabled = False
+    if runtime == "auto":
+        from router.onnx_encoder import available
+
+        runtime = "onnx" if available() else "torch"
+    _runtime = runtime
+    return runtime
 
 
 def get_embedder(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu") -> Embedder:

@@ -24,12 +24,17 @@ Mode changes (:class:`ModeChange`), each persisted by the caller with its event:
     ``mode.auto_cascade``  shadow -> cascade: the live version meets the target on its validation
                            curve with the route's ``target_confidence``, or its live evidence
                            certifies a threshold, on a useful share of traffic
-    ``drift.paused``       cascade -> shadow (``paused_by_drift``): the checks are significantly
-                           under the target (:meth:`router.policy.LiveAgreement.drifted`)
+    ``drift.paused``       cascade -> shadow (``paused_by_drift``): the checks, weighted by the inverse
+                           of their sampling probability, are significantly under the target
+                           (:meth:`router.policy.LiveAgreement.drifted`); the version's evidence is
+                           dropped, and only answers labelled since the pause can take it back
+                           (``drift.cleared``)
     ``threshold.revoked``  (no settings) the live version's checks fall significantly under the target
                            or under its calibration: it serves only what later evidence certifies
     ``drift.cleared``      the pause is lifted because a new version went live (it must still earn
-                           cascade); an operator who sets ``mode = cascade`` lifts it too
+                           cascade), or, back to cascade at once, because the paused version's answers
+                           labelled since the pause certify a threshold; an operator who sets
+                           ``mode = cascade`` lifts it too
                            (:meth:`gateway.routing.RouteTable.update_settings`)
 """
 
@@ -137,11 +142,21 @@ class RoutePolicy:
 
     def _maybe_cascade(self) -> list[ModeChange]:
         live = self.live
-        if live is None or self.mode != "shadow" or not self.settings.get("auto_cascade") or self.paused_by_drift:
+        if live is None or self.mode != "shadow" or not self.settings.get("auto_cascade"):
             return []
         ev = self.evidence
         by_evidence = (ev is not None and not math.isinf(ev.threshold())
                        and expected_at(live.curve, ev.threshold())["coverage"] >= MIN_CASCADE_COVERAGE)
+        if self.paused_by_drift:
+            # The pause dropped this version's evidence (``_pause``): only answers labelled since
+            # (every request is, in shadow mode) can put it back, so a chance alarm heals itself within
+            # a few hundred requests, and a teacher that changed its answers keeps the route in shadow.
+            if not (by_evidence and ev is not None and ev.revoked == "drift"):
+                return []
+            return [self._apply(ModeChange({"mode": "cascade", "paused_by_drift": False}, "drift.cleared",
+                                           {"version": live.version, "paused_version": live.version, "target": self.target,
+                                            "by": "live evidence since the drift pause", "labelled": ev.labelled},
+                                           expect={"mode": "shadow", "paused_by_drift": True}))]
         if not by_evidence and (ev is not None and ev.revoked or not ready_for_cascade(
                 live.metrics, live.curve, self.target, n_val=live.val_pairs,
                 confidence=self.settings.get("target_confidence"))):
@@ -178,7 +193,14 @@ class RoutePolicy:
         self._derive()
         if was_paused and not self.paused_by_drift:
             self.checks.reset()
+        elif self.paused_by_drift and not was_paused:
+            self._pause_evidence()  # paused by another replica or an operator: the same as here
         return self._maybe_cascade()
+
+    def _pause_evidence(self) -> None:
+        if self.evidence is not None and self.evidence.revoked != "drift":
+            self.evidence.revoke("drift")
+            self._derive()
 
     def check_probability(self, confidence: float) -> float:
         """How likely a served answer of this confidence is to be checked (the route's ``shadow_rate``
@@ -211,7 +233,7 @@ class RoutePolicy:
         feed the version's evidence and its revocation tests; when the window of the last checks is
         significantly under the target the route goes back to shadow, paused, and the window starts
         afresh."""
-        self.checks.add(agree)
+        self.checks.add(agree, 1.0 / probability if probability else 1.0)
         changes: list[ModeChange] = []
         if self.evidence is not None and confidence is not None:
             rate = float(self.settings.get("shadow_rate") or 0.0) or (probability or 1.0)
@@ -227,8 +249,10 @@ class RoutePolicy:
         detail = {"live_agreement": self.checks.agreement, "checks": self.checks.n, "target": self.target,
                   "version": self.live.version if self.live else None}
         self.checks.reset()
-        return changes + [self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail,
-                                                 expect={"mode": "cascade"}))]
+        pause = self._apply(ModeChange({"mode": "shadow", "paused_by_drift": True}, "drift.paused", detail,
+                                       expect={"mode": "cascade"}))
+        self._pause_evidence()
+        return changes + [pause]
 
     def decide(self, confidence: float, *, forbid_escalation: bool = False) -> Decision:
         """Whether a cascade request is answered by the student at this calibrated ``confidence``."""

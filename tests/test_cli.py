@@ -38,7 +38,7 @@ def test_the_command_tree_keeps_every_command():
                 *(("keys", c) for c in ("create", "list", "limit", "revoke")),
                 *(("routes", c) for c in ("list", "show", "set", "create", "rename")),
                 *(("bench", c) for c in ("overhead", "replay", "learning-curve", "lm-student", "gpu-check", "soak",
-                                         "crash", "dashboard"))}
+                                         "crash", "dashboard", "decision", "lm-curve"))}
     assert expected <= set(COMMANDS)
 
 
@@ -195,3 +195,32 @@ def test_ctrl_c_exits_130(db, monkeypatch):
 def test_no_command_shows_help(capsys):
     assert main([]) in (0, 2)
     assert "Usage: kdgate" in capsys.readouterr().out
+
+
+def test_bench_decision_times_the_encoder_on_both_runtimes(tmp_path, monkeypatch, capsys):
+    """``kdgate bench decision`` on a small stream: both runtimes timed at each length, what a cap
+    would truncate, the results file written; a missing artifact is refused with a message."""
+    from pathlib import Path
+
+    import torch
+
+    stream = Path(__file__).parent / "fixtures" / "banking77_small.jsonl"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KDGATE_MODEL_CACHE", str(tmp_path / "models"))
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        assert main(["bench", "decision", "--dataset", str(stream), "--requests", "3", "--lengths", "8,32", "--json"]) == 0
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    out = json.loads(capsys.readouterr().out)
+    assert out["runtimes"] == ["torch", "onnx"] and out["encoder_cap_tokens"] == 256
+    assert [p["tokens"] for p in out["points"]] == [8, 32]
+    assert all(p["encoder_p50_ms"][r] > 0 for p in out["points"] for r in ("torch", "onnx"))
+    assert set(out["share_longer_than"]) == {"8", "32"} and 0 < out["share_longer_than"]["8"] <= 1
+    assert json.loads((tmp_path / "bench" / "results" / "decision.json").read_text())["points"] == out["points"]
+    from router import embedding
+
+    assert embedding._runtime == "torch"  # the bench puts the process's runtime back
+
+    assert main(["bench", "decision", "--dataset", str(stream), "--artifact", str(tmp_path / "nowhere")]) == 2
+    assert "no student artifact" in capsys.readouterr().err

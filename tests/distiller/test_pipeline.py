@@ -480,3 +480,9 @@ def test_worker_gives_extraction_routes_the_lm_student_and_others_the_label_stud
     failed = [e for e in ledger.events("travel") if e["kind"] == "distill.run" and e["detail"].get("kind") == "lm"]
     assert failed and failed[0]["detail"]["ok"] is False  # the LM run was tried, and failed
     assert registry.live(ledger, "travel")["kind"] == "structured"  # the label student serves meanwhile
+    # every run, LM or label, is bracketed by distill.started / distill.finished (bench replay --paced
+    # holds its stream on them): the failed LM run and the label run that followed it
+    travel = [(e["kind"], (e["detail"] or {}).get("status")) for e in reversed(ledger.events("travel"))
+              if e["kind"] in ("distill.started", "distill.finished")]
+    assert travel == [("distill.started", None), ("distill.finished", "failed"),
+                      ("distill.started", None), ("distill.finished", "trained")]

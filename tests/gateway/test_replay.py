@@ -130,6 +130,39 @@ def test_score_versions_reads_each_version_against_the_streams_answers(tmp_path)
     assert bad["agreement_when_served"] in (None, 0.0)
 
 
+def test_the_decision_is_timed_on_the_runtime_the_gateway_serves_with(tmp_path, monkeypatch):
+    """``router_decision_ms``: the live student's decision on both encoder runtimes, the headline
+    figure on the one the gateway uses by default (ONNX Runtime where installed)."""
+    import torch
+
+    from bench.replay import time_decisions
+    from distiller.config import DistillerConfig
+    from distiller.pipeline import distill_route
+    from router import embedding
+    from store import Ledger
+    from tests.distiller.conftest import load_fixture, seed_exchanges
+
+    monkeypatch.setenv("KDGATE_MODEL_CACHE", str(tmp_path / "models"))
+    rows = load_fixture("banking77_small.jsonl")
+    ledger = Ledger(tmp_path / "kdgate.db")
+    seed_exchanges(ledger, "replay", rows[:150])
+    report = distill_route(ledger, "replay", DistillerConfig(finetune="never", min_pairs=50),
+                           artifacts_root=tmp_path / "artifacts")
+    from distiller import registry
+
+    row = registry.get(ledger, "replay", report.version)
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        timed = time_decisions(row["artifact_path"], row["checksum"], rows, n=30)
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    assert timed["runtime"] == "onnx" and timed["requests"] == 30
+    assert set(timed["by_runtime"]) == {"onnx", "torch"}
+    assert timed["p50"] == timed["by_runtime"]["onnx"]["p50"] > 0
+    assert all(t["p95"] >= t["p50"] for t in timed["by_runtime"].values())
+    assert embedding._runtime == "torch"
+
+
 def test_toml_settings_are_what_the_gateway_reads(tmp_path):
     from bench.stack import toml_settings
     from gateway.settings import load_settings

@@ -154,14 +154,15 @@ def test_checks_under_the_target_revoke_the_threshold_and_only_new_evidence_rest
     changes = []
     for i in range(400):
         changes += p.on_check(i % 5 != 0, confidence=0.95, probability=0.05)  # 80% agreement
-        if any(c.event == "threshold.revoked" for c in changes):
+        if changes:
             break
-    # the window monitor pauses the route as well (it looks at the last checks only); the revocation
+    # the betting tests revoke the version's threshold, or the window monitor (which looks at the last
+    # checks only) pauses the route first, which drops the version's evidence the same way; either
     # is about the version, whatever the mode, and stays
     assert {c.event for c in changes} <= {"threshold.revoked", "drift.paused"}
     revoked = [c for c in changes if c.event == "threshold.revoked"]
-    assert revoked and revoked[0].settings == {} and revoked[0].detail["version"] == 1
-    assert revoked[0].detail["why"] in ("below_target", "below_calibration") and revoked[0].detail["checks"] <= 400
+    assert all(c.settings == {} and c.detail["version"] == 1 for c in revoked)
+    assert p.evidence.revoked in ("below_target", "below_calibration", "drift") and len(p.evidence.checks_agree) <= 400
     p.on_settings({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.05})  # an operator resumes it
     assert math.isinf(p.threshold) and not p.decide(0.99).use_student  # the validation curve no longer counts
     # every request now escalates, and every escalation is labelled: answers right above 0.5 and
@@ -206,3 +207,55 @@ def test_checks_are_sampled_by_confidence_at_the_routes_rate():
     for _ in range(50):
         flat.on_served(0.99)
     assert flat.check_probability(0.5) == 0.02 == flat.check_probability(0.9999)
+
+
+def test_the_drift_window_weighs_checks_by_their_sampling_probability():
+    """Checks are drawn more where the student is least sure, and that is where it errs: the plain share
+    of agreeing checks is biased low. Weighted by 1 / probability the window reads what is served."""
+    p = RoutePolicy({"mode": "cascade", "target_agreement": 0.98, "shadow_rate": 0.02})
+    p.on_version(GOOD)
+    changes = []
+    for i in range(60):
+        # every fourth check is a low-confidence answer checked 5x as often, a third of them wrong
+        low = i % 4 == 0
+        changes += p.on_check(not (low and i % 12 == 0), confidence=0.5 if low else 0.99,
+                              probability=0.1 if low else 0.02)
+    # plain: 55 of 60 agree (91.7%, a pause); weighted: each low check stands for 1/5 of a high one
+    assert 0.97 < p.checks.agreement < 0.99 and p.checks.effective_n < p.checks.n
+    assert not any(c.event == "drift.paused" for c in changes) and p.mode == "cascade"
+
+
+def _paused() -> RoutePolicy:
+    p = RoutePolicy({**SHADOW, "mode": "cascade"})
+    p.on_version(GOOD)
+    changes = []
+    while not any(c.event == "drift.paused" for c in changes):
+        changes += p.on_check(False, confidence=0.95, probability=0.02)
+    assert p.paused_by_drift and p.mode == "shadow" and p.evidence.revoked == "drift"
+    assert math.isinf(p.threshold)  # neither the validation curve nor the old evidence counts now
+    return p
+
+
+def test_a_drift_pause_heals_on_evidence_labelled_since_and_holds_on_a_changed_teacher():
+    # a teacher that changed its answers: the side answers keep disagreeing, the route stays in shadow
+    p = _paused()
+    assert all(p.on_labelled(0.95, i % 10 != 0) == [] for i in range(3000)) and p.paused_by_drift
+    # the alarm was chance: the answers labelled since agree, and they alone take the route back
+    p = _paused()
+    healed = []
+    for _ in range(2000):
+        healed += p.on_labelled(0.95, True)
+        if healed:
+            break
+    assert [c.event for c in healed] == ["drift.cleared"]
+    assert healed[0].settings == {"mode": "cascade", "paused_by_drift": False}
+    assert healed[0].detail["by"] == "live evidence since the drift pause"
+    assert p.mode == "cascade" and not p.paused_by_drift and not math.isinf(p.threshold)
+
+
+def test_a_pause_from_another_replica_drops_the_evidence_too():
+    p = RoutePolicy({**SHADOW, "mode": "cascade"})
+    p.on_version(GOOD)
+    assert not math.isinf(p.threshold)
+    assert p.on_settings({**SHADOW, "mode": "shadow", "paused_by_drift": True}) == []
+    assert p.evidence.revoked == "drift" and math.isinf(p.threshold)
