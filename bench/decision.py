@@ -70,6 +70,7 @@ def run_decision(rows: list[dict[str, Any]], *, requests: int = 60, artifact: Pa
     enc = embedding.Embedder(embedding.DEFAULT_MODEL)
     tok = enc.model.tokenizer
     cap = int(enc.model.max_seq_length or 512)
+    before = embedding._runtime
     embedding.prepare_serving_process("onnx")  # exports (or finds) the ONNX encoder
     runtimes = ["torch", "onnx"] if enc.runtime == "onnx" else ["torch"]
 
@@ -120,7 +121,7 @@ def run_decision(rows: list[dict[str, Any]], *, requests: int = 60, artifact: Pa
             if bar is not None:
                 bar.update(1)
     finally:
-        embedding._runtime = "torch"
+        embedding._runtime = before
         if bar is not None:
             bar.close()
         if student is not None:
