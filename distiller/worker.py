@@ -159,7 +159,18 @@ class Worker:
 
     def _distill(self, route: str, cfg: DistillerConfig, st: RouteState) -> DistillReport:
         """One run for a due route: the student kind its data calls for, trained and gated."""
-        tried_lm = bool(cfg.lm_base_model) and self._extraction(route, cfg)
+        extraction = self._extraction(route, cfg) if cfg.lm_base_model else False
+        if extraction is None:
+            # Too few pairs to tell an extraction route from a label one. Not the label student by default:
+            # the pairs arriving while it reads could take it past min_pairs and give an extraction route a
+            # label student (seen in tests/gateway/test_lm_structured_e2e.py on a quiet machine).
+            have = self.ledger.count_exchanges(route, served_by="teacher", status=200)
+            last_id = self.ledger.max_exchange_id(route)
+            self.ledger.record_event(route, "distill.insufficient", actor="distiller",
+                                     detail={"have": have, "need": cfg.min_pairs})
+            return DistillReport(route, "insufficient", f"{have} pairs; the student kind is decided at {cfg.min_pairs}",
+                                 have=have, need=cfg.min_pairs, last_exchange_id=last_id)
+        tried_lm = bool(extraction)
         if tried_lm:
             # values copied from the request (names, dates, places) are beyond a label head, which answers
             # only values it has seen: the structured LM student takes the route (and no encoder fine-tuning)
@@ -243,15 +254,18 @@ class Worker:
             return False
         return st.finetuned_pairs == 0 or train_pairs >= cfg.finetune_growth * st.finetuned_pairs
 
-    def _extraction(self, route: str, cfg: DistillerConfig) -> bool:
-        """Whether the route is an extraction route (:func:`distiller.lm.structured.looks_like_extraction`)
-        with enough pairs to train on; decided on its newest pairs with the static template stripped."""
+    def _extraction(self, route: str, cfg: DistillerConfig) -> bool | None:
+        """Whether the route is an extraction route (:func:`distiller.lm.structured.looks_like_extraction`),
+        decided on its newest pairs with the static template stripped; None while it has fewer than
+        ``min_pairs`` (undecided)."""
         from distiller.lm.structured import looks_like_extraction
         from router.template import learn_template
 
         pairs = [p for p in self.ledger.teacher_pairs(route) if p.answer and p.answer.strip()][-2000:]
-        if len(pairs) < cfg.min_pairs or cfg.lm_settings.get("answer_grammar") == "off":
+        if cfg.lm_settings.get("answer_grammar") == "off":
             return False
+        if len(pairs) < cfg.min_pairs:
+            return None
         template = learn_template([p.messages for p in pairs])
         yes, why = looks_like_extraction([template.strip(p.messages) for p in pairs], [p.answer for p in pairs])
         self.ledger.record_event(route, "distill.student_kind", actor="distiller",
