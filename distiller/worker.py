@@ -12,7 +12,6 @@ progress finishes its current route first, so no half-written version is ever re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,14 +222,15 @@ class Worker:
 
     def _run(self, route: str, config: DistillerConfig) -> DistillReport:
         t0 = time.monotonic()
-        with self._bracketed(route, config.finetune) as done:
+        def run() -> DistillReport:
             try:
-                report = distill_route(self.ledger, route, config, artifacts_root=self.artifacts_root, stop=self.stop)
+                return distill_route(self.ledger, route, config, artifacts_root=self.artifacts_root, stop=self.stop)
             except Exception as exc:  # one route's failure must not stop the worker
                 log.exception("distilling route %s failed", route)
                 self.ledger.record_event(route, "distill.failed", actor="distiller", detail={"error": str(exc)})
-                report = DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
-            done(report.status)
+                return DistillReport(route, "failed", str(exc), last_exchange_id=self.ledger.max_exchange_id(route))
+
+        report = self._bracketed(route, config.finetune, run)
         if report.status in ("trained", "failed"):
             # the gateway's /metrics reads these (the worker is another process)
             self.ledger.record_event(route, "distill.run", actor="distiller", detail={
@@ -273,20 +273,21 @@ class Worker:
         log.info("route %s: %s", route, why)
         return yes
 
-    @contextlib.contextmanager
-    def _bracketed(self, route: str, finetune: str) -> Iterator[Callable[[str], None]]:
-        """``distill.started`` / ``distill.finished`` around one run, whatever its student kind:
-        benches that pace their stream by the distiller (bench replay --paced) read them. The body
-        calls the yielded function with the run's status."""
+    def _bracketed(self, route: str, finetune: str, run: Callable[[], DistillReport]) -> DistillReport:
+        """``run()`` between ``distill.started`` and ``distill.finished`` (with the report's status),
+        whatever the student kind: benches that pace their stream by the distiller (bench replay
+        --paced) read them. ``run`` reports its own failures; anything it raises is recorded as failed."""
         t0 = time.monotonic()
-        status = ["failed"]
+        status = "failed"
         self.ledger.record_event(route, "distill.started", actor="distiller",
                                  detail={"last_exchange_id": self.ledger.max_exchange_id(route), "finetune": finetune})
         try:
-            yield lambda s: status.__setitem__(0, s)
+            report = run()
+            status = report.status
+            return report
         finally:
             self.ledger.record_event(route, "distill.finished", actor="distiller",
-                                     detail={"status": status[0], "seconds": round(time.monotonic() - t0, 3),
+                                     detail={"status": status, "seconds": round(time.monotonic() - t0, 3),
                                              "finetune": finetune})
 
     def _run_lm(self, route: str, cfg: DistillerConfig) -> DistillReport:
@@ -296,20 +297,22 @@ class Worker:
 
         t0 = time.monotonic()
         last_id = self.ledger.max_exchange_id(route)
-        with self._bracketed(route, "never") as done:
+
+        def run() -> DistillReport:
             try:
                 lm_cfg = LMTrainConfig.from_dict({**cfg.lm_settings, "base_model": cfg.lm_base_model},
                                                  preset_name=cfg.lm_preset)
                 out = distill_lm_route(self.db_path, route, lm_cfg, artifacts_dir=self.artifacts_root)
-                ok, message = True, f"lm student v{out.get('version')}: {out.get('status')}"
             except Exception as exc:
                 log.exception("LM distillation of route %s failed", route)
-                ok, message, out = False, str(exc), {}
-            done("trained" if ok else "failed")
-        self.ledger.record_event(route, "distill.run", actor="distiller",
-                                 detail={"seconds": round(time.monotonic() - t0, 3), "ok": ok, "kind": "lm"})
-        return DistillReport(route, "trained" if ok else "failed", message, version=out.get("version"),
-                             metrics=out.get("metrics") or {}, last_exchange_id=last_id)
+                return DistillReport(route, "failed", str(exc), last_exchange_id=last_id)
+            return DistillReport(route, "trained", f"lm student v{out.get('version')}: {out.get('status')}",
+                                 version=out.get("version"), metrics=out.get("metrics") or {}, last_exchange_id=last_id)
+
+        report = self._bracketed(route, "never", run)
+        self.ledger.record_event(route, "distill.run", actor="distiller", detail={
+            "seconds": round(time.monotonic() - t0, 3), "ok": report.status == "trained", "kind": "lm"})
+        return report
 
     def run(self) -> None:
         """Poll until ``stop`` is set."""
