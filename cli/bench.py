@@ -9,6 +9,7 @@ from __future__ import annotations
 import json as jsonlib
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -168,11 +169,7 @@ def learning_curve(
             fail(f"--targets: comma-separated agreements in (0, 1] expected, got {targets!r}", 2)
     result = run_learning_curve(streams, **kwargs)
     path = write_results(result, results_dir=results_dir, out=out)
-    if json:
-        print_json(result)
-    else:
-        print(format_table(result))
-        print(f"\nresults: {path}")
+    _show(result, path, format_table, json)
 
 
 @app.command("lm-student")
@@ -337,8 +334,54 @@ def decision(
     result = run_decision(rows, requests=requests, artifact=artifact, lengths=length_list)
     result["dataset"] = [str(p) for p in paths]
     path = write_results(result, name, out=out)
+    _show(result, path, format_table, json)
+
+
+@app.command("splits")
+def splits(
+    ledger: Annotated[str, typer.Option(help="a replay's ledger: SQLite path or postgresql:// DSN")],
+    dataset: Annotated[Path, typer.Option(help="the JSONL stream that replay replayed (its teacher answers score the next requests)")],
+    route: Annotated[str, typer.Option(help="the route in the ledger")] = "replay",
+    cutoffs: Annotated[str, typer.Option(help="comma-separated requests to cut the ledger at")] = "3000,5000,7000,9000,11000",
+    horizon: Annotated[int, typer.Option(help="requests after each cut that each candidate serves")] = 2000,
+    split: Annotated[list[str] | None, typer.Option(
+        "--split", help="a validation split to compare (repeatable; default all): newest, holdout, holdout-only, holdout-plain, holdout-norefit")] = None,
+    config_json: ConfigJson = None,
+    name: Annotated[str, typer.Option(help="results name")] = "splits",
+    out: Out = None,
+    json: Json = False,
+) -> None:
+    """Validation splits side by side on a replay's ledger: what each certifies, and serves of what came next."""
+    from bench.replay import load_stream
+    from bench.splits import SPLITS, format_table, run_splits
+    from bench.stack import write_results
+    from store import Ledger
+
+    chosen = tuple(split or SPLITS)
+    try:
+        cuts = tuple(int(x) for x in cutoffs.split(",") if x.strip())
+        rows = load_stream(dataset)
+    except (OSError, ValueError) as exc:
+        fail(str(exc), 2)
+    if not cuts or min(cuts) < 1 or horizon < 1:
+        fail("--cutoffs must be positive request counts and --horizon at least 1", 2)
+    if not str(ledger).startswith("postgres") and not Path(ledger).is_file():
+        fail(f"--ledger: no such file {ledger}", 2)
+    config = distiller_config(config_json)
+    try:
+        result = run_splits(Ledger(ledger), route, rows, cutoffs=cuts, horizon=horizon, splits=chosen, config=config,
+                            progress=not json)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    result.update(ledger=str(Path(ledger).name), dataset=str(dataset))
+    path = write_results(result, name, out=out)
+    _show(result, path, format_table, json)
+
+
+def _show(result: dict, path: Path, table: Callable[[dict], str], json: bool) -> None:
+    """A bench result on stdout: as JSON, or as its table and where the file was written."""
     if json:
         print_json(result)
     else:
-        print(format_table(result))
+        print(table(result))
         print(f"\nresults: {path}")

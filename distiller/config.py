@@ -28,8 +28,11 @@ class DistillerConfig:
 
     min_pairs: int = _f(50, "Fewest usable (deduplicated) teacher pairs a route needs before a student is trained.")
     min_val_pairs: int = _f(20, "Fewest validation pairs; the split takes at least this many when it can.")
-    val_fraction: float = _f(0.2, "Share of the newest pairs held out for validation and calibration.")
+    val_fraction: float = _f(0.2, "Share of the pairs held out for validation and calibration (see val_split).")
     min_val_checks: int = _f(0, "Cascade mode: the validation split reaches back (at most to half the pairs) until it holds this many shadow checks, and is then scored out of fold (0, the default: newest pairs only; see docs/architecture.md for what 150 did in a replay).")
+    val_split: str = _f("holdout", "How validation pairs are chosen: 'holdout' (the default: a fixed share of the route's distinct prompts over its whole life, chosen by a hash of the prompt, so that no version's scored model or encoder ever trains on them; scored out of fold, see val_out_of_fold and docs/architecture.md) or 'newest' (the newest val_fraction of the pairs, scored by a model trained on the older ones).")
+    val_out_of_fold: bool = _f(True, "Score a validation split that is not the newest pairs (val_split 'holdout', or min_val_checks' reach-back) out of fold, by models that also learnt from the rest of the split, as the refit version that ships does (2 extra fits per variant); off: by the model trained without the split (conservative, cheaper).")
+    cross_fit_folds: int = _f(5, "With the holdout split, a version on the frozen encoder is scored by K-fold cross-fitting over every pair (each by a model fitted on the other folds), so its curve rests on all the route's labelled pairs; a fine-tuned encoder saw its training pairs, so its versions are scored on the held-out ones only (0 or 1: held-out pairs only for every version).")
     max_val_pairs: int = _f(2000, "Cap on validation pairs (the newest ones), so big routes keep most data for training.")
     target_agreement: float = _f(0.98, "Agreement with the teacher the route must reach on the requests a student serves.")
     target_confidence: float = _f(0.95, "How sure a version's validation curve must make the router that it meets the target before it gets a threshold (a one-sided Wilson bound; 0.5: the plain curve).")
@@ -125,6 +128,8 @@ class DistillerConfig:
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.val_split not in ("newest", "holdout"):
+            raise ConfigError(f"val_split must be newest or holdout, got {self.val_split!r}.")
         if not 0.5 <= self.target_agreement <= 1.0:
             raise ConfigError(f"target_agreement must be between 0.5 and 1, got {self.target_agreement}.")
         if not 0.5 <= self.target_confidence < 1.0:

@@ -2,13 +2,15 @@
 
 Steps: keep only usable teacher answers (no errors, refusals or truncations) -> learn the route's
 static template from its requests and strip it (what varies is what the student sees) -> optionally
-scrub personal data -> deduplicate on the normalized varying text, keeping the newest answer -> split
-by time, the newest pairs validating, as production would see them.
+scrub personal data -> deduplicate on the normalized varying text, keeping the newest answer -> split:
+by time, the newest pairs validating (``val_split = "newest"``), or by a hash of the prompt, a fixed
+share of the route's prompts over its whole life (``"holdout"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -30,8 +32,11 @@ __all__ = [
     "unusable_reason",
     "build_dataset",
     "load_route_dataset",
+    "route_examples",
     "examples_from_jsonl",
     "normalize_prompt",
+    "holdout_share",
+    "holdout_fraction",
 ]
 
 
@@ -75,6 +80,10 @@ class RouteDataset:
     # Validation pairs older than the plain newest-pairs split, taken to reach config.min_val_checks
     # shadow checks (cascade mode). Validation is then scored out of fold (see distiller.train).
     val_reach_back: int = 0
+    # How the validation pairs were chosen (config.val_split): "newest", or "holdout" with the share
+    # of the route's distinct prompts held out (see holdout_share).
+    val_split: str = "newest"
+    holdout_fraction: float | None = None
 
     @property
     def val_checks(self) -> int:
@@ -144,6 +153,13 @@ def build_dataset(
         if dropped:
             detail = "Dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(dropped.items())) + ". "
         raise NotEnoughData(route, len(unique), config.min_pairs, detail)
+    if config.val_split == "holdout":
+        fraction = holdout_fraction(len(unique), config)
+        held = [holdout_share(e.text) < fraction for e in unique]
+        if 0 < sum(held) <= len(unique) - 2:
+            return RouteDataset(route=route, template=template, train=[e for e, h in zip(unique, held) if not h],
+                                val=[e for e, h in zip(unique, held) if h], dropped=dropped, pii_scrub=config.pii_scrub,
+                                val_split="holdout", holdout_fraction=fraction)
     n_val = int(round(len(unique) * config.val_fraction))
     n_val = max(n_val, min(config.min_val_pairs, len(unique) // 2))
     n_val = min(n_val, config.max_val_pairs, len(unique) - 2)
@@ -158,6 +174,26 @@ def build_dataset(
         pii_scrub=config.pii_scrub,
         val_reach_back=n_val - plain,
     )
+
+
+def holdout_share(text: str) -> float:
+    """Where a prompt falls in [0, 1): a hash of its normalized varying text (the dedup key), the
+    same in every process and every version, so a prompt is held out for validation in all of a
+    route's versions or in none."""
+    digest = hashlib.blake2b(normalize_prompt(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def holdout_fraction(n: int, config: DistillerConfig) -> float:
+    """The share of prompts held out when a route has ``n`` distinct pairs: ``val_fraction``, more
+    while ``min_val_pairs`` needs it, less once ``max_val_pairs`` caps it, never over a half.
+
+    It never grows as ``n`` grows, so a prompt held out once stays held out until the cap lets it
+    go to training, and no prompt that an earlier version's encoder or scored model trained on is
+    validated on later (the certification of every version rests on that; the versions that ship
+    are refit on their held-out prompts too, see distiller.train.refit_on_all)."""
+    fraction = max(config.val_fraction, config.min_val_pairs / max(n, 1))
+    return min(fraction, config.max_val_pairs / max(n, 1), 0.5)
 
 
 def _reach_back_for_checks(unique: Sequence[Example], n_val: int, min_checks: int, floor_id: int | None) -> int:
@@ -183,6 +219,13 @@ def _reach_back_for_checks(unique: Sequence[Example], n_val: int, min_checks: in
 
 def load_route_dataset(ledger: Any, route: str, config: DistillerConfig, *, val_floor_id: int | None = None) -> RouteDataset:
     """The route's dataset from the ledger's successful teacher exchanges (see :func:`build_dataset`)."""
+    examples, dropped = route_examples(ledger, route)
+    return build_dataset(route, examples, config, dropped=dropped, val_floor_id=val_floor_id)
+
+
+def route_examples(ledger: Any, route: str) -> tuple[list[Example], dict[str, int]]:
+    """The route's usable teacher pairs, oldest first, shadow checks weighted (before template
+    stripping and deduplication), and the count of unusable ones by reason."""
     examples: list[Example] = []
     dropped: dict[str, int] = {}
     pairs = _weigh_checks_by_probability(list(ledger.teacher_pairs(route, shadow_checks=True)),
@@ -196,7 +239,7 @@ def load_route_dataset(ledger: Any, route: str, config: DistillerConfig, *, val_
             Example(id=pair.id, ts=pair.ts, messages=pair.messages, answer=pair.answer, logprobs=pair.teacher_logprobs,
                     weight=pair.weight)
         )
-    return build_dataset(route, examples, config, dropped=dropped, val_floor_id=val_floor_id)
+    return examples, dropped
 
 
 def _weigh_checks_by_probability(pairs: list[Any], probabilities: dict[int, tuple[int | None, float]]) -> list[Any]:

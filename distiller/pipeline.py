@@ -116,6 +116,11 @@ class GateResult:
     candidate_served_pairs: int = 0  # the evidence behind candidate_agreement
     candidate_raw: float = 0.0  # coverage at the target on the plain curve of these pairs: the
     live_raw: float | None = None  # tie-break while neither version is certified to serve anything
+    # The share each version's own cross-fitted curve certifies (holdout split, both versions): an
+    # estimate over all the route's labelled pairs, where the compared pairs in cascade mode are a few
+    # hundred escalations and checks, a handful of checks deciding the weighted shares.
+    candidate_certified: float | None = None
+    live_certified: float | None = None
 
     def quality_ok(self) -> bool:
         """What the candidate serves here is not significantly below the target (a one-sided 95%
@@ -127,6 +132,9 @@ class GateResult:
     def candidate_wins(self) -> bool:
         if not self.quality_ok():
             return False
+        if self.candidate_certified is not None and self.live_certified is not None and (
+                self.candidate_certified > 0 or self.live_certified > 0):
+            return self.candidate_certified > self.live_certified
         live = (self.live or 0.0, self.live_raw or 0.0)
         return (self.candidate, self.candidate_raw) > live
 
@@ -151,8 +159,10 @@ def gate(
     student must not block a working one.
     """
     row = registry.live(ledger, route)
-    seen = int((row or {}).get("metrics", {}).get("last_exchange_id") or 0)
-    unseen = np.array([e.id > seen for e in dataset.val], dtype=bool)
+    live_metrics = (row or {}).get("metrics") or {}
+    seen = int(live_metrics.get("last_exchange_id") or 0)
+    never_trained = _held_out_from(live_metrics, dataset)
+    unseen = np.array([never_trained or e.id > seen for e in dataset.val], dtype=bool)
     unseen_only = row is not None and int(unseen.sum()) >= min_pairs
     use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
     picked = [e for e, u in zip(dataset.val, use) if u]
@@ -170,6 +180,9 @@ def gate(
         return point["coverage"], point["agreement"], int(point["pairs"]), raw
 
     result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target)
+    if dataset.val_split == "holdout" and live_metrics.get("val_split") == "holdout":
+        result.candidate_certified = cand.metrics.get("certified_coverage")
+        result.live_certified = live_metrics.get("certified_coverage")
     if cand.val_scores is not None:
         conf, correct = (np.asarray(a, dtype=np.float64)[use] for a in cand.val_scores)
         (result.candidate, result.candidate_agreement, result.candidate_served_pairs,
@@ -196,6 +209,15 @@ def gate(
     correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
     result.live, result.live_agreement, _, result.live_raw = run([o.confidence for o in outputs], correct, row.get("curve"))
     return result
+
+
+def _held_out_from(live_metrics: dict[str, Any], dataset: RouteDataset) -> bool:
+    """Whether the live version never trained on any of ``dataset``'s validation pairs: both split
+    by the prompt hash, the live version held out at least as large a share, and it shipped without
+    a refit on its held-out pairs."""
+    return (dataset.val_split == "holdout" and live_metrics.get("val_split") == "holdout"
+            and "refit_pairs" not in live_metrics
+            and float(live_metrics.get("holdout_fraction") or 0.0) >= (dataset.holdout_fraction or 1.0))
 
 
 def _latest_encoder(
@@ -232,7 +254,7 @@ def _latest_encoder(
     vectors = embed_with_store(ledger, dataset.examples, encoder, key, batch_size=config.embed_batch_size,
                                progress=progress)
     return ReusedEncoder(path=directory / body["encoder"], origin=origin, embed=_lookup(vectors, encoder.dim),
-                         trained_through=row["trained_through"])
+                         trained_through=row["trained_through"], split=row.get("split") or "newest")
 
 
 def _latest_finetuned(ledger: Any, route: str) -> dict[str, Any] | None:
@@ -365,9 +387,12 @@ def _register_and_gate(
     target = f"{config.target_agreement:.0%}"
     if result.candidate_wins() and promote:
         live_part = (f" vs {baseline:.1%} at {result.live_agreement:.1%}" if result.live_agreement is not None else "")
+        certified = (f"; its own curve certifies {result.candidate_certified:.1%} vs {result.live_certified:.1%}"
+                     if result.candidate_certified is not None and result.live_certified is not None else "")
         registry.promote(ledger, route, version, reason=(
             f"serves {cov:.1%} of {where} at its threshold for {target} agreement, with {result.candidate_agreement:.1%} "
-            f"agreement there{live_part} (plain curves: {result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%})"))
+            f"agreement there{live_part} (plain curves: {result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%})"
+            f"{certified}"))
         report.promoted = True
         report.message = (f"version {version} is live: serves {cov:.1%} of validation requests at its threshold for "
                           f"{target} agreement (live served {baseline:.1%}).")
@@ -376,9 +401,13 @@ def _register_and_gate(
                             detail={"version": version, "coverage": cov, "live_coverage": live_cov,
                                     "agreement": result.candidate_agreement, "live_agreement": result.live_agreement,
                                     "quality_ok": result.quality_ok(), "pairs": result.pairs,
-                                    "unseen_only": result.unseen_only})
+                                    "unseen_only": result.unseen_only, "certified": result.candidate_certified,
+                                    "live_certified": result.live_certified})
         why = ("what it serves agrees only " f"{result.candidate_agreement:.1%}, significantly below {target}"
                if not result.quality_ok() else f"not more than the live version's {baseline:.1%}")
+        if result.quality_ok() and result.candidate_certified is not None and result.live_certified is not None:
+            why = (f"its own curve certifies {result.candidate_certified:.1%}, not more than the live version's "
+                   f"{result.live_certified:.1%}")
         report.message = (f"version {version} stays a candidate: serves {cov:.1%} at its threshold for {target} "
                           f"agreement, {why}.")
     return report

@@ -264,30 +264,32 @@ def calibrate_and_evaluate(
 
 
 def score_out_of_fold(
-    detection: Detection, dataset: RouteDataset, X_train: np.ndarray, X_val: np.ndarray, config: DistillerConfig,
-    *, folds: int = 2,
+    detection: Detection, dataset: RouteDataset, scored: Sequence[Example], X_scored: np.ndarray,
+    config: DistillerConfig, *, fixed: Sequence[Example] = (), X_fixed: np.ndarray | None = None, folds: int = 2,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Answers, raw scores and servable mask for every validation pair, each from a model that never
-    saw it: per fold, heads, lexical features and neighbour memory fit on the training pairs plus the
-    other folds.
+    """Answers, raw scores and servable mask for every pair of ``scored``, each from a model that
+    never saw it: ``scored`` is cut into ``folds`` random folds, and each is scored by heads, lexical
+    features and neighbour memory fit on the ``fixed`` pairs (embeddings ``X_fixed``) plus the other
+    folds.
 
-    Used when the validation split reached back for shadow checks (cascade mode): a model fit on the
-    training pairs alone would then learn from far fewer pairs than the version that ships (half the
-    route's pairs at worst), and lose every comparison for it. Each fold model here misses only a
-    ``1/folds`` share of the validation pairs.
+    A split that is not the newest pairs (the prompt-hash holdout, or a reach-back for shadow
+    checks) is scored so with ``fixed`` the training pairs: a model fit on those alone would learn
+    from fewer pairs than the version that ships, and lose every comparison for it. With ``fixed``
+    empty and ``scored`` every pair, it is K-fold cross-fitting of the whole dataset.
     """
-    n = len(dataset.val)
+    n = len(scored)
     fold = np.random.default_rng(config.seed + 1).permutation(n) % folds
     answers: list[str] = [""] * n
     raw = np.zeros(n)
     servable = np.zeros(n, dtype=bool)
+    X_fixed = X_scored[:0] if X_fixed is None else X_fixed
     for f in range(folds):
         fit_idx, score_idx = np.nonzero(fold != f)[0], np.nonzero(fold == f)[0]
         if len(score_idx) == 0:
             continue
-        model = fit_model(detection, dataset, dataset.train + [dataset.val[i] for i in fit_idx],
-                          np.concatenate([X_train, X_val[fit_idx]]), config)
-        a, r, s, _ = model.decide(X_val[score_idx], [dataset.val[i].text for i in score_idx])
+        model = fit_model(detection, dataset, [*fixed, *(scored[i] for i in fit_idx)],
+                          np.concatenate([X_fixed, X_scored[fit_idx]]), config)
+        a, r, s, _ = model.decide(X_scored[score_idx], [scored[i].text for i in score_idx])
         for j, i in enumerate(score_idx):
             answers[i] = a[j]
         raw[score_idx], servable[score_idx] = r, s
@@ -339,6 +341,37 @@ def fit_model(
                         fit_neighbors(targets, X, config))
 
 
+def _score_out_of_fold(
+    cand: Candidate, dataset: RouteDataset, X_train: np.ndarray, X_val: np.ndarray, config: DistillerConfig,
+) -> float:
+    """Replace ``cand``'s curve, calibrator and validation scores with out-of-fold ones (see
+    :func:`score_out_of_fold`): every pair cross-fitted when its encoder is frozen and the split is
+    the holdout, the validation pairs alone otherwise. Returns the share its curve certifies for the
+    target (as the router reads it)."""
+    from router.policy import NEVER, effective_threshold, expected_at
+
+    every = config.cross_fit_folds >= 2 and cand.encoder_dir is None and dataset.val_split == "holdout"
+    if every:
+        scored, X_scored = dataset.train + dataset.val, np.concatenate([X_train, X_val])
+        decided = score_out_of_fold(cand.detection, dataset, scored, X_scored, config, folds=config.cross_fit_folds)
+    else:
+        scored, X_scored = dataset.val, X_val
+        decided = score_out_of_fold(cand.detection, dataset, scored, X_scored, config, fixed=dataset.train,
+                                    X_fixed=X_train)
+    metrics, cand.curve, (conf, correct) = calibrate_and_evaluate(cand.model, X_scored, scored, config,
+                                                                  seed=config.seed, decided=decided)
+    tail = len(scored) - len(dataset.val)  # the gate compares on the validation pairs: theirs are the last
+    cand.val_scores = (conf[tail:], correct[tail:])
+    threshold = effective_threshold({"target_agreement": config.target_agreement,
+                                     "target_confidence": config.target_confidence}, cand.curve)
+    share = float(expected_at(cand.curve, threshold)["coverage"]) if threshold < NEVER else 0.0
+    cand.metrics.update(metrics, scored_out_of_fold=True, certified_on_pairs=len(scored),
+                        certified_coverage=round(share, 4))
+    log.info("route %s %s student out of fold on %d pairs: coverage %.3f at %.2f, %.3f certified", dataset.route,
+             cand.metrics.get("encoder"), len(scored), metrics["coverage_at_target"], config.target_agreement, share)
+    return share
+
+
 @dataclass
 class ReusedEncoder:
     """A fine-tuned encoder of an earlier version, offered for a head retrain (see
@@ -348,6 +381,7 @@ class ReusedEncoder:
     origin: int  # the version whose run fine-tuned it
     embed: EmbedFn  # its (stored) embeddings of the route's texts
     trained_through: int = 0  # the newest exchange id it was fine-tuned on
+    split: str = "newest"  # the validation split of the run that tuned it ("holdout": no held-out prompt seen)
 
 
 def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -388,7 +422,10 @@ def train_candidate(
         "soft_label_rows": int(sum(t.soft_rows for t in targets)),
         "val_checks": dataset.val_checks,
         "val_reach_back": dataset.val_reach_back,
+        "val_split": dataset.val_split,
     }
+    if dataset.holdout_fraction is not None:
+        common["holdout_fraction"] = round(dataset.holdout_fraction, 6)
 
     history: list[dict[str, Any]] = []  # every variant tried, shared by the candidates
 
@@ -398,11 +435,7 @@ def train_candidate(
     ) -> tuple[Candidate, list[Head]]:
         heads = fit_heads(targets, Xt, config)
         model = _label_model(detection, dataset, heads, lexical, config, fit_neighbors(targets, Xt, config))
-        # (a model that ships without the refit is the one its own validation scores describe)
-        oof = dataset.val_reach_back > 0 and config.refit_on_validation
-        decided = score_out_of_fold(detection, dataset, Xt, Xv, config) if oof else None
-        metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed,
-                                                        decided=decided)
+        metrics, curve, scores = calibrate_and_evaluate(model, Xv, dataset.val, config, seed=config.seed)
         metrics.update(encoder=name, **common, **extra)
         log.info("route %s %s student: agreement %.3f, coverage %.3f at %.2f (%d train, %d val)", dataset.route,
                  label or name, metrics["agreement"], metrics["coverage_at_target"], config.target_agreement,
@@ -414,13 +447,20 @@ def train_candidate(
         return cand, heads
 
     best, heads = variant("frozen", X_train, X_val)
+    frozen = (best, X_train, X_val)
     timings["head_seconds"] = time.perf_counter() - t0
 
+    if reuse_encoder is not None and dataset.val_split == "holdout" and reuse_encoder.split != "holdout":
+        # tuned on the older pairs, held-out prompts among them: its scores there would flatter it
+        log.info("route %s: v%s's encoder was tuned before the holdout split; not reused", dataset.route,
+                 reuse_encoder.origin)
+        reuse_encoder = None
     if reuse_encoder is not None:
         Xr_train = reuse_encoder.embed([e.text for e in dataset.train])
         Xr_val = reuse_encoder.embed([e.text for e in dataset.val])
         reused, _ = variant("finetuned", Xr_train, Xr_val, label=f"finetuned (v{reuse_encoder.origin}'s, reused)",
-                            encoder_origin=reuse_encoder.origin, encoder_trained_through=reuse_encoder.trained_through)
+                            encoder_origin=reuse_encoder.origin, encoder_trained_through=reuse_encoder.trained_through,
+                            encoder_split=reuse_encoder.split)
         if _better(reused.metrics, best.metrics):
             reused.encoder_dir = reuse_encoder.path
             best, X_train, X_val = reused, Xr_train, Xr_val
@@ -450,7 +490,8 @@ def train_candidate(
         Xt_train = tuned.encode([e.text for e in dataset.train], batch_size=config.embed_batch_size)
         Xt_val = tuned.encode([e.text for e in dataset.val], batch_size=config.embed_batch_size)
         fresh, _ = variant("finetuned", Xt_train, Xt_val, tried=result.summary(), finetune=result.summary(),
-                           encoder_trained_through=dataset.train[-1].id if dataset.train else 0)
+                           encoder_trained_through=dataset.train[-1].id if dataset.train else 0,
+                           encoder_split=dataset.val_split)
         timings["finetune_seconds"] = time.perf_counter() - t0
         log.info("route %s: encoder fine-tuning took %.0f s", dataset.route, timings["finetune_seconds"])
         if _better(fresh.metrics, best.metrics):
@@ -458,6 +499,29 @@ def train_candidate(
             best, X_train, X_val = fresh, Xt_train, Xt_val
         else:
             tmp.cleanup()
+    # A split that is not the newest pairs is scored again by fold models that also learnt from the
+    # rest of the split, as the refit version that ships does (a model that ships without the refit
+    # is the one its own validation scores describe). On the frozen encoder, which no pair trained,
+    # every pair is scored so (cross_fit_folds): its curve then rests on all the route's labelled
+    # pairs, a fine-tuned encoder's on the held-out fifth. Certification is what limits a version in
+    # cascade mode, so when a fine-tuned variant won on plain scores, the frozen one is certified too
+    # and the variant whose certified share is larger ships.
+    if ((dataset.val_reach_back > 0 or dataset.val_split == "holdout") and config.refit_on_validation
+            and config.val_out_of_fold and dataset.val):
+        t0 = time.perf_counter()
+        contenders = [(best, X_train, X_val)]
+        if best is not frozen[0] and config.cross_fit_folds >= 2 and dataset.val_split == "holdout":
+            contenders.append(frozen)
+        certified = [_score_out_of_fold(c, dataset, Xt, Xv, config) for c, Xt, Xv in contenders]
+        best, X_train, X_val = contenders[int(np.argmax(certified))]  # the first on a tie
+        for loser, _, _ in contenders:
+            if loser is not best and loser._tmp is not None:
+                loser._tmp.cleanup()  # a fine-tuned encoder that does not ship
+        if len(contenders) > 1:
+            history.append({"encoder": "certified", "coverage_at_target": max(certified),
+                            "agreement": best.metrics["agreement"],
+                            "certified": {c.metrics["encoder"]: round(v, 4) for (c, _, _), v in zip(contenders, certified)}})
+        timings["out_of_fold_seconds"] = time.perf_counter() - t0
     if config.refit_on_validation and dataset.val:
         t0 = time.perf_counter()
         best.model = refit_on_all(best, dataset, np.concatenate([X_train, X_val]), config)

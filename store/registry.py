@@ -91,8 +91,9 @@ def live(ledger: Any, route: str) -> dict[str, Any] | None:
 
 def latest_finetuned(ledger: Any, route: str) -> dict[str, Any] | None:
     """The route's newest label/structured version with a fine-tuned encoder: version, artifact_path,
-    checksum and ``trained_through`` (the newest exchange id the encoder was tuned on; older
-    versions did not record it, and their newest exchange, which is later, stands in)."""
+    checksum, ``trained_through`` (the newest exchange id the encoder was tuned on; older
+    versions did not record it, and their newest exchange, which is later, stands in) and ``split``
+    (the validation split of the run that tuned it: "holdout" means it never saw a held-out prompt)."""
     newest = None
     for row in list_students(ledger, route):
         if row["kind"] in ("label", "structured") and (row.get("metrics") or {}).get("encoder") == "finetuned":
@@ -103,7 +104,7 @@ def latest_finetuned(ledger: Any, route: str) -> dict[str, Any] | None:
     m = newest["metrics"]
     through = next((v for v in (m.get("encoder_trained_through"), m.get("last_exchange_id")) if v is not None), 0)
     return {"version": newest["version"], "artifact_path": newest["artifact_path"], "checksum": newest["checksum"],
-            "trained_through": through}
+            "trained_through": through, "split": m.get("encoder_split") or "newest"}
 
 
 def counted_train_pairs(ledger: Any, route: str, version: int) -> int:

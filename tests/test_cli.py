@@ -38,7 +38,7 @@ def test_the_command_tree_keeps_every_command():
                 *(("keys", c) for c in ("create", "list", "limit", "revoke")),
                 *(("routes", c) for c in ("list", "show", "set", "create", "rename")),
                 *(("bench", c) for c in ("overhead", "replay", "learning-curve", "lm-student", "gpu-check", "soak",
-                                         "crash", "dashboard", "decision", "lm-curve"))}
+                                         "crash", "dashboard", "decision", "lm-curve", "splits"))}
     assert expected <= set(COMMANDS)
 
 
@@ -225,3 +225,37 @@ def test_bench_decision_times_the_encoder_on_both_runtimes(tmp_path, monkeypatch
 
     assert main(["bench", "decision", "--dataset", str(stream), "--artifact", str(tmp_path / "nowhere")]) == 2
     assert "no student artifact" in capsys.readouterr().err
+
+
+def test_bench_splits_compares_validation_splits_on_a_ledger(tmp_path, monkeypatch, capsys):
+    """``kdgate bench splits`` on a small ledger and its stream: each split trains a candidate on the
+    pairs up to the cut and serves the requests after it, scored against the stream's answers; a
+    split it does not know, or a cut past the stream, is refused with a message."""
+    from pathlib import Path
+
+    from tests.distiller.conftest import seed_exchanges
+
+    stream = Path(__file__).parent / "fixtures" / "banking77_small.jsonl"
+    rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()]
+    ledger = Ledger(str(tmp_path / "replay.db"))
+    seed_exchanges(ledger, "replay", rows)
+    ledger.close()
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "splits", "--ledger", str(tmp_path / "replay.db"), "--dataset", str(stream), "--cutoffs", "160",
+            "--horizon", "80", "--split", "newest", "--split", "holdout-plain"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(p["cutoff"], p["split"]) for p in out["points"]] == [(160, "newest"), (160, "holdout-plain")]
+    for p in out["points"]:
+        assert p["train_pairs"] + p["val_pairs"] == 160 and 0 <= p["certified_coverage"] <= 1
+        assert 0 <= p["served"] <= 1 and 0 < p["agreement"] <= 1  # of the 80 requests after the cut
+        assert p["served_agreement"] is None or 0 <= p["served_agreement"] <= 1
+    newest = out["points"][0]
+    assert newest["val_pairs"] == 32  # the newest fifth; the holdout's size is a hash's
+    assert set(out["mean"]) == {"newest", "holdout-plain"}
+    assert json.loads((tmp_path / "bench" / "results" / "splits.json").read_text())["points"] == out["points"]
+
+    assert main([*argv[:-4], "--split", "sideways"]) == 2
+    assert "unknown split" in capsys.readouterr().err
+    assert main([*argv[:6], "--cutoffs", "400"]) == 2
+    assert "no requests after it" in capsys.readouterr().err

@@ -36,7 +36,8 @@ def test_usable_pairs_dedup_and_time_split(ledger) -> None:
     rows.append({"messages": _req("refused"), "answer": "I'm sorry, I can't help with that."})
     rows.append({"messages": _req("error"), "answer": "x", "status": 500})
     seed_exchanges(ledger, "tickets", rows)
-    ds = load_route_dataset(ledger, "tickets", DistillerConfig(min_pairs=10, val_fraction=0.25, min_val_pairs=5))
+    ds = load_route_dataset(ledger, "tickets", DistillerConfig(min_pairs=10, val_fraction=0.25, min_val_pairs=5,
+                                                                    val_split="newest"))
     assert ds.dropped == {"truncated": 1, "refusal": 1, "duplicate": 1}
     assert len(ds.train) + len(ds.val) == 60
     assert all(a.id < b.id for a, b in zip(ds.examples, ds.examples[1:]))
@@ -52,7 +53,7 @@ def test_pii_scrubbing_per_route(ledger) -> None:
              "answer": "contact"} for i in range(30)]
     seed_exchanges(ledger, "contact", rows)
     ds = load_route_dataset(ledger, "contact", DistillerConfig(min_pairs=5, pii_scrub=True))
-    assert ds.examples[0].text == _words(0) + " reach me at [EMAIL] or [PHONE]"
+    assert _words(0) + " reach me at [EMAIL] or [PHONE]" in {e.text for e in ds.examples}
     assert not any("@" in e.text or "555" in e.text for e in ds.examples)
 
 
@@ -143,7 +144,7 @@ def _examples(n: int, checks_at: set[int]) -> list:
 def test_validation_reaches_back_for_shadow_checks_in_cascade_mode() -> None:
     from distiller.dataset import build_dataset
 
-    cfg = DistillerConfig(min_pairs=10, val_fraction=0.2, min_val_checks=10)
+    cfg = DistillerConfig(min_pairs=10, val_fraction=0.2, min_val_checks=10, val_split="newest")
     # shadow mode (no checks): the plain newest fifth
     plain = build_dataset("r", _examples(200, set()), cfg)
     assert len(plain.val) == 40 and plain.val_reach_back == 0 and plain.val_checks == 0
@@ -159,6 +160,33 @@ def test_validation_reaches_back_for_shadow_checks_in_cascade_mode() -> None:
     # enough checks already, or the setting off: the plain split
     assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 5})).val_reach_back == 0
     assert build_dataset("r", _examples(200, checks), cfg.with_overrides({"min_val_checks": 0})).val_reach_back == 0
+
+
+def test_holdout_split_holds_out_the_same_prompts_in_every_version() -> None:
+    """val_split "holdout": a fixed share of the route's prompts, chosen by a hash of the prompt,
+    validates in every version; as the route grows a held-out prompt may go to training once the
+    cap binds, never the other way, and a repeat of a prompt lands on the same side."""
+    from distiller.dataset import build_dataset, holdout_fraction, holdout_share
+
+    cfg = DistillerConfig(min_pairs=10, val_split="holdout", val_fraction=0.2, min_val_pairs=20, max_val_pairs=400)
+    fractions = [holdout_fraction(n, cfg) for n in (10, 50, 100, 1000, 2000, 4000, 10**6)]
+    assert fractions[:3] == [0.5, 0.4, 0.2] and fractions[3] == 0.2 and fractions[4] == 0.2 and fractions[5] == 0.1
+    assert all(a >= b for a, b in zip(fractions, fractions[1:]))
+    trained: set[str] = set()
+    for n in (200, 1000, 3000):
+        ds = build_dataset("r", _examples(n, set()), cfg)
+        assert ds.val_split == "holdout" and ds.holdout_fraction == holdout_fraction(n, cfg)
+        val_texts = {e.text for e in ds.val}
+        assert not val_texts & trained  # nothing an earlier version trained on validates now
+        trained |= {e.text for e in ds.train}
+        assert all(holdout_share(e.text) < ds.holdout_fraction for e in ds.val)
+        # spread over the route's whole life, not its newest pairs
+        assert min(e.id for e in ds.val) < n // 10 and abs(len(ds.val) - n * ds.holdout_fraction) < 4 * n ** 0.5
+        assert all(a.id < b.id for a, b in zip(ds.val, ds.val[1:]))
+    assert holdout_share("Card  LATE") == holdout_share("card late")  # the dedup key decides
+    # a small route still gets pairs on both sides
+    tiny = build_dataset("r", _examples(10, set()), cfg.with_overrides({"min_pairs": 4}))
+    assert tiny.val and tiny.train
 
 
 def test_checks_sampled_by_confidence_are_weighted_by_their_inverse_probability():

@@ -298,7 +298,21 @@ def test_worker_serves_the_head_first_then_fine_tunes_only_as_data_grows(ledger)
     assert len(registry.list_students(ledger, "sentiment")) == 3
     v3 = registry.get(ledger, "sentiment", 3)["metrics"]
     assert "finetune" not in v3  # no new fine-tuning: heads on the frozen and on v2's tuned encoder
-    assert [h["encoder"] for h in v3["history"]] == ["frozen", "finetuned (v2's, reused)"]
+    variants = [h["encoder"] for h in v3["history"] if h["encoder"] != "certified"]
+    assert variants == ["frozen", "finetuned (v2's, reused)"]
+    _assert_certified_entry(v3["history"])
+
+
+def _assert_certified_entry(history: list[dict]) -> None:
+    """When a fine-tuned variant wins on plain scores, the frozen one is certified out of fold too and the
+    larger certified share ships; the history says so in one "certified" entry, last."""
+    certified = [h for h in history if h["encoder"] == "certified"]
+    if not certified:
+        return
+    assert len(certified) == 1 and history[-1] is certified[0]
+    shares = certified[0]["certified"]
+    assert "frozen" in shares and len(shares) == 2
+    assert certified[0]["coverage_at_target"] == max(shares.values())
 
 
 def test_lexical_features_and_neighbour_votes_blend_and_survive_the_artifact(ledger, fast_config) -> None:
@@ -358,7 +372,7 @@ def test_shadow_checks_join_the_dataset_weighted_by_their_sampling_rate(ledger, 
     checked = [p for p in pairs if p.served_by == "student"]
     assert [p.answer for p in checked] == [r["answer"] for r in rows[100:104]]  # the teacher's, not the student's
     assert all(p.weight == 10.0 for p in checked) and all(p.weight == 1.0 for p in pairs if p.served_by == "teacher")
-    dataset = load_route_dataset(ledger, "triage", fast_config)
+    dataset = load_route_dataset(ledger, "triage", fast_config.with_overrides({"val_split": "newest"}))
     assert {e.weight for e in dataset.val} == {1.0, 10.0}  # the newest pairs validate, checks included
 
 
@@ -376,7 +390,8 @@ def test_head_retrain_reuses_the_live_fine_tuned_encoder(ledger) -> None:
     seed_exchanges(ledger, "sentiment", rows[120:170])
     again = distill_route(ledger, "sentiment", tune.with_overrides({"finetune": "never"}))
     history = again.metrics["history"]
-    assert [h["encoder"] for h in history] == ["frozen", f"finetuned (v{first.version}'s, reused)"]
+    assert [h["encoder"] for h in history if h["encoder"] != "certified"] == ["frozen", f"finetuned (v{first.version}'s, reused)"]
+    _assert_certified_entry(history)
     stored = sql_value(ledger, "SELECT count(*) FROM embeddings WHERE model LIKE ?", (f"kdgate:sentiment/v{first.version}|t=%",))
     assert stored == 170  # every pair embedded once with the reused encoder
     if again.metrics["encoder"] == "finetuned":  # the reused encoder won: its weights are linked, not copied
@@ -401,13 +416,21 @@ def test_gate_wants_a_larger_share_without_a_significant_loss_of_agreement() -> 
     assert dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.5, live_raw=0.4).candidate_wins()
     assert not dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.3, live_raw=0.4).candidate_wins()
     assert GateResult(candidate=0.0, live=None, pairs=50, unseen_only=False, candidate_raw=0.1).candidate_wins()
+    # both versions cross-fitted on the holdout: their own curves' certified shares decide, not the few
+    # hundred compared pairs (where a handful of heavy checks sway the shares)
+    certified = dataclasses.replace(won, candidate=0.55, live=0.6, candidate_certified=0.72, live_certified=0.64)
+    assert certified.candidate_wins()
+    assert not dataclasses.replace(certified, candidate_certified=0.64).candidate_wins()
+    assert not dataclasses.replace(certified, candidate_agreement=0.93).candidate_wins()  # quality still gates
+    # neither certifies anything: the compared pairs decide as before
+    assert dataclasses.replace(won, candidate_certified=0.0, live_certified=0.0).candidate_wins()
 
 
 def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_config) -> None:
     """The live version was refit on its own newest pairs; scored on them it would look better than it
     is. With enough newer pairs, the gate uses only those, for both versions."""
     rows = load_fixture("banking77_small.jsonl")
-    config = fast_config.with_overrides({"val_fraction": 0.5})
+    config = fast_config.with_overrides({"val_fraction": 0.5, "val_split": "newest"})
     seed_exchanges(ledger, "triage", rows[:120])
     first = distill_route(ledger, "triage", config)
     assert first.promoted and first.gate.live is None
@@ -421,6 +444,39 @@ def test_gate_compares_on_pairs_the_live_version_never_trained_on(ledger, fast_c
     seed_exchanges(ledger, "triage", rows[:10])
     third = distill_route(ledger, "triage", config)
     assert not third.gate.unseen_only and third.gate.pairs > 100
+
+
+def test_holdout_split_is_gated_on_every_held_out_prompt_no_version_trained_on(ledger, fast_config) -> None:
+    """val_split "holdout": validation is the route's held-out prompts over its whole life. With the
+    refit the shipped version learnt from its held-out prompts too, so the next gate keeps to the
+    pairs newer than it (all pairs when too few, as before); without the refit no version ever
+    trained on a held-out prompt, and the gate compares on every one of them."""
+    from store.registry import get as registry_row
+
+    rows = load_fixture("banking77_small.jsonl")
+    refit = fast_config.with_overrides({"val_split": "holdout", "val_fraction": 0.5})
+    seed_exchanges(ledger, "triage", rows[:220])
+    first = distill_route(ledger, "triage", refit)
+    assert first.promoted and first.metrics["val_split"] == "holdout" and first.metrics["holdout_fraction"] == 0.5
+    assert first.metrics["refit_pairs"] == 220 and first.metrics["val_reach_back"] == 0
+    # a frozen encoder saw no pair: every pair is scored by a fold model that did not learn from it
+    assert first.metrics["scored_out_of_fold"] and first.metrics["certified_on_pairs"] == 220
+    held_only = distill_route(ledger, "triage", refit.with_overrides({"cross_fit_folds": 0}), promote=False)
+    assert held_only.metrics["certified_on_pairs"] == registry_row(ledger, "triage", held_only.version)["val_pairs"]
+    v1 = registry_row(ledger, "triage", first.version)
+    assert v1["train_pairs"] + v1["val_pairs"] == 220 and abs(v1["val_pairs"] - 110) < 30
+    seed_exchanges(ledger, "triage", rows[220:])
+    second = distill_route(ledger, "triage", refit)  # ~10 held-out pairs newer than v1: all are compared
+    assert not second.gate.unseen_only and second.gate.pairs == registry_row(ledger, "triage", second.version)["val_pairs"]
+
+    plain = refit.with_overrides({"refit_on_validation": False})
+    third = distill_route(ledger, "triage", plain)
+    assert "refit_pairs" not in third.metrics and "scored_out_of_fold" not in third.metrics
+    registry.promote(ledger, "triage", third.version, reason="test: a version that never trained on a held-out prompt")
+    fourth = distill_route(ledger, "triage", plain)
+    val_pairs = registry_row(ledger, "triage", fourth.version)["val_pairs"]
+    assert val_pairs >= 100 and fourth.gate.unseen_only and fourth.gate.pairs == val_pairs
+    assert fourth.gate.live == pytest.approx(fourth.gate.candidate)  # same data, same model: the same share
 
 
 def test_validation_reached_back_is_scored_out_of_fold(fast_config) -> None:
@@ -440,7 +496,7 @@ def test_validation_reached_back_is_scored_out_of_fold(fast_config) -> None:
     examples = [Example(id=i, messages=r["messages"], answer=r["answer"], weight=50.0 if i >= 160 and i % 3 == 1 else 1.0)
                 for i, r in enumerate(stream)]
     embedder = get_embedder(fast_config.embedder)
-    cfg = fast_config.with_overrides({"min_val_checks": 27})
+    cfg = fast_config.with_overrides({"min_val_checks": 27, "val_split": "newest"})
 
     def scored(config):
         ds = build_dataset("pins", [Example(**vars(e)) for e in examples], config)
