@@ -58,7 +58,7 @@ def split_stream(
     return [s for s in fits if s <= n - tail], list(stream[n - tail :])
 
 
-class _EmbedCache:
+class EmbedCache:
     """Frozen-encoder embeddings by text: a stream's texts are embedded once across all sizes."""
 
     def __init__(self, embedder: Any, batch_size: int):
@@ -106,7 +106,7 @@ def run_learning_curve(
         log.info("sizes %s skipped: the stream has %d pairs", skipped, len(stream))
     from router.embedding import get_embedder
 
-    cache = _EmbedCache(get_embedder(config.embedder), config.embed_batch_size)
+    cache = EmbedCache(get_embedder(config.embedder), config.embed_batch_size)
     points = []
     bar = None
     if progress:

@@ -16,10 +16,8 @@ same stream: its n-th exchange is the stream's n-th request).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 __all__ = ["SPLITS", "run_splits", "format_table"]
 
@@ -32,31 +30,18 @@ SPLITS: dict[str, dict[str, Any]] = {
 }
 
 
-def _cached_embedder(embedder: Any) -> Callable[[Sequence[str]], np.ndarray]:
-    cache: dict[str, np.ndarray] = {}
-
-    def embed(texts: Sequence[str]) -> np.ndarray:
-        missing = [t for t in dict.fromkeys(texts) if t not in cache]
-        if missing:
-            cache.update(zip(missing, embedder.encode(missing, batch_size=64)))
-        if not texts:
-            return np.zeros((0, embedder.dim), dtype=np.float32)
-        return np.stack([cache[t] for t in texts])
-
-    return embed
-
-
 def run_splits(
     ledger: Any, route: str, rows: list[dict[str, Any]], *, cutoffs: Sequence[int], horizon: int = 2000,
     splits: Sequence[str] = tuple(SPLITS), config: Any, progress: bool = False,
 ) -> dict[str, Any]:
     """Each split at each cut (see the module docstring); ``config`` is the distiller's, whose target
     and ``target_confidence`` the thresholds use (the encoder is kept frozen)."""
+    from bench.learning_curve import EmbedCache
     from distiller.dataset import Example, build_dataset, route_examples
     from distiller.evaluate import agreement_vector
     from distiller.train import train_candidate
     from router.embedding import get_embedder
-    from router.policy import NEVER, effective_threshold, expected_at
+    from router.policy import certified_share, effective_threshold
 
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
@@ -65,7 +50,7 @@ def run_splits(
     if not every:
         raise ValueError(f"route {route!r} has no usable teacher pairs in this ledger")
     first_id = min((e.id for e in every), default=1)
-    embed = _cached_embedder(get_embedder(config.embedder))
+    embed = EmbedCache(get_embedder(config.embedder), config.embed_batch_size)
     settings = {"target_agreement": config.target_agreement, "target_confidence": config.target_confidence}
     points = []
     for cutoff in cutoffs:
@@ -80,14 +65,13 @@ def run_splits(
             cand = train_candidate(dataset, cfg, embed=embed)
             seconds = time.perf_counter() - t0
             threshold = effective_threshold(settings, cand.curve)
-            own = expected_at(cand.curve, threshold) if threshold < NEVER else {"coverage": 0.0}
             texts = [dataset.template.strip(r["messages"]) for r in future]
             answers, raw, servable, _ = cand.model.decide(embed(texts), texts)
             served = cand.model.confidence(raw, servable) >= threshold
             agree = agreement_vector(cand.model.kind, answers, [r["answer"] for r in future])
             point = {
                 "cutoff": cutoff, "split": name, "train_pairs": len(dataset.train), "val_pairs": len(dataset.val),
-                "val_checks": dataset.val_checks, "certified_coverage": round(float(own["coverage"]), 4),
+                "val_checks": dataset.val_checks, "certified_coverage": round(certified_share(settings, cand.curve), 4),
                 "served": round(float(served.mean()), 4),
                 "served_agreement": round(float(agree[served].mean()), 4) if served.any() else None,
                 "agreement": round(float(agree.mean()), 4), "train_seconds": round(seconds, 2),

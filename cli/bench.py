@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json as jsonlib
 import sys
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import typer

@@ -129,11 +129,16 @@ class GateResult:
             return True
         return wilson_upper(self.candidate_agreement, self.candidate_served_pairs) >= self.target
 
+    def decided_by_certified(self) -> bool:
+        """Both versions' own curves were cross-fitted on the holdout and one of them certifies a
+        share: those shares decide (else the shares served on the compared pairs do)."""
+        return (self.candidate_certified is not None and self.live_certified is not None
+                and (self.candidate_certified > 0 or self.live_certified > 0))
+
     def candidate_wins(self) -> bool:
         if not self.quality_ok():
             return False
-        if self.candidate_certified is not None and self.live_certified is not None and (
-                self.candidate_certified > 0 or self.live_certified > 0):
+        if self.decided_by_certified():
             return self.candidate_certified > self.live_certified
         live = (self.live or 0.0, self.live_raw or 0.0)
         return (self.candidate, self.candidate_raw) > live
@@ -403,11 +408,13 @@ def _register_and_gate(
                                     "quality_ok": result.quality_ok(), "pairs": result.pairs,
                                     "unseen_only": result.unseen_only, "certified": result.candidate_certified,
                                     "live_certified": result.live_certified})
-        why = ("what it serves agrees only " f"{result.candidate_agreement:.1%}, significantly below {target}"
-               if not result.quality_ok() else f"not more than the live version's {baseline:.1%}")
-        if result.quality_ok() and result.candidate_certified is not None and result.live_certified is not None:
+        if not result.quality_ok():
+            why = f"what it serves agrees only {result.candidate_agreement:.1%}, significantly below {target}"
+        elif result.decided_by_certified():
             why = (f"its own curve certifies {result.candidate_certified:.1%}, not more than the live version's "
                    f"{result.live_certified:.1%}")
+        else:
+            why = f"not more than the live version's {baseline:.1%}"
         report.message = (f"version {version} stays a candidate: serves {cov:.1%} at its threshold for {target} "
                           f"agreement, {why}.")
     return report

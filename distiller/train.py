@@ -348,10 +348,9 @@ def _score_out_of_fold(
     :func:`score_out_of_fold`): every pair cross-fitted when its encoder is frozen and the split is
     the holdout, the validation pairs alone otherwise. Returns the share its curve certifies for the
     target (as the router reads it)."""
-    from router.policy import NEVER, effective_threshold, expected_at
+    from router.policy import certified_share
 
-    every = config.cross_fit_folds >= 2 and cand.encoder_dir is None and dataset.val_split == "holdout"
-    if every:
+    if cand.encoder_dir is None and _cross_fits(dataset, config):
         scored, X_scored = dataset.train + dataset.val, np.concatenate([X_train, X_val])
         decided = score_out_of_fold(cand.detection, dataset, scored, X_scored, config, folds=config.cross_fit_folds)
     else:
@@ -362,14 +361,18 @@ def _score_out_of_fold(
                                                                   seed=config.seed, decided=decided)
     tail = len(scored) - len(dataset.val)  # the gate compares on the validation pairs: theirs are the last
     cand.val_scores = (conf[tail:], correct[tail:])
-    threshold = effective_threshold({"target_agreement": config.target_agreement,
-                                     "target_confidence": config.target_confidence}, cand.curve)
-    share = float(expected_at(cand.curve, threshold)["coverage"]) if threshold < NEVER else 0.0
+    share = certified_share({"target_agreement": config.target_agreement,
+                             "target_confidence": config.target_confidence}, cand.curve)
     cand.metrics.update(metrics, scored_out_of_fold=True, certified_on_pairs=len(scored),
                         certified_coverage=round(share, 4))
     log.info("route %s %s student out of fold on %d pairs: coverage %.3f at %.2f, %.3f certified", dataset.route,
              cand.metrics.get("encoder"), len(scored), metrics["coverage_at_target"], config.target_agreement, share)
     return share
+
+
+def _cross_fits(dataset: RouteDataset, config: DistillerConfig) -> bool:
+    """Whether a frozen-encoder version is scored by cross-fitting every pair (holdout split)."""
+    return config.cross_fit_folds >= 2 and dataset.val_split == "holdout"
 
 
 @dataclass
@@ -510,7 +513,7 @@ def train_candidate(
             and config.val_out_of_fold and dataset.val):
         t0 = time.perf_counter()
         contenders = [(best, X_train, X_val)]
-        if best is not frozen[0] and config.cross_fit_folds >= 2 and dataset.val_split == "holdout":
+        if best is not frozen[0] and _cross_fits(dataset, config):
             contenders.append(frozen)
         certified = [_score_out_of_fold(c, dataset, Xt, Xv, config) for c, Xt, Xv in contenders]
         best, X_train, X_val = contenders[int(np.argmax(certified))]  # the first on a tie

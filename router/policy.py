@@ -26,6 +26,7 @@ from router.curve import coverage_at, point_at, threshold_for_target
 __all__ = [
     "Decision",
     "effective_threshold",
+    "certified_share",
     "certainty_z",
     "DEFAULT_TARGET_CONFIDENCE",
     "decide",
@@ -110,6 +111,13 @@ def expected_at(curve: Sequence[dict[str, float]], threshold: float) -> dict[str
     if best is None:
         return {"coverage": 0.0, "agreement": 1.0}
     return {"coverage": float(best["coverage"]), "agreement": float(best["agreement"])}
+
+
+def certified_share(settings: dict[str, Any], curve: Sequence[dict[str, float]] | None) -> float:
+    """The share of traffic a version's curve certifies for the route's target: the coverage the
+    curve predicts at :func:`effective_threshold` (0.0 when no threshold meets the target)."""
+    threshold = effective_threshold(settings, curve)
+    return float(expected_at(curve or [], threshold)["coverage"]) if threshold < NEVER else 0.0
 
 
 def decide(*, mode: str, confidence: float, threshold: float, force_teacher: bool = False, forbid_escalation: bool = False) -> Decision:

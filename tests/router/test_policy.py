@@ -61,3 +61,24 @@ def test_target_confidence_sets_how_much_evidence_a_threshold_needs() -> None:
     assert effective_threshold({"threshold": 0.7, "target_agreement": 0.98, "target_confidence": 0.99}, curve) == 0.7
     with pytest.raises(ValueError):
         effective_threshold({"target_agreement": 0.98, "target_confidence": 1.0}, curve)
+
+
+def test_certified_share_is_the_coverage_at_the_routes_threshold() -> None:
+    import numpy as np
+
+    from router.curve import coverage_curve
+    from router.policy import certified_share, effective_threshold, expected_at
+
+    conf = np.linspace(0.999, 0.5, 1200)
+    correct = np.ones(1200)
+    correct[np.arange(50, 1000, 120)] = 0.0
+    correct[1000:][::4] = 0.0
+    curve = coverage_curve(conf, correct, max_points=None)
+    settings = {"target_agreement": 0.98, "target_confidence": 0.95}
+    share = certified_share(settings, curve)
+    assert share == expected_at(curve, effective_threshold(settings, curve))["coverage"]
+    assert 0.5 < share < 1.0  # the top holds few misses, the least confident quarter of the rest is wrong
+    assert certified_share({**settings, "target_confidence": 0.99}, curve) < share
+    young = coverage_curve(np.linspace(0.99, 0.9, 30), np.ones(30), max_points=None)
+    assert certified_share(settings, young) == 0.0  # nothing certified: no threshold
+    assert certified_share(settings, None) == 0.0
