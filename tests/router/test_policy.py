@@ -33,6 +33,19 @@ def test_drift_monitor_ignores_chance_but_catches_a_teacher_that_changed() -> No
     assert young.drifted(0.98)
 
 
+def _mixed_curve() -> list[dict[str, float]]:
+    """1,200 validation pairs: 8 misses among the 1,000 most confident, a quarter of the rest wrong."""
+    import numpy as np
+
+    from router.curve import coverage_curve
+
+    conf = np.linspace(0.999, 0.5, 1200)
+    correct = np.ones(1200)
+    correct[np.arange(50, 1000, 120)] = 0.0
+    correct[1000:][::4] = 0.0
+    return coverage_curve(conf, correct, max_points=None)
+
+
 def test_target_confidence_sets_how_much_evidence_a_threshold_needs() -> None:
     import numpy as np
     import pytest
@@ -40,12 +53,7 @@ def test_target_confidence_sets_how_much_evidence_a_threshold_needs() -> None:
     from router.curve import coverage_curve, threshold_for_target
     from router.policy import NEVER, effective_threshold, ready_for_cascade
 
-    # 1,200 validation pairs: 8 misses among the 1,000 most confident, a quarter of the rest wrong
-    conf = np.linspace(0.999, 0.5, 1200)
-    correct = np.ones(1200)
-    correct[np.arange(50, 1000, 120)] = 0.0
-    correct[1000:][::4] = 0.0
-    curve = coverage_curve(conf, correct, max_points=None)
+    curve = _mixed_curve()
     plain = threshold_for_target(curve, 0.98)
     at = {c: effective_threshold({"target_agreement": 0.98, "target_confidence": c}, curve) for c in (0.5, 0.8, 0.95, 0.99)}
     assert at[0.5] == plain  # z = 0: the plain curve
@@ -69,11 +77,7 @@ def test_certified_share_is_the_coverage_at_the_routes_threshold() -> None:
     from router.curve import coverage_curve
     from router.policy import certified_share, effective_threshold, expected_at
 
-    conf = np.linspace(0.999, 0.5, 1200)
-    correct = np.ones(1200)
-    correct[np.arange(50, 1000, 120)] = 0.0
-    correct[1000:][::4] = 0.0
-    curve = coverage_curve(conf, correct, max_points=None)
+    curve = _mixed_curve()
     settings = {"target_agreement": 0.98, "target_confidence": 0.95}
     share = certified_share(settings, curve)
     assert share == expected_at(curve, effective_threshold(settings, curve))["coverage"]
