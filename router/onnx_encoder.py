@@ -17,7 +17,12 @@ normalize are exported (``Embedder._plain_mean_pooling``); others stay in PyTorc
 
 Exports are cached under ``$KDGATE_MODEL_CACHE/onnx-encoders`` (default
 ``~/.cache/kdgate/base-models/onnx-encoders``), named by a hash of the weights, so each encoder is
-exported once (about 3 s for MiniLM) and a fine-tuned version's encoder gets its own file.
+exported once (about 3 s for MiniLM) and a fine-tuned version's encoder gets its own file. Every
+use stamps the file's access time, and the cache keeps the ``$KDGATE_ONNX_CACHE_KEEP`` (default
+:data:`CACHE_KEEP`) most recently used exports: a route that fine-tunes every few thousand pairs
+would otherwise leave ~90 MB behind per version, forever. A running process has its graph in
+memory, so removing its file costs it nothing; another process that finds its export gone exports
+it again.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,10 +44,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OnnxEncoder", "available", "cache_dir", "TOLERANCE"]
+__all__ = ["OnnxEncoder", "available", "cache_dir", "prune_cache", "TOLERANCE", "CACHE_KEEP"]
 
 TOLERANCE = 1e-4  # largest |difference| from PyTorch's vector on the probes for the export to be used
 OPSET = 17
+CACHE_KEEP = 8  # exports kept (most recently used first); $KDGATE_ONNX_CACHE_KEEP overrides
+_EXPORT_NAME = re.compile(r"[0-9a-f]{32}")  # what _weights_key names; a temporary file never matches
 _PROBES = ["warm up", "Why was my card declined at the store yesterday when I had money on the account?"]
 
 
@@ -58,6 +67,48 @@ def cache_dir() -> Path:
     from router.lm_base import model_cache
 
     return model_cache() / "onnx-encoders"
+
+
+def _cache_keep() -> int:
+    raw = os.environ.get("KDGATE_ONNX_CACHE_KEEP", "")
+    try:
+        return max(1, int(raw)) if raw.strip() else CACHE_KEEP
+    except ValueError:
+        log.warning("KDGATE_ONNX_CACHE_KEEP=%r is not a whole number; keeping %d exports", raw, CACHE_KEEP)
+        return CACHE_KEEP
+
+
+def _mark_used(path: Path) -> None:
+    """Stamp ``path``'s access time (its modification time stays: it says when it was exported)."""
+    try:
+        os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns))
+    except OSError:
+        pass
+
+
+def prune_cache(directory: Path, keep: int, *, protect: Path | None = None) -> list[Path]:
+    """Remove all but the ``keep`` most recently used exports in ``directory`` (never ``protect``,
+    never a file that is not an export, such as another process's export being written). Returns
+    what it removed."""
+    found = []
+    for path in directory.glob("*.onnx"):
+        if not _EXPORT_NAME.fullmatch(path.stem):
+            continue
+        try:
+            found.append((path.stat().st_atime_ns, path))
+        except OSError:
+            continue  # removed meanwhile
+    found.sort(reverse=True)
+    removed = []
+    for _, path in found[keep:]:
+        if protect is not None and path == protect:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def _weights_key(module: Any) -> str:
@@ -137,6 +188,10 @@ class OnnxEncoder:
             log.warning("ONNX encoder differs from PyTorch by %.2g (> %.0e); serving it with PyTorch", diff, TOLERANCE)
             return None
         log.info("student encoder on ONNX Runtime (%s, max |diff| %.1e)", path.name, diff)
+        _mark_used(path)
+        removed = prune_cache(path.parent, _cache_keep(), protect=path)
+        if removed:
+            log.info("ONNX encoder cache: removed %d least recently used exports", len(removed))
         return enc
 
     @staticmethod

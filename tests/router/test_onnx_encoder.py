@@ -3,6 +3,9 @@ and PyTorch whenever the export cannot be trusted."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -125,3 +128,44 @@ def test_the_serving_runtime_is_chosen_at_startup(monkeypatch):
             embedding.prepare_serving_process("tensorrt")
     finally:
         torch.backends.mkldnn.enabled = mkldnn
+
+
+def _fake_export(directory, name, used_ns):
+    path = directory / f"{name}.onnx"
+    path.write_bytes(b"graph")
+    os.utime(path, ns=(used_ns, used_ns))
+    return path
+
+
+def test_the_cache_keeps_the_most_recently_used_exports(cache, monkeypatch):
+    monkeypatch.setattr(embedding, "_runtime", "onnx")
+    monkeypatch.setenv("KDGATE_ONNX_CACHE_KEEP", "3")
+    cache.mkdir(parents=True)
+    now = time.time_ns()
+    # older versions' encoders, least recently used first, and another process's export being written
+    old = [_fake_export(cache, f"{i:032x}", now - (10 - i) * 10**12) for i in range(5)]
+    writing = cache / "tmpab12cd.onnx"
+    writing.write_bytes(b"half a graph")
+    os.utime(writing, ns=(now - 10**15, now - 10**15))
+    Embedder(DEFAULT_MODEL).encode(["first"])  # exports MiniLM (the newest use), then prunes
+    left = {p.name for p in cache.glob("*.onnx")}
+    (mini,) = [p for p in cache.glob("*.onnx") if p not in old and p != writing]
+    assert left == {mini.name, old[4].name, old[3].name, writing.name}
+    # using an export again makes it the newest: the next prune keeps it over a newer-made one
+    os.utime(old[3], ns=(now + 10**12, old[3].stat().st_mtime_ns))
+    newer = _fake_export(cache, "f" * 32, now + 5 * 10**11)
+    Embedder(DEFAULT_MODEL).encode(["second"])  # the cached MiniLM export: stamped, then pruned
+    assert {p.name for p in cache.glob("*.onnx")} == {mini.name, old[3].name, newer.name, writing.name}
+
+
+def test_prune_never_removes_the_export_in_use():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        now = time.time_ns()
+        paths = [_fake_export(d, f"{i:032x}", now + i) for i in range(4)]
+        removed = onnx_encoder.prune_cache(d, 1, protect=paths[0])  # the oldest is the one in use
+        assert set(removed) == {paths[1], paths[2]}
+        assert {p.name for p in d.iterdir()} == {paths[0].name, paths[3].name}
