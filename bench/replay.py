@@ -26,7 +26,7 @@ from typing import Any
 from bench.stack import Stack, child_env, write_results
 
 __all__ = ["run_replay", "replay_metrics", "demo_stream", "load_stream", "stream_name", "distiller_overrides", "format_table",
-           "score_versions"]
+           "score_versions", "mix_streams"]
 
 
 def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -49,6 +49,28 @@ def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, An
 def stream_name(path: Path) -> str:
     """The results name of a stream file: its stem, or ``<folder>-<stem>`` for a generic train/test/stream."""
     return f"{path.parent.name}-{path.stem}" if path.stem in ("train", "test", "stream") else path.stem
+
+
+def mix_streams(streams: Sequence[tuple[str, list[dict[str, Any]]]], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Several tasks' streams as one application's traffic under one model name: each keeps its own
+    order, the stream each next request comes from is drawn at random in proportion to the requests
+    it has left (so they interleave evenly and end together), and each row names its stream as its
+    ``route`` (sent as ``X-KDGate-Route``). Names repeated are numbered (``name``, ``name-2``)."""
+    import random
+
+    names: list[str] = []
+    for name, _ in streams:
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}-{k}", k + 1
+        names.append(unique)
+    left = [list(reversed(rows)) for _, rows in streams]
+    rng = random.Random(seed)
+    out = []
+    while any(left):
+        i = rng.choices(range(len(left)), weights=[len(x) for x in left])[0]
+        out.append({**left[i].pop(), "route": names[i]})
+    return out
 
 
 def demo_stream(limit: int | None = None) -> list[dict[str, Any]]:
@@ -491,32 +513,46 @@ def run_replay(
     route_names = sorted({s.get("route") or "replay" for s in sent})
     by_uid = {r["uid"]: r for route in route_names for r in ledger.exchange_rows(
         route, columns=("uid", "cost_usd", "counterfactual_usd", "confidence", "student_answer", "served_by"))}
-    versions = list(reversed(ledger.student_versions("replay")))
     latency = {}
     for who in ("student", "teacher"):
-        vals = sorted(r["latency_ms"] for r in ledger.exchange_rows("replay", columns=("latency_ms",), served_by=who, status=200))
+        vals = sorted(r["latency_ms"] for route in route_names
+                      for r in ledger.exchange_rows(route, columns=("latency_ms",), served_by=who, status=200))
         latency[f"{who}_p50_ms"] = round(vals[len(vals) // 2], 2) if vals else None
         latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
     target = float((route_settings or {}).get("target_agreement", 0.98))
+    cache_dir = Path("bench/results") if results_dir is None else results_dir
     share = None
-    if ceiling is True:
-        share = ceiling_share(stream_path, rows, target, cache_dir=Path("bench/results") if results_dir is None else results_dir,
-                              progress=progress)["share"]
-    elif ceiling:
+    if ceiling is True and len(route_names) == 1:
+        share = ceiling_share(stream_path, rows, target, cache_dir=cache_dir, progress=progress)["share"]
+    elif ceiling is not True and ceiling:
         share = float(ceiling)
-    metrics = replay_metrics(rows[:len(sent)], sent, by_uid, ceiling=share, target=target)
+    # several tasks: no one student family spans them, so the ceiling (and ceiling_ratio) is each route's
+    metrics = replay_metrics(rows[:len(sent)], sent, by_uid, ceiling=share if len(route_names) == 1 else None,
+                             target=target)
     if len(route_names) > 1:
         metrics["routes"] = {}
         for route in route_names:
             idx = [i for i, s_ in enumerate(sent) if (s_.get("route") or "replay") == route]
-            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, target=target)
+            route_share = None
+            if ceiling is True:
+                route_path = workdir / f"stream-{route}.jsonl"
+                route_path.write_text("".join(json.dumps({"messages": rows[i]["messages"], "answer": rows[i]["answer"]}) + "\n"
+                                              for i in idx))
+                route_share = ceiling_share(route_path, [rows[i] for i in idx], target, cache_dir=cache_dir,
+                                            progress=progress)["share"]
+            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, ceiling=route_share,
+                                  target=target)
             part.pop("sweep", None)
+            part["student_versions"] = version_summaries(ledger, route)
             metrics["routes"][route] = part
     if pacer is not None:
         metrics["paced"] = {"held_s": round(pacer.held_s, 1), "holds": pacer.holds}
-    live = ledger.live_student("replay")
-    if live and not keep_running:  # with the stack stopped, the machine is quiet
-        metrics["router_decision_ms"] = time_decisions(live["artifact_path"], live["checksum"], rows)
+    for route in route_names:
+        live = ledger.live_student(route)
+        if live and not keep_running:  # with the stack stopped, the machine is quiet
+            route_rows = [r for r in rows if (r.get("route") or "replay") == route]
+            timed = time_decisions(live["artifact_path"], live["checksum"], route_rows)
+            (metrics["routes"][route] if "routes" in metrics else metrics)["router_decision_ms"] = timed
     if score_versions_on_last_quarter:
         metrics["version_scores"] = score_versions(ledger, "replay", rows[len(rows) * 3 // 4:],
                                                    float((route_settings or {}).get("target_agreement", 0.98)),
@@ -530,13 +566,19 @@ def run_replay(
         "distiller": distiller,
         "teacher": f"stand-in replay teacher priced as {teacher_model}",
         "latency_in_gateway": latency,
-        "student_versions": [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
-                              "coverage_at_target": v["metrics"].get("coverage_at_target")} for v in versions],
+        "student_versions": version_summaries(ledger, route_names[0]) if len(route_names) == 1 else [],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     saved = write_results(metrics, f"replay-{name}", out, results_dir)
     plot(metrics, saved.with_suffix(".png"), f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")
     return metrics, (stack if keep_running else None)
+
+
+def version_summaries(ledger: Any, route: str) -> list[dict[str, Any]]:
+    """The route's registered versions, oldest first: version, status, train pairs, coverage at target."""
+    return [{"version": v["version"], "status": v["status"], "train_pairs": v["train_pairs"],
+             "coverage_at_target": v["metrics"].get("coverage_at_target")}
+            for v in reversed(ledger.student_versions(route))]
 
 
 def score_versions(
@@ -675,7 +717,11 @@ def format_table(m: dict[str, Any]) -> str:
         lines.append(f"last quarter at the target / ceiling ({m['ceiling_share']:.1%}): {m['ceiling_ratio']:.3f}")
     for route, r in (m.get("routes") or {}).items():
         lines.append(f"  route {route}: {r['overall']['requests']:,} requests, {r['overall']['student_share']:.1%} served, "
-                     f"{r['overall']['saved_fraction']:.1%} saved, agreement {r['overall']['agreement']:.2%}")
+                     f"{r['overall']['saved_fraction']:.1%} saved, agreement {r['overall']['agreement']:.2%}; last 25% "
+                     f"{r['last_quarter']['student_share']:.1%} served at {r['last_quarter']['agreement']:.2%}; "
+                     + (f"first student answer at request {r['first_cascade_request']:,} of the route"
+                        if r.get("first_cascade_request") else "the student never answered")
+                     + (f"; ceiling ratio {r['ceiling_ratio']:.3f}" if r.get("ceiling_ratio") is not None else ""))
     if m.get("router_decision_ms"):
         d = m["router_decision_ms"]
         lines.append(f"router decision (features + calibrated score, one request, encoder on {d.get('runtime', 'torch')}): "

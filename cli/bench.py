@@ -67,7 +67,9 @@ def replicas(
 
 @app.command("replay")
 def replay(
-    dataset: Annotated[Path, typer.Option(help="JSONL stream: {messages, answer} per line")],
+    dataset: Annotated[list[Path], typer.Option(
+        help="JSONL stream: {messages, answer} per line; repeated: several tasks interleaved at random as one "
+             "stream, each its own route (named by its file), --limit per task")],
     out: Out = None,
     teacher_model: Annotated[str, typer.Option(help="whose prices the stand-in teacher charges")] = "gpt-4o",
     rate: Annotated[float, typer.Option(help="requests per second (0: as fast as answered)")] = 25.0,
@@ -100,19 +102,23 @@ def replay(
         distiller_overrides,
         format_table,
         load_stream,
+        mix_streams,
         run_replay,
         stream_name,
     )
 
     try:
         distiller = distiller_overrides(config_json)
-        rows = load_stream(dataset, limit)
+        if len(dataset) == 1:
+            rows = load_stream(dataset[0], limit)
+        else:
+            rows = mix_streams([(stream_name(p), load_stream(p, limit)) for p in dataset])
     except (OSError, ValueError) as exc:
         fail(str(exc), 2)
     route_settings = {"target_agreement": target_agreement, "shadow_rate": shadow_rate}
     if target_confidence is not None:
         route_settings["target_confidence"] = target_confidence
-    name = name or stream_name(dataset)
+    name = name or "+".join(stream_name(p) for p in dataset)
     if ceiling == "auto":
         ceiling_arg: bool | float = True
     elif ceiling == "off":
@@ -122,6 +128,8 @@ def replay(
             ceiling_arg = float(ceiling)
         except ValueError:
             fail("--ceiling: 'auto', 'off' or a share in (0, 1]", 2)
+        if len(dataset) > 1:
+            fail("--ceiling: a share is one stream's; with several --dataset use 'auto' (each route's own) or 'off'", 2)
     metrics, _ = run_replay(rows, name=name, out=out, teacher_model=teacher_model, rate=rate, concurrency=concurrency,
                             route_settings=route_settings, distiller=distiller, score_versions_on_last_quarter=score_versions,
                             paced=paced, ceiling=ceiling_arg)

@@ -73,6 +73,7 @@ class DistillerConfig:
     retrain_after_pairs: int = _f(500, "Watch mode: retrain a route after this many new teacher pairs.")
     retrain_after_minutes: float = _f(60.0, "Watch mode: retrain a route with any new pairs after this many minutes.")
     poll_seconds: float = _f(30.0, "Watch mode: how often to look for new pairs.")
+    schedule: str = _f("saving", "Watch mode: the order due routes train in: 'saving' (the default: the one expected to save most per CPU-second first, see distiller.worker) or 'in_turn' (the one that waited longest first).")
     artifacts_dir: str | None = _f(None, "Where artifacts go (default: <db directory>/artifacts).")
     seed: int = _f(0, "Random seed of training.")
 
@@ -136,6 +137,8 @@ class DistillerConfig:
             raise ConfigError(f"target_confidence must be at least 0.5 and below 1, got {self.target_confidence}.")
         if self.head_solver not in ("torch", "sklearn"):
             raise ConfigError(f"head_solver must be torch or sklearn, got {self.head_solver!r}.")
+        if self.schedule not in ("saving", "in_turn"):
+            raise ConfigError(f"schedule must be saving or in_turn, got {self.schedule!r}.")
         if self.finetune not in ("auto", "always", "never"):
             raise ConfigError(f"finetune must be auto, always or never, got {self.finetune!r}.")
         if not 0.0 <= self.lexical_weight < 1.0:

@@ -121,14 +121,18 @@ class Worker:
 
     def step(self) -> list[DistillReport]:
         """One pass over the due routes, the one expected to save most per CPU-second first (see
-        :meth:`expected_saving_rate`). Returns this pass's reports."""
+        :meth:`expected_saving_rate`), or with ``schedule = "in_turn"`` the one that waited longest
+        (never trained first). Returns this pass's reports."""
         out = []
         due_routes = []
         for route in self.route_names():
             due, why = self.due(route)
             if due:
                 due_routes.append((self.expected_saving_rate(route), route, why))
-        due_routes.sort(key=lambda x: -x[0])
+        if self.config.schedule == "in_turn":
+            due_routes.sort(key=lambda x: self._state(x[1]).last_run)
+        else:
+            due_routes.sort(key=lambda x: -x[0])
         for score, route, why in due_routes:
             if self.stop.is_set():
                 break

@@ -209,6 +209,31 @@ def test_the_worker_trains_first_the_route_expected_to_save_most(ledger, fast_co
     assert [r.route for r in worker.step()] == ["dear", "cheap"]
 
 
+def test_schedule_in_turn_trains_the_route_that_waited_longest_first(ledger, fast_config) -> None:
+    """``schedule = "in_turn"``: cost does not matter; a route that never trained, then the one
+    whose last run is oldest, goes first."""
+    import time as _time
+
+    from distiller.config import ConfigError
+    from distiller.worker import Worker
+
+    rows = load_fixture("banking77_small.jsonl")
+    now = _time.time()
+    seed_exchanges(ledger, "alpha", rows[:60], start_ts=now - 100)
+    seed_exchanges(ledger, "beta", rows[60:120], start_ts=now - 100)
+    with ledger.conn:
+        ledger.conn.execute("UPDATE exchanges SET cost_usd = CASE route WHEN 'beta' THEN 0.01 ELSE 0.001 END")
+    worker = Worker(ledger.path, fast_config.with_overrides({"schedule": "in_turn"}))
+    assert worker.expected_saving_rate("beta") > worker.expected_saving_rate("alpha")  # by saving: beta first
+    assert [r.route for r in worker.step()] == ["alpha", "beta"]  # neither trained: the ledger's (name) order
+    seed_exchanges(ledger, "beta", rows[120:180])
+    seed_exchanges(ledger, "alpha", rows[180:240])
+    assert worker.due("alpha")[0] and worker.due("beta")[0]
+    assert [r.route for r in worker.step()] == ["alpha", "beta"]  # alpha's run is the older one
+    with pytest.raises(ConfigError, match="schedule must be saving or in_turn"):
+        fast_config.with_overrides({"schedule": "round-robin"}).validate()
+
+
 def test_learning_curve_bench_on_a_tiny_stream(tmp_path) -> None:
     from bench.learning_curve import format_table, run_learning_curve, write_results
     from tests.distiller.conftest import FIXTURES

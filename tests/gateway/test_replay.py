@@ -81,6 +81,31 @@ def test_replay_distiller_settings_are_checked_before_anything_starts(capsys):
     assert "min_val_check" in capsys.readouterr().err
 
 
+def test_several_streams_interleave_as_routes_each_in_its_own_order():
+    from bench.replay import mix_streams
+
+    a = [{"messages": [{"role": "user", "content": f"a{i}"}], "answer": "x"} for i in range(300)]
+    b = [{"messages": [{"role": "user", "content": f"b{i}"}], "answer": "y"} for i in range(100)]
+    mixed = mix_streams([("task", a), ("other", b), ("task", a[:50])], seed=3)
+    assert len(mixed) == 450 and {r["route"] for r in mixed} == {"task", "other", "task-2"}
+    for route, rows in (("task", a), ("other", b), ("task-2", a[:50])):
+        assert [r["messages"] for r in mixed if r["route"] == route] == [r["messages"] for r in rows]
+    # drawn in proportion to what is left: every stream is spread over the whole mix, not run one after another
+    positions = [i for i, r in enumerate(mixed) if r["route"] == "other"]
+    assert positions[0] < 45 and positions[-1] > 405
+    assert mix_streams([("task", a), ("other", b)], seed=3) == mix_streams([("task", a), ("other", b)], seed=3)
+    assert "route" not in a[0]  # the inputs are not changed
+
+
+def test_a_numeric_ceiling_is_refused_for_several_streams(tmp_path, capsys):
+    from cli.app import main
+
+    stream = tmp_path / "s.jsonl"
+    stream.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "answer": "x"}) + "\n")
+    assert main(["bench", "replay", "--dataset", str(stream), "--dataset", str(stream), "--ceiling", "0.9"]) == 2
+    assert "with several --dataset" in capsys.readouterr().err
+
+
 def test_demo_stream_is_bundled():
     rows = demo_stream(limit=5)
     assert len(rows) == 5 and rows[0]["messages"][0]["role"] == "system" and "card_arrival" in rows[0]["messages"][0]["content"]
