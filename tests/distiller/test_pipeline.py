@@ -192,18 +192,25 @@ def test_a_young_route_retrains_each_time_its_pairs_double(ledger, fast_config) 
     assert due and "retrain after 60" in why
 
 
-def test_the_worker_trains_first_the_route_expected_to_save_most(ledger, fast_config) -> None:
-    """Two routes due at once: the one whose teacher costs more per second goes first."""
+def _cheap_and_dear_routes(ledger, cheap: str, dear: str, n: int) -> list:
+    """Two routes of ``n`` fresh teacher pairs each, ``dear``'s teacher ten times ``cheap``'s price;
+    returns the fixture's rows (the first ``2 n`` are seeded)."""
     import time as _time
-
-    from distiller.worker import Worker
 
     rows = load_fixture("banking77_small.jsonl")
     now = _time.time()
-    seed_exchanges(ledger, "cheap", rows[:80], start_ts=now - 100)
-    seed_exchanges(ledger, "dear", rows[80:160], start_ts=now - 100)
+    seed_exchanges(ledger, cheap, rows[:n], start_ts=now - 100)
+    seed_exchanges(ledger, dear, rows[n:2 * n], start_ts=now - 100)
     with ledger.conn:
-        ledger.conn.execute("UPDATE exchanges SET cost_usd = CASE route WHEN 'dear' THEN 0.01 ELSE 0.001 END")
+        ledger.conn.execute("UPDATE exchanges SET cost_usd = CASE route WHEN ? THEN 0.01 ELSE 0.001 END", (dear,))
+    return rows
+
+
+def test_the_worker_trains_first_the_route_expected_to_save_most(ledger, fast_config) -> None:
+    """Two routes due at once: the one whose teacher costs more per second goes first."""
+    from distiller.worker import Worker
+
+    _cheap_and_dear_routes(ledger, "cheap", "dear", 80)
     worker = Worker(ledger.path, fast_config)
     assert worker.expected_saving_rate("dear") > 5 * worker.expected_saving_rate("cheap") > 0
     assert [r.route for r in worker.step()] == ["dear", "cheap"]
@@ -212,17 +219,10 @@ def test_the_worker_trains_first_the_route_expected_to_save_most(ledger, fast_co
 def test_schedule_in_turn_trains_the_route_that_waited_longest_first(ledger, fast_config) -> None:
     """``schedule = "in_turn"``: cost does not matter; a route that never trained, then the one
     whose last run is oldest, goes first."""
-    import time as _time
-
     from distiller.config import ConfigError
     from distiller.worker import Worker
 
-    rows = load_fixture("banking77_small.jsonl")
-    now = _time.time()
-    seed_exchanges(ledger, "alpha", rows[:60], start_ts=now - 100)
-    seed_exchanges(ledger, "beta", rows[60:120], start_ts=now - 100)
-    with ledger.conn:
-        ledger.conn.execute("UPDATE exchanges SET cost_usd = CASE route WHEN 'beta' THEN 0.01 ELSE 0.001 END")
+    rows = _cheap_and_dear_routes(ledger, "alpha", "beta", 60)
     worker = Worker(ledger.path, fast_config.with_overrides({"schedule": "in_turn"}))
     assert worker.expected_saving_rate("beta") > worker.expected_saving_rate("alpha")  # by saving: beta first
     assert [r.route for r in worker.step()] == ["alpha", "beta"]  # neither trained: the ledger's (name) order
