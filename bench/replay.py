@@ -468,9 +468,7 @@ def run_replay(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="kdgate-replay-"))
     workdir.mkdir(parents=True, exist_ok=True)
     stream_path = workdir / "stream.jsonl"
-    with open(stream_path, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
+    write_stream(stream_path, rows)
     # Paced, the stream's clock stops while the distiller trains, so a wall-clock retrain ("any new
     # pairs after 2 minutes") would fire after a couple of minutes of holds on a handful of pairs and
     # hold the stream again: free versions in stream time. Paced replays retrain by pairs only.
@@ -521,26 +519,31 @@ def run_replay(
         latency[f"{who}_p95_ms"] = round(vals[int(len(vals) * 0.95)], 2) if vals else None
     target = float((route_settings or {}).get("target_agreement", 0.98))
     cache_dir = Path("bench/results") if results_dir is None else results_dir
-    share = None
-    if ceiling is True and len(route_names) == 1:
-        share = ceiling_share(stream_path, rows, target, cache_dir=cache_dir, progress=progress)["share"]
-    elif ceiling is not True and ceiling:
-        share = float(ceiling)
-    # several tasks: no one student family spans them, so the ceiling (and ceiling_ratio) is each route's
-    metrics = replay_metrics(rows[:len(sent)], sent, by_uid, ceiling=share if len(route_names) == 1 else None,
-                             target=target)
-    if len(route_names) > 1:
+    sent_of = {route: [i for i, s_ in enumerate(sent) if (s_.get("route") or "replay") == route] for route in route_names}
+
+    def route_ceiling(route: str) -> float | None:
+        """``--ceiling auto`` over several tasks: the ceiling of the route's own stream (one student
+        family spans one task)."""
+        if ceiling is not True:
+            return None
+        route_rows = [rows[i] for i in sent_of[route]]
+        path = workdir / f"stream-{route}.jsonl"
+        write_stream(path, route_rows)
+        return ceiling_share(path, route_rows, target, cache_dir=cache_dir, progress=progress)["share"]
+
+    if len(route_names) == 1:
+        share = None
+        if ceiling is True:
+            share = ceiling_share(stream_path, rows, target, cache_dir=cache_dir, progress=progress)["share"]
+        elif ceiling:
+            share = float(ceiling)
+        metrics = replay_metrics(rows[:len(sent)], sent, by_uid, ceiling=share, target=target)
+    else:  # several tasks: the ceiling (and ceiling_ratio) is each route's
+        metrics = replay_metrics(rows[:len(sent)], sent, by_uid, target=target)
         metrics["routes"] = {}
         for route in route_names:
-            idx = [i for i, s_ in enumerate(sent) if (s_.get("route") or "replay") == route]
-            route_share = None
-            if ceiling is True:
-                route_path = workdir / f"stream-{route}.jsonl"
-                route_path.write_text("".join(json.dumps({"messages": rows[i]["messages"], "answer": rows[i]["answer"]}) + "\n"
-                                              for i in idx))
-                route_share = ceiling_share(route_path, [rows[i] for i in idx], target, cache_dir=cache_dir,
-                                            progress=progress)["share"]
-            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, ceiling=route_share,
+            idx = sent_of[route]
+            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, ceiling=route_ceiling(route),
                                   target=target)
             part.pop("sweep", None)
             part["student_versions"] = version_summaries(ledger, route)
@@ -550,7 +553,7 @@ def run_replay(
     for route in route_names:
         live = ledger.live_student(route)
         if live and not keep_running:  # with the stack stopped, the machine is quiet
-            route_rows = [r for r in rows if (r.get("route") or "replay") == route]
+            route_rows = rows if len(route_names) == 1 else [rows[i] for i in sent_of[route]]
             timed = time_decisions(live["artifact_path"], live["checksum"], route_rows)
             (metrics["routes"][route] if "routes" in metrics else metrics)["router_decision_ms"] = timed
     if score_versions_on_last_quarter:
@@ -572,6 +575,14 @@ def run_replay(
     saved = write_results(metrics, f"replay-{name}", out, results_dir)
     plot(metrics, saved.with_suffix(".png"), f"kdgate replay: {name} ({len(rows)} requests, stand-in teacher)")
     return metrics, (stack if keep_running else None)
+
+
+def write_stream(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``rows`` as a stream file (``{messages, answer}`` per line): what the stand-in teacher replays
+    and the ceiling trains on."""
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"messages": r["messages"], "answer": r["answer"]}) + "\n")
 
 
 def version_summaries(ledger: Any, route: str) -> list[dict[str, Any]]:
