@@ -39,6 +39,7 @@ def build_tiny_model(
     intermediate_size: int = 192,
     max_positions: int = 256,
     seed: int = 0,
+    tied: bool = True,
 ) -> Path:
     """Train a byte-level BPE tokenizer on ``corpus``, build a random Llama, save both to ``out_dir``.
 
@@ -84,7 +85,7 @@ def build_tiny_model(
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         attention_dropout=0.0,
     )
     model = LlamaForCausalLM(config)

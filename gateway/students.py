@@ -266,8 +266,10 @@ class StudentRouter:
             if self.settings.vllm_base_url:
                 options["vllm_base_url"] = self.settings.vllm_base_url
         elif row["kind"] == "lm_structured" and self.settings.student_backend == "vllm":
-            log.warning("route %s: v%s is a structured LM student, served in this process: student_backend = vllm "
-                        "serves free-text LM students only (docs/architecture.md, LM students)", row["route"], row["version"])
+            import gateway.vllm_structured  # noqa: F401  (registers the "vllm" backend with router.lm_structured)
+
+            options["backend"] = "vllm"
+            options["vllm_base_url"] = self.settings.vllm_base_url
         student = load_student(row["artifact_path"], expected_checksum=row["checksum"], **options)
         if hasattr(student, "warm"):
             student.warm()

@@ -48,6 +48,11 @@ __all__ = [
     "VLLMClient",
     "VLLMStudent",
     "adapter_name",
+    "ensure_adapter",
+    "release_adapter",
+    "close_async",
+    "shut_down",
+    "base_url_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -179,6 +184,42 @@ def _output(
     )
 
 
+def ensure_adapter(http: httpx.Client, name: str, path: str) -> None:
+    """Load the adapter at ``path`` (as the vLLM server sees it) under ``name``; one that another
+    gateway replica loaded already is fine."""
+    try:
+        response = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+    except httpx.TransportError as exc:
+        raise VLLMUnavailable(f"vLLM at {http.base_url} is unreachable: {exc!r}") from exc
+    try:
+        _raise_for(response, "load adapter", name)
+    except AdapterAlreadyLoaded:
+        log.info("adapter %s was already loaded in vLLM", name)  # another gateway replica did it
+
+
+def release_adapter(http: httpx.Client, name: str) -> None:
+    """Unload a retired version's adapter; failures are logged, never raised (closing goes on)."""
+    try:
+        response = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+        _raise_for(response, "unload adapter", name)
+    except AdapterNotFound:
+        pass
+    except VLLMError as exc:
+        log.warning("could not unload adapter %s: %s", name, exc)
+    except httpx.TransportError as exc:
+        log.warning("could not unload adapter %s: vLLM unreachable (%r)", name, exc)
+
+
+def close_async(client: "VLLMClient") -> None:
+    """Close an async client from sync code, inside or outside a running loop."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop().create_task(client.aclose())
+    except RuntimeError:  # no running loop: close synchronously
+        asyncio.run(client.aclose())
+
+
 class VLLMClient:
     """Async client for one vLLM server. ``transport`` lets tests swap the network."""
 
@@ -240,6 +281,12 @@ class VLLMClient:
         _raise_for(response, "generate with", model)
         return response.json()
 
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One ``/v1/completions`` call (``body["model"]``: an adapter name); the raw body."""
+        response = await self._post("/v1/completions", body)
+        _raise_for(response, "generate with", str(body.get("model")))
+        return response.json()
+
     async def generate(
         self,
         adapter: str,
@@ -297,14 +344,7 @@ class VLLMStudent:
         self._ensure_loaded()
 
     def _ensure_loaded(self) -> None:
-        try:
-            response = self._sync.post("/v1/load_lora_adapter", json={"lora_name": self.adapter, "lora_path": self.lora_path})
-        except httpx.TransportError as exc:
-            raise VLLMUnavailable(f"vLLM at {self.client.base_url} is unreachable: {exc!r}") from exc
-        try:
-            _raise_for(response, "load adapter", self.adapter)
-        except AdapterAlreadyLoaded:
-            log.info("adapter %s was already loaded in vLLM", self.adapter)  # another gateway replica did it
+        ensure_adapter(self._sync, self.adapter, self.lora_path)
 
     def predict(self, messages: list[dict[str, Any]], params: dict[str, Any]) -> StudentOutput:
         """Blocking generation through vLLM."""
@@ -324,35 +364,31 @@ class VLLMStudent:
 
     def close(self) -> None:
         """Unload the adapter (a retired version) and close the connections."""
-        if self.unload_on_close:
-            try:
-                response = self._sync.post("/v1/unload_lora_adapter", json={"lora_name": self.adapter})
-                _raise_for(response, "unload adapter", self.adapter)
-            except AdapterNotFound:
-                pass
-            except VLLMError as exc:
-                log.warning("could not unload adapter %s: %s", self.adapter, exc)
-            except httpx.TransportError as exc:
-                log.warning("could not unload adapter %s: vLLM unreachable (%r)", self.adapter, exc)
-        self._sync.close()
-        try:
-            import asyncio
-
-            asyncio.get_running_loop().create_task(self.client.aclose())
-        except RuntimeError:  # no running loop: close synchronously
-            import asyncio
-
-            asyncio.run(self.client.aclose())
+        shut_down(self._sync, self.client, self.adapter if self.unload_on_close else None)
 
 
-def _factory(directory: Path, manifest: dict[str, Any], **options: Any) -> VLLMStudent:
+def shut_down(http: httpx.Client, client: VLLMClient, adapter: str | None) -> None:
+    """A vLLM-served student's close: unload ``adapter`` (a retired version; None keeps it loaded) and
+    close both clients."""
+    if adapter is not None:
+        release_adapter(http, adapter)
+    http.close()
+    close_async(client)
+
+
+def base_url_of(options: dict[str, Any]) -> str:
+    """The vLLM server a backend factory was given, or the error that says which setting is missing."""
     base_url = options.get("vllm_base_url")
     if not base_url:
         raise StudentError("The vllm backend needs vllm_base_url (settings: vllm_base_url).")
+    return str(base_url)
+
+
+def _factory(directory: Path, manifest: dict[str, Any], **options: Any) -> VLLMStudent:
     return VLLMStudent(
         directory,
         manifest,
-        base_url=base_url,
+        base_url=base_url_of(options),
         api_key=options.get("vllm_api_key"),
         lora_path=options.get("vllm_lora_path"),
         timeout=float(options.get("vllm_timeout_s", 60.0)),

@@ -467,6 +467,7 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
             while len(allowed) == 1 and st.phase != "done":
                 run.pending.append(allowed[0])
                 g.advance(st, allowed[0])
+                run.result.completion_tokens += 1
                 allowed = g.allowed(st)
             if st.phase == "done" or run.steps >= run.max_steps:
                 continue

@@ -39,7 +39,8 @@ from router.lm_grammar import Request, RouteSchema
 from router.student import Student, StudentError, StudentOutput, register_kind
 from router.template import Template
 
-__all__ = ["KIND", "StructuredModel", "StructuredLMStudent", "load_structured_model", "load_structured_student"]
+__all__ = ["KIND", "StructuredModel", "StructuredLMStudent", "load_structured_model", "load_structured_student",
+           "confidence_of", "register_backend"]
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,16 @@ class StructuredModel:
 
     def confidence(self, results: Sequence[Any]) -> np.ndarray:
         """Calibrated probabilities that each answer agrees with the teacher's."""
-        feats = np.vstack([decision_features(r.decisions) for r in results]) if results else np.zeros((0, 9))
-        if self.calibrator is None:
-            return np.exp(feats[:, 0]) if len(feats) else np.zeros(0)  # uncalibrated: the weakest decision
-        return self.calibrator.predict(feats)
+        return confidence_of(self.calibrator, results)
+
+
+def confidence_of(calibrator: Calibrator | None, results: Sequence[Any]) -> np.ndarray:
+    """Calibrated probabilities that each decoded answer (its ``decisions``) agrees with the teacher's;
+    the same for every backend that decodes under the grammar (in-process, vLLM)."""
+    feats = np.vstack([decision_features(r.decisions) for r in results]) if results else np.zeros((0, 9))
+    if calibrator is None:
+        return np.exp(feats[:, 0]) if len(feats) else np.zeros(0)  # uncalibrated: the weakest decision
+    return calibrator.predict(feats)
 
 
 def _device(requested: str | None) -> str:
@@ -215,8 +222,24 @@ class StructuredLMStudent:
                        "batch_size": len(ready), "decode_ms": round(res.ms, 2)}))
 
 
+_BACKENDS: dict[str, Any] = {}
+
+
+def register_backend(name: str, factory: Any) -> None:
+    """Register ``factory(directory, manifest, **options) -> Student`` as a serving backend of
+    structured students (the gateway registers ``vllm``: :mod:`gateway.vllm_structured`)."""
+    _BACKENDS[name] = factory
+
+
 def load_structured_student(directory: Path, manifest: dict[str, Any], **options: Any) -> Student:
-    """The ``lm_structured`` loader (in-process; ``device`` is the one option that applies)."""
+    """The ``lm_structured`` loader: in-process (``device``, ``max_batch``, ``max_wait_ms`` apply), or the
+    registered backend named by ``backend``."""
+    backend = options.get("backend") or "embedded"
+    if backend != "embedded":
+        if backend not in _BACKENDS:
+            raise StudentError(f"No structured-student backend {backend!r} is registered (known: embedded, "
+                               f"{', '.join(sorted(_BACKENDS)) or 'none else'}).")
+        return _BACKENDS[backend](Path(directory), manifest, **options)
     return StructuredLMStudent(Path(directory), manifest, device=options.get("device"),
                                max_batch=int(options.get("max_batch", 8)),
                                max_wait_ms=float(options.get("max_wait_ms", 2.0)))

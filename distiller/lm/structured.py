@@ -81,6 +81,7 @@ class StructuredConfig:
     max_draft: int = 4  # copy speculation: request tokens fed ahead after a span's first token
     serve_weights: str = "bf16"  # "bf16" (packed for oneDNN where the CPU has it) | "fp32"
     max_input_tokens: int = 512  # longer requests escalate
+    vllm_export: bool = True  # also write the student as a plain LoRA adapter vLLM loads (distiller.lm.vllm_export)
     eval_batch_size: int = 8
     target_agreement: float | None = None  # default: the route's setting, else 0.98
     target_confidence: float | None = None
@@ -623,6 +624,24 @@ class StructuredRun:
     schema: RouteSchema
 
 
+def _export_for_vllm(cfg: StructuredConfig, weights: str, directory: Path, base_path: str, schema: RouteSchema,
+                     tokenizer: Any, examples: Sequence[Example], val_texts: Sequence[str]) -> dict[str, Any] | None:
+    """The student as a vLLM-loadable adapter (the manifest's ``vllm`` entry), or None: full weights,
+    the export turned off, or a student the export cannot express (logged; it still serves in-process)."""
+    if not cfg.vllm_export or weights != "adapter":
+        return None
+    from distiller.lm.vllm_export import export_vllm_adapter
+
+    used = {i for e in examples for i in e.ids if i < schema.base_vocab}
+    for text in val_texts:
+        used.update(Request.make(tokenizer, text).ids)
+    try:
+        return export_vllm_adapter(directory, base_path, schema, tokenizer, used)
+    except ValueError as exc:
+        log.warning("structured student in %s not exported for vLLM: %s", directory, exc)
+        return None
+
+
 def train_structured_student(
     train_texts: Sequence[str], train_answers: Sequence[str], val_texts: Sequence[str], val_answers: Sequence[str],
     cfg: StructuredConfig, directory: Path, *, route: str, version: int, template: Any, target: float,
@@ -654,6 +673,7 @@ def train_structured_student(
         stats = train(student, examples, cfg)
         weights = write_weights(student, tokenizer, directory)
         del student
+        vllm = _export_for_vllm(cfg, weights, directory, base.path, schema, tokenizer, examples, val_texts)
         manifest: dict[str, Any] = {
             "kind": KIND, "route": route, "version": version, "created": time.time(),
             "base_model": cfg.base_model, "base_sha256": base.sha256, "base_source": base.source,
@@ -663,6 +683,8 @@ def train_structured_student(
                          "max_input_tokens": cfg.max_input_tokens},
             "train_config": cfg.to_dict(),
         }
+        if vllm:
+            manifest["vllm"] = vllm
         model = load_structured_model(directory, manifest, device=device)
         scored = score(model, val_texts, val_answers, batch_size=cfg.eval_batch_size, progress=cfg.progress,
                        desc="validation")

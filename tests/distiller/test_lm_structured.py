@@ -126,6 +126,26 @@ def test_an_unfinished_answer_escalates(student, monkeypatch):
         student.predict([{"role": "user", "content": "book a flight to new york on monday"}], {})
 
 
+def test_the_vllm_export_of_the_real_base_is_the_student(trained, student):
+    """SmolLM2 ties its input and output tables; the export gives the head its own delta and must score
+    the extra tokens and the copied ids as the student does, with keys and labels in the input."""
+    from router.artifact import load_manifest
+    from distiller.lm.vllm_export import check_export
+    from router.lm_grammar import Request, encode_answer
+
+    directory = Path(trained["summary"]["artifact_path"])
+    vllm = load_manifest(directory)["vllm"]
+    schema, tok = student.model.schema, student.model.tokenizer
+    assert vllm["rank"] == 16 and len(vllm["token_ids"]) == schema.n_extra and min(vllm["token_ids"]) > 40000
+    from router.lm_base import resolve_base
+
+    row = extraction.pairs(40, seed=7)[-1]
+    req = Request.make(tok, student.model.template.strip(row["messages"]))
+    ids, _ = encode_answer(schema, req, row["answer"])
+    prompt = [*schema.prefix_ids, *req.ids, schema.sep_id, *ids[:-1]]
+    assert check_export(directory, resolve_base("smollm2-135m").path, schema, vllm["token_ids"], prompt) < 1e-3
+
+
 def test_the_lean_decoder_decodes_as_the_hugging_face_model_does(trained):
     """FastLlama (fused weights, own KV cache, copy speculation, lockstep batches) against the plain
     transformers forward with a DynamicCache, both float32 over the same merged weights."""
