@@ -44,7 +44,8 @@ class RouteSchema:
     ``first_key``: the key every answer starts with, or None; ``list_keys``: keys seen with a list
     value (only these may repeat); ``monotone``: copied spans follow request order (a span may start
     only after the previous one ends); ``required``: keys of every answer (the end is allowed once
-    they are out); ``prefix_ids``: fed before the request (a BOS the base expects); ``sep_id``: ends
+    they are out); ``keys_given``: the keys seen with each value of an enum first key (after it, only
+    those may come); ``prefix_ids``: fed before the request (a BOS the base expects); ``sep_id``: ends
     the request; ``json_format``: the ``json.dumps`` arguments that reproduce the teacher's spacing.
     """
 
@@ -61,6 +62,8 @@ class RouteSchema:
     json_format: dict[str, Any] = field(default_factory=dict)
     coverage: float = 1.0  # share of the training answers the schema represents exactly
     stats: dict[str, Any] = field(default_factory=dict)
+    # the keys seen with each value of the first key (an intent's slots): after it, only those; empty: any
+    keys_given: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # extra-token layout (ids from base_vocab on): one per key, one per (enum key, value), then EOS
@@ -89,12 +92,13 @@ class RouteSchema:
         return {"keys": self.keys, "enum_values": self.enum_values, "first_key": self.first_key,
                 "list_keys": sorted(self.list_keys), "monotone": self.monotone, "base_vocab": self.base_vocab,
                 "sep_id": self.sep_id, "required": self.required, "always_list": self.always_list, "prefix_ids": self.prefix_ids,
-                "json_format": self.json_format, "coverage": self.coverage, "stats": self.stats}
+                "json_format": self.json_format, "coverage": self.coverage, "stats": self.stats,
+                "keys_given": self.keys_given}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RouteSchema":
         known = {"keys", "enum_values", "first_key", "list_keys", "monotone", "base_vocab", "sep_id", "required", "always_list",
-                 "prefix_ids", "json_format", "coverage", "stats"}
+                 "prefix_ids", "json_format", "coverage", "stats", "keys_given"}
         body = {k: v for k, v in d.items() if k in known}
         body["list_keys"] = set(body.get("list_keys") or [])
         return cls(**body)
@@ -209,7 +213,14 @@ class Grammar:
         self.req = req
 
     def _open(self, st: GrammarState, k: str) -> bool:
-        return k not in st.used or k in self.s.list_keys
+        """Whether key ``k`` may come next: not used yet (or a list key), and seen in the training answers
+        with the first key's value (``keys_given``), when the schema has that."""
+        if k in st.used and k not in self.s.list_keys:
+            return False
+        if self.s.keys_given and st.items and st.items[0][0] == self.s.first_key:
+            given = self.s.keys_given.get(value_text(st.items[0][1]))
+            return given is None or k in given
+        return True
 
     def _eos(self, st: GrammarState) -> list[int]:
         return [self.s.eos_id] if all(k in st.used for k in self.s.required) else []

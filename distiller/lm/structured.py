@@ -206,6 +206,11 @@ def induce_schema(tokenizer: Any, texts: Sequence[str], answers: Sequence[str], 
         if enc is not None:
             encodable += 1
             in_order += enc[1]
+    if first_key is not None and first_key in enum_values:
+        given: dict[str, set[str]] = defaultdict(set)
+        for obj in objs:
+            given[value_text(obj[first_key])].update(obj)
+        schema.keys_given = {v: [k for k in keys if k in given[v]] for v in sorted(given)}
     schema.coverage = encodable / max(1, len(answers))
     schema.monotone = encodable > 0 and in_order >= 0.99 * encodable
     schema.stats = {"answers": len(answers), "encodable": encodable, "in_request_order": in_order,
@@ -662,7 +667,10 @@ def train_structured_student(
     tokenizer = AutoTokenizer.from_pretrained(base.path)
     if schema is None:
         schema = induce_schema(tokenizer, train_texts, train_answers, max_enum=cfg.max_enum)
-    examples = build_examples(schema, tokenizer, train_texts, train_answers)
+    # trained over every key (more negatives), served with only the intent's own (keys_given): measured on
+    # SNIPS from 2,000 pairs, restricting at decoding only fixed 3 test answers and broke none, while
+    # training under the restriction too lost 2.4 points of exact agreement (README, LM students)
+    examples = build_examples(dataclasses.replace(schema, keys_given={}), tokenizer, train_texts, train_answers)
     device = _device(cfg.device)
     log.info("route %s: %d keys (%d enum), grammar covers %.1f%%; %d examples, %.1f tokens, %.1f decisions each",
              route, len(schema.keys), len(schema.enum_values), 100 * schema.coverage, len(examples),

@@ -127,3 +127,25 @@ def test_a_free_text_lm_student_on_a_json_route_escalates_unparsable_answers(mon
                     student.predict([{"role": "user", "content": '{"a": 1'}], {})
         finally:
             student.close()
+
+
+def test_after_the_intent_only_its_own_keys_are_allowed(tokenizer, route):
+    """``keys_given``: a hotel booking never gets ``passengers`` or ``car_type``, whatever the model
+    prefers; a schema shipped without it (older artifacts) allows every key."""
+    from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
+
+    schema, texts, _ = route
+    assert set(schema.keys_given['"book_hotel"']) == {"intent", "city", "date", "nights"}
+    assert set(schema.keys_given['"rent_car"']) == {"intent", "city", "date", "car_type"}
+    shipped = RouteSchema.from_dict(json.loads(json.dumps(schema.to_dict())))
+    assert shipped.keys_given == schema.keys_given
+    req = Request.make(tokenizer, "rent a car in paris for 3 nights")
+    for s, allowed_keys in ((shipped, {"city", "date", "car_type"}), (RouteSchema.from_dict(
+            {k: v for k, v in schema.to_dict().items() if k != "keys_given"}), set(schema.copy_keys))):
+        g, st = Grammar(s, req), GrammarState()
+        g.advance(st, s.enum_id[("intent", '"rent_car"')])
+        g.advance(st, req.ids[req.starts.index(True, 1)])  # a span's first token: which keys may end it?
+        while st.phase == "copy" and not any(t in s.id_key for t in g.allowed(st)):
+            g.advance(st, next(t for t in g.allowed(st) if t < s.base_vocab))
+        keys = {s.id_key[t] for t in g.allowed(st) if t in s.id_key}
+        assert keys == allowed_keys & set(s.copy_keys), keys
