@@ -26,7 +26,7 @@ from typing import Any
 from bench.stack import Stack, child_env, write_results
 
 __all__ = ["run_replay", "replay_metrics", "demo_stream", "load_stream", "stream_name", "distiller_overrides", "format_table",
-           "score_versions", "mix_streams"]
+           "score_versions", "version_scores_by_route", "mix_streams"]
 
 
 def load_stream(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -550,17 +550,17 @@ def run_replay(
             metrics["routes"][route] = part
     if pacer is not None:
         metrics["paced"] = {"held_s": round(pacer.held_s, 1), "holds": pacer.holds}
+    rows_of = {route: rows if len(route_names) == 1 else [rows[i] for i in sent_of[route]] for route in route_names}
     for route in route_names:
         live = ledger.live_student(route)
         if live and not keep_running:  # with the stack stopped, the machine is quiet
-            route_rows = rows if len(route_names) == 1 else [rows[i] for i in sent_of[route]]
-            timed = time_decisions(live["artifact_path"], live["checksum"], route_rows)
+            timed = time_decisions(live["artifact_path"], live["checksum"], rows_of[route])
             (metrics["routes"][route] if "routes" in metrics else metrics)["router_decision_ms"] = timed
     if score_versions_on_last_quarter:
-        metrics["version_scores"] = score_versions(ledger, "replay", rows[len(rows) * 3 // 4:],
-                                                   float((route_settings or {}).get("target_agreement", 0.98)),
-                                                   progress=progress,
-                                                   confidence=(route_settings or {}).get("target_confidence"))
+        scored = version_scores_by_route(ledger, rows_of, target, progress=progress,
+                                         confidence=(route_settings or {}).get("target_confidence"))
+        for route, scores in scored.items():
+            (metrics["routes"][route] if "routes" in metrics else metrics)["version_scores"] = scores
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
@@ -646,6 +646,17 @@ def score_versions(
             "requests": len(sample),
         })
     return out
+
+
+def version_scores_by_route(
+    ledger: Any, rows_of: dict[str, list[dict[str, Any]]], target: float, *, progress: bool = False,
+    confidence: float | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``--score-versions``: each route's versions scored on the last quarter of that route's own
+    stream (:func:`score_versions`); a route is one task, so no version is scored on another's answers."""
+    return {route: score_versions(ledger, route, route_rows[len(route_rows) * 3 // 4:], target, progress=progress,
+                                  confidence=confidence)
+            for route, route_rows in rows_of.items()}
 
 
 def time_decisions(artifact_path: str, checksum: str, rows: list[dict[str, Any]], n: int = 400) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def replay(
     shadow_rate: Annotated[float, typer.Option(
         help="share of student answers also sent to the teacher to measure live agreement")] = 0.02,
     score_versions: Annotated[bool, typer.Option(
-        "--score-versions", help="after the run, score every student version on the last quarter's answers (version_scores)")] = False,
+        "--score-versions", help="after the run, score every student version on the last quarter of its route's answers (version_scores)")] = False,
     name: Annotated[str | None, typer.Option(help="results name (default: from the path)")] = None,
     config_json: Annotated[str | None, typer.Option(
         "--config-json", help="distiller settings as a JSON object, e.g. '{\"min_val_checks\": 150}'")] = None,

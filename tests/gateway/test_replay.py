@@ -155,6 +155,34 @@ def test_score_versions_reads_each_version_against_the_streams_answers(tmp_path)
     assert bad["agreement_when_served"] in (None, 0.0)
 
 
+def test_score_versions_of_several_routes_reads_each_against_its_own_stream(tmp_path):
+    """With several --dataset, every route's versions are scored on that route's last quarter only."""
+    from distiller.config import DistillerConfig
+    from distiller.pipeline import distill_route
+    from store import Ledger
+    from bench.replay import version_scores_by_route
+    from tests.distiller.conftest import load_fixture, seed_exchanges
+
+    rows = load_fixture("banking77_small.jsonl")
+    ledger = Ledger(tmp_path / "kdgate.db")
+    seed_exchanges(ledger, "task", rows[:200])
+    # a second task whose teacher says one label, not banking77's: its own versions, its own answers
+    other = [{**r, "answer": "refund" if i % 2 else "other"} for i, r in enumerate(rows)]
+    seed_exchanges(ledger, "other", other[:200])
+    cfg = DistillerConfig(finetune="never", min_pairs=50)
+    task_v = distill_route(ledger, "task", cfg, artifacts_root=tmp_path / "artifacts").version
+    other_v = distill_route(ledger, "other", cfg, artifacts_root=tmp_path / "artifacts").version
+    scored = version_scores_by_route(ledger, {"task": rows, "other": other}, 0.98)
+    assert set(scored) == {"task", "other"}
+    [task], [oth] = scored["task"], scored["other"]
+    assert task["version"] == task_v and oth["version"] == other_v
+    assert task["requests"] == len(rows) - len(rows) * 3 // 4 == oth["requests"]
+    assert task["agreement"] > 0.3  # banking77's student on banking77's answers
+    # scored on the other route's answers, banking77's student would agree with none of them
+    [crossed] = version_scores_by_route(ledger, {"task": other}, 0.98)["task"]
+    assert crossed["agreement"] == 0.0
+
+
 def test_the_decision_is_timed_on_the_runtime_the_gateway_serves_with(tmp_path, monkeypatch):
     """``router_decision_ms``: the live student's decision on both encoder runtimes, the headline
     figure on the one the gateway uses by default (ONNX Runtime where installed)."""
