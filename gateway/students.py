@@ -459,16 +459,22 @@ class StudentRouter:
     ) -> Reply:
         n = int(body.get("n") or 1)
         prompt_chars = sum(len(message_text(m)) for m in body["messages"] if isinstance(m, dict))
-        # the teacher's counts are estimated from the route's own tokens-per-character ratio
-        est_prompt = out.prompt_tokens or estimate_tokens(prompt_chars, live.ratios.prompt)
-        est_completion = out.completion_tokens or estimate_tokens(len(out.text), live.ratios.completion)
-        counterfactual = self.money.counterfactual(route.teacher.model, prompt_tokens=est_prompt, completion_tokens=est_completion * n)
+        # The counterfactual prices the teacher's token counts, estimated from the route's own tokens
+        # per character of its teacher traffic. An LM student's own counts are of its tokenizer and of
+        # the prompt with the route's static template stripped: they price what the student did (its
+        # cost and the answer's usage), never what the teacher would have charged.
+        teacher_prompt = estimate_tokens(prompt_chars, live.ratios.prompt)
+        teacher_completion = estimate_tokens(len(out.text), live.ratios.completion)
+        counterfactual = self.money.counterfactual(route.teacher.model, prompt_tokens=teacher_prompt,
+                                                   completion_tokens=teacher_completion * n)
+        used_prompt = out.prompt_tokens or teacher_prompt
+        used_completion = out.completion_tokens or teacher_completion
         latency_s = time.perf_counter() - t0
-        cost = self.money.student_cost(tokens=est_prompt + est_completion * n, seconds=latency_s)
+        cost = self.money.student_cost(tokens=used_prompt + used_completion * n, seconds=latency_s)
         usage = {
-            "prompt_tokens": est_prompt,
-            "completion_tokens": est_completion * n,
-            "total_tokens": est_prompt + est_completion * n,
+            "prompt_tokens": used_prompt,
+            "completion_tokens": used_completion * n,
+            "total_tokens": used_prompt + used_completion * n,
         }
         logprobs = None
         if body.get("logprobs"):
@@ -502,7 +508,7 @@ class StudentRouter:
                 "uid": uid, "ts": ts, "route": route.name, "key_id": principal.key_id, "endpoint": "chat.completions",
                 "model": model, "teacher_model": route.teacher.model, "request": _logged_request(body),
                 "response": orjson.dumps(response).decode(), "answer": out.text, "finish_reason": "stop",
-                "prompt_tokens": est_prompt, "completion_tokens": est_completion * n, "cost_usd": cost,
+                "prompt_tokens": used_prompt, "completion_tokens": used_completion * n, "cost_usd": cost,
                 "counterfactual_usd": counterfactual, "latency_ms": latency_s * 1000, "status": 200,
                 "served_by": "student", "student_version": live.version, "confidence": out.confidence,
                 "student_answer": out.text, "stream": int(bool(body.get("stream"))),
@@ -510,7 +516,7 @@ class StudentRouter:
             }
         )
         if self.metrics is not None:
-            self.metrics.observe_exchange(route.name, "student", latency_s, cost, counterfactual, Usage(est_prompt, est_completion * n))
+            self.metrics.observe_exchange(route.name, "student", latency_s, cost, counterfactual, Usage(used_prompt, used_completion * n))
         policy = self.policy(route.name)
         policy.on_served(out.confidence)
         # checked with a probability that depends on the confidence (the route's shadow_rate on

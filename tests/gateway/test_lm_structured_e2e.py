@@ -155,3 +155,28 @@ def test_low_confidence_and_unfinished_answers_escalate_and_are_logged(loop, mon
         assert resp.choices[0].message.content == later[51]["answer"]
         assert state.writer.flush(10)
         assert state.ledger.exchange(headers["x-request-id"])["served_by"] == "teacher"
+
+
+def test_a_student_answer_saves_what_the_teacher_would_have_charged(loop):
+    """A student answer's counterfactual prices the teacher's token counts for the whole request (the
+    static instructions the student never reads included) and the answer; the student's own counts,
+    of its tokenizer and of the stripped prompt, are its usage and never price the teacher."""
+    client, state = loop["client"], loop["state"]
+    _wait_for_cascade(state)
+    served = sum(_ask(client, r["messages"])[0]["x-kdgate-served-by"] == "student" for r in loop["later"][100:140])
+    assert served >= 20, served
+    assert state.writer.flush(10)
+
+    def mean(sql: str) -> float:
+        return float(sql_rows(state.ledger, sql, (ROUTE,))[0]["v"])
+
+    where = "FROM exchanges WHERE route = ? AND status = 200 AND served_by = "
+    teacher_cost = mean(f"SELECT avg(cost_usd) AS v {where}'teacher'")
+    teacher_prompt = mean(f"SELECT avg(prompt_tokens) AS v {where}'teacher'")
+    student_cf = mean(f"SELECT avg(counterfactual_usd) AS v {where}'student'")
+    student_prompt = mean(f"SELECT avg(prompt_tokens) AS v {where}'student'")
+    assert student_prompt < 0.6 * teacher_prompt  # what the student read is much shorter than what the teacher did
+    # requests drawn alike: a student answer would have cost what a teacher answer did
+    assert 0.8 * teacher_cost < student_cf < 1.25 * teacher_cost, (student_cf, teacher_cost)
+    rows = sql_rows(state.ledger, f"SELECT cost_usd, counterfactual_usd {where}'student'", (ROUTE,))
+    assert all(r["cost_usd"] == 0.0 and r["counterfactual_usd"] > 0 for r in rows)
