@@ -520,16 +520,17 @@ def run_replay(
     target = float((route_settings or {}).get("target_agreement", 0.98))
     cache_dir = Path("bench/results") if results_dir is None else results_dir
     sent_of = {route: [i for i, s_ in enumerate(sent) if (s_.get("route") or "replay") == route] for route in route_names}
+    # each route's own stream (one stream: all of it)
+    rows_of = {route: rows if len(route_names) == 1 else [rows[i] for i in sent_of[route]] for route in route_names}
 
     def route_ceiling(route: str) -> float | None:
         """``--ceiling auto`` over several tasks: the ceiling of the route's own stream (one student
         family spans one task)."""
         if ceiling is not True:
             return None
-        route_rows = [rows[i] for i in sent_of[route]]
         path = workdir / f"stream-{route}.jsonl"
-        write_stream(path, route_rows)
-        return ceiling_share(path, route_rows, target, cache_dir=cache_dir, progress=progress)["share"]
+        write_stream(path, rows_of[route])
+        return ceiling_share(path, rows_of[route], target, cache_dir=cache_dir, progress=progress)["share"]
 
     if len(route_names) == 1:
         share = None
@@ -543,24 +544,27 @@ def run_replay(
         metrics["routes"] = {}
         for route in route_names:
             idx = sent_of[route]
-            part = replay_metrics([rows[i] for i in idx], [sent[i] for i in idx], by_uid, ceiling=route_ceiling(route),
+            part = replay_metrics(rows_of[route], [sent[i] for i in idx], by_uid, ceiling=route_ceiling(route),
                                   target=target)
             part.pop("sweep", None)
             part["student_versions"] = version_summaries(ledger, route)
             metrics["routes"][route] = part
     if pacer is not None:
         metrics["paced"] = {"held_s": round(pacer.held_s, 1), "holds": pacer.holds}
-    rows_of = {route: rows if len(route_names) == 1 else [rows[i] for i in sent_of[route]] for route in route_names}
+
+    def metrics_of(route: str) -> dict[str, Any]:
+        """Where a route's own figures go: its entry under ``routes`` with several, the top level with one."""
+        return metrics["routes"][route] if "routes" in metrics else metrics
+
     for route in route_names:
         live = ledger.live_student(route)
         if live and not keep_running:  # with the stack stopped, the machine is quiet
-            timed = time_decisions(live["artifact_path"], live["checksum"], rows_of[route])
-            (metrics["routes"][route] if "routes" in metrics else metrics)["router_decision_ms"] = timed
+            metrics_of(route)["router_decision_ms"] = time_decisions(live["artifact_path"], live["checksum"], rows_of[route])
     if score_versions_on_last_quarter:
         scored = version_scores_by_route(ledger, rows_of, target, progress=progress,
                                          confidence=(route_settings or {}).get("target_confidence"))
         for route, scores in scored.items():
-            (metrics["routes"][route] if "routes" in metrics else metrics)["version_scores"] = scores
+            metrics_of(route)["version_scores"] = scores
     metrics.update({
         "dataset": name, "requests": len(rows), "lost": len([u for u in uids if u not in by_uid]),
         "elapsed_s": round(elapsed, 1), "rate_rps": rate, "concurrency": concurrency,
