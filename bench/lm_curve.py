@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from distiller.dataset import examples_from_jsonl
-from distiller.lm.structured import StructuredConfig, eligible, score, train_structured_student
+from distiller.lm.structured import StructuredConfig, confidences, eligible, score, train_structured_student
 from router.agreement import answers_agree
 from router.curve import coverage_at, coverage_curve
 
@@ -88,7 +88,7 @@ def _structured_point(train: Sequence[Any], val: Sequence[Any], test: Sequence[A
         cfg, work, route="bench", version=1, template=template, target=max(targets), schema=schema)
     scored = score(run.model, [template.strip(e.messages) for e in test], [e.answer for e in test],
                    batch_size=cfg.eval_batch_size, progress=cfg.progress, desc="test")
-    confidence = run.model.calibrator.predict(scored.features)  # the calibrator fitted on validation
+    confidence = confidences(run.model.calibrator, scored)  # the calibrator fitted on validation
     curve = coverage_curve(confidence, scored.agree.astype(float), max_points=None)
     from distiller.lm.evaluate import auroc
 

@@ -24,10 +24,9 @@ from distiller import registry
 from distiller.config import DistillerConfig
 from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
 from distiller.evaluate import agreement_vector
+from distiller.gate import GateResult, served_at_own_threshold
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import artifact_dir, new_artifact_dir, write_manifest
-from router.curve import coverage_at, coverage_curve, point_at
-from router.policy import effective_threshold, wilson_upper
 from store import registry as store_registry
 
 log = logging.getLogger(__name__)
@@ -100,50 +99,6 @@ def _lookup(vectors: dict[str, np.ndarray], dim: int) -> Callable[[Sequence[str]
     return embed
 
 
-@dataclass
-class GateResult:
-    """The promotion gate's comparison of the candidate and the live version on the same validation
-    pairs: the share of them each would serve at its own threshold for the route's target (derived
-    from its own validation curve, as the router derives it), and the agreement of what it serves."""
-
-    candidate: float  # weighted share of the pairs the candidate serves at its threshold
-    live: float | None  # the same for the live version (None: there is none)
-    pairs: int
-    unseen_only: bool  # compared on the pairs the live version never trained on
-    target: float = 0.98
-    candidate_agreement: float = 1.0  # agreement of what the candidate serves there
-    live_agreement: float | None = None
-    candidate_served_pairs: int = 0  # the evidence behind candidate_agreement
-    candidate_raw: float = 0.0  # coverage at the target on the plain curve of these pairs: the
-    live_raw: float | None = None  # tie-break while neither version is certified to serve anything
-    # The share each version's own cross-fitted curve certifies (holdout split, both versions): an
-    # estimate over all the route's labelled pairs, where the compared pairs in cascade mode are a few
-    # hundred escalations and checks, a handful of checks deciding the weighted shares.
-    candidate_certified: float | None = None
-    live_certified: float | None = None
-
-    def quality_ok(self) -> bool:
-        """What the candidate serves here is not significantly below the target (a one-sided 95%
-        test on the pairs it serves); its threshold came from its own, larger validation split."""
-        if self.candidate_served_pairs == 0:
-            return True
-        return wilson_upper(self.candidate_agreement, self.candidate_served_pairs) >= self.target
-
-    def decided_by_certified(self) -> bool:
-        """Both versions' own curves were cross-fitted on the holdout and one of them certifies a
-        share: those shares decide (else the shares served on the compared pairs do)."""
-        return (self.candidate_certified is not None and self.live_certified is not None
-                and (self.candidate_certified > 0 or self.live_certified > 0))
-
-    def candidate_wins(self) -> bool:
-        if not self.quality_ok():
-            return False
-        if self.decided_by_certified():
-            return self.candidate_certified > self.live_certified
-        live = (self.live or 0.0, self.live_raw or 0.0)
-        return (self.candidate, self.candidate_raw) > live
-
-
 def gate(
     ledger: Any, route: str, dataset: RouteDataset, cand: Candidate, target: float, *, min_pairs: int = 100,
     confidence: float | None = None,
@@ -172,19 +127,13 @@ def gate(
     use = unseen if unseen_only else np.ones(len(dataset.val), dtype=bool)
     picked = [e for e, u in zip(dataset.val, use) if u]
     weights = [e.weight for e in picked]
-    settings = {"target_agreement": target, "target_confidence": confidence}
 
     def run(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
-        """Served share, its agreement and pairs at the version's own threshold, and the plain
-        curve's coverage at the target: all read off the curve of these pairs."""
-        curve = coverage_curve(conf, correct, max_points=None, weights=weights)
-        point = point_at(curve, effective_threshold(settings, own_curve))
-        raw = coverage_at(curve, target)
-        if point is None:
-            return 0.0, 1.0, 0, raw
-        return point["coverage"], point["agreement"], int(point["pairs"]), raw
+        return served_at_own_threshold(conf, correct, own_curve, weights=weights, target=target,
+                                       target_confidence=confidence)
 
-    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target)
+    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target,
+                        live_version=row["version"] if row else None)
     if dataset.val_split == "holdout" and live_metrics.get("val_split") == "holdout":
         result.candidate_certified = cand.metrics.get("certified_coverage")
         result.live_certified = live_metrics.get("certified_coverage")
@@ -212,7 +161,8 @@ def gate(
     finally:
         student.close()
     correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
-    result.live, result.live_agreement, _, result.live_raw = run([o.confidence for o in outputs], correct, row.get("curve"))
+    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = run([o.confidence for o in outputs], correct, row.get("curve"))
+    result.live_scored = True
     return result
 
 
@@ -388,33 +338,14 @@ def _register_and_gate(
     report = DistillReport(route, "trained", "", version=version, metrics=metrics, live_coverage=live_cov,
                            last_exchange_id=last_id, gate=result)
     baseline = live_cov if live_cov is not None else 0.0
-    where = f"{result.pairs} validation pairs" + (" the live version never saw" if result.unseen_only else "")
     target = f"{config.target_agreement:.0%}"
     if result.candidate_wins() and promote:
-        live_part = (f" vs {baseline:.1%} at {result.live_agreement:.1%}" if result.live_agreement is not None else "")
-        certified = (f"; its own curve certifies {result.candidate_certified:.1%} vs {result.live_certified:.1%}"
-                     if result.candidate_certified is not None and result.live_certified is not None else "")
-        registry.promote(ledger, route, version, reason=(
-            f"serves {cov:.1%} of {where} at its threshold for {target} agreement, with {result.candidate_agreement:.1%} "
-            f"agreement there{live_part} (plain curves: {result.candidate_raw:.1%} vs {result.live_raw or 0.0:.1%})"
-            f"{certified}"))
+        registry.promote(ledger, route, version, reason=result.promotion_reason())
         report.promoted = True
         report.message = (f"version {version} is live: serves {cov:.1%} of validation requests at its threshold for "
                           f"{target} agreement (live served {baseline:.1%}).")
     else:
-        ledger.record_event(route, "student.kept_candidate", actor="distiller",
-                            detail={"version": version, "coverage": cov, "live_coverage": live_cov,
-                                    "agreement": result.candidate_agreement, "live_agreement": result.live_agreement,
-                                    "quality_ok": result.quality_ok(), "pairs": result.pairs,
-                                    "unseen_only": result.unseen_only, "certified": result.candidate_certified,
-                                    "live_certified": result.live_certified})
-        if not result.quality_ok():
-            why = f"what it serves agrees only {result.candidate_agreement:.1%}, significantly below {target}"
-        elif result.decided_by_certified():
-            why = (f"its own curve certifies {result.candidate_certified:.1%}, not more than the live version's "
-                   f"{result.live_certified:.1%}")
-        else:
-            why = f"not more than the live version's {baseline:.1%}"
+        ledger.record_event(route, "student.kept_candidate", actor="distiller", detail=result.kept_detail(version))
         report.message = (f"version {version} stays a candidate: serves {cov:.1%} at its threshold for {target} "
-                          f"agreement, {why}.")
+                          f"agreement, {result.kept_reason()}.")
     return report

@@ -43,7 +43,8 @@ from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema, encod
 from router.lm_structured import KIND
 
 __all__ = ["StructuredConfig", "induce_schema", "eligible", "looks_like_extraction", "Example", "build_examples", "TrainableStudent", "train",
-           "write_weights", "evaluate_and_calibrate", "train_structured_student", "distill_structured_route",
+           "write_weights", "score", "confidences", "evaluate_and_calibrate", "train_structured_student", "gate_structured",
+           "distill_structured_route",
            "StructuredRun"]
 
 log = logging.getLogger(__name__)
@@ -533,7 +534,9 @@ def write_weights(student: TrainableStudent, tokenizer: Any, directory: Path) ->
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Scored:
-    """Answers to held-back pairs: texts, agreement with the teacher, features, confidences, timing."""
+    """Answers to held-back pairs: texts, agreement with the teacher, features, confidences, timing.
+    ``readable`` is False where the student cannot read the request (too long): served, it escalates;
+    here it disagrees and stays out of the calibrator's fit."""
 
     answers: list[str]
     agree: np.ndarray
@@ -541,22 +544,42 @@ class Scored:
     features: np.ndarray
     ms: list[float]
     passes: list[int]
+    readable: np.ndarray
 
 
 def score(model: Any, texts: Sequence[str], teachers: Sequence[str], *, batch_size: int = 8, progress: bool = False,
           desc: str = "decoding") -> Scored:
     """Decode ``texts`` with a loaded :class:`router.lm_structured.StructuredModel` in batches and
     compare with the teacher's answers (:func:`router.agreement.answers_agree`, JSON kind). An
-    unfinished decode counts as a disagreement: it would have been escalated."""
+    unfinished decode, or a request the student cannot read, counts as a disagreement: it would have
+    been escalated."""
     from tqdm.auto import tqdm
 
-    from router.lm_confidence import decision_features
+    from router.lm_confidence import DECISION_FEATURES, decision_features
+    from router.student import StudentError
 
-    answers, agree, complete, feats, ms, passes = [], [], [], [], [], []
+    def readable(text: str) -> bool:
+        try:
+            model.request(text)
+            return True
+        except StudentError:
+            return False
+
+    answers, agree, complete, feats, ms, passes, ok = [], [], [], [], [], [], []
     bar = tqdm(total=len(texts), desc=desc, unit="req", disable=not progress, leave=False)
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
-        for res, teacher in zip(model.decode(chunk), teachers[start:start + batch_size]):
+        can = [readable(t) for t in chunk]
+        decoded = iter(model.decode([t for t, c in zip(chunk, can) if c]))
+        for c, teacher in zip(can, teachers[start:start + batch_size]):
+            ok.append(c)
+            if not c:
+                answers.append("")
+                complete.append(False)
+                agree.append(False)
+                feats.append(np.zeros(len(DECISION_FEATURES)))
+                continue
+            res = next(decoded)
             answers.append(res.text)
             complete.append(res.complete)
             agree.append(res.complete and answers_agree("json", res.text, teacher))
@@ -566,7 +589,18 @@ def score(model: Any, texts: Sequence[str], teachers: Sequence[str], *, batch_si
         bar.update(len(chunk))
     bar.close()
     return Scored(answers, np.array(agree, dtype=bool), np.array(complete, dtype=bool),
-                  np.vstack(feats) if feats else np.zeros((0, 9)), ms, passes)
+                  np.vstack(feats) if feats else np.zeros((0, len(DECISION_FEATURES))), ms, passes,
+                  np.array(ok, dtype=bool))
+
+
+def confidences(calibrator: Any, scored: Scored) -> np.ndarray:
+    """A calibrator's confidence in each scored answer; 0 where the request could not be read."""
+    conf = np.zeros(len(scored.agree))
+    if scored.readable.any():
+        feats = scored.features[scored.readable]
+        # uncalibrated (never so for a registered version): the weakest decision's probability
+        conf[scored.readable] = calibrator.predict(feats) if calibrator is not None else np.exp(feats[:, 0])
+    return conf
 
 
 def _out_of_fold(features: np.ndarray, labels: np.ndarray, folds: int = 5) -> np.ndarray | None:
@@ -584,18 +618,24 @@ def _out_of_fold(features: np.ndarray, labels: np.ndarray, folds: int = 5) -> np
     return pred
 
 
-def evaluate_and_calibrate(scored: Scored, *, target: float) -> tuple[Any, list[dict[str, float]], np.ndarray, dict[str, Any]]:
-    """The calibrator (fitted on all held-back answers), the routing curve and confidences (out of
-    fold), and the metrics every LM student reports."""
+def evaluate_and_calibrate(scored: Scored, *, target: float, weights: Sequence[float] | None = None,
+                           ) -> tuple[Any, list[dict[str, float]], np.ndarray, dict[str, Any]]:
+    """The calibrator (fitted on all held-back answers the student could read), the routing curve
+    and confidences (out of fold), and the metrics every LM student reports. ``weights`` make the
+    curve stand for the traffic, as for label students (a shadow check stands for the requests it
+    sampled: :func:`router.curve.coverage_curve`)."""
     from distiller.lm.evaluate import at_target, auroc, fit_calibrator
     from router.calibration import expected_calibration_error
     from router.curve import coverage_curve
 
     labels = scored.agree.astype(int)
-    calibrator = fit_calibrator(scored.features, labels)
-    oof = _out_of_fold(scored.features, labels)
-    confidence = oof if oof is not None else calibrator.predict(scored.features)
-    curve = coverage_curve(confidence, scored.agree.astype(float), max_points=None)
+    fit = scored.readable
+    calibrator = fit_calibrator(scored.features[fit], labels[fit])
+    oof = _out_of_fold(scored.features[fit], labels[fit])
+    confidence = confidences(calibrator, scored)
+    if oof is not None:
+        confidence[fit] = oof
+    curve = coverage_curve(confidence, scored.agree.astype(float), max_points=None, weights=weights)
     coverage, threshold = at_target(curve, target)
     metrics = {
         "agreement": float(scored.agree.mean()) if len(labels) else 0.0,
@@ -608,6 +648,7 @@ def evaluate_and_calibrate(scored: Scored, *, target: float) -> tuple[Any, list[
         "auroc": auroc(confidence, scored.agree),
         "val_pairs": int(len(labels)),
         "calibrator": calibrator.kind,
+        "unreadable": int((~scored.readable).sum()),
         "decode_p50_ms": float(np.median(scored.ms)) if scored.ms else None,
         "passes_mean": float(np.mean(scored.passes)) if scored.passes else None,
     }
@@ -627,6 +668,8 @@ class StructuredRun:
     curve: list[dict[str, float]]
     model: Any
     schema: RouteSchema
+    val_confidence: np.ndarray  # each validation answer's confidence, out of fold (what the curve is of)
+    val_agree: np.ndarray
 
 
 def _export_for_vllm(cfg: StructuredConfig, weights: str, directory: Path, base_path: str, schema: RouteSchema,
@@ -650,7 +693,7 @@ def _export_for_vllm(cfg: StructuredConfig, weights: str, directory: Path, base_
 def train_structured_student(
     train_texts: Sequence[str], train_answers: Sequence[str], val_texts: Sequence[str], val_answers: Sequence[str],
     cfg: StructuredConfig, directory: Path, *, route: str, version: int, template: Any, target: float,
-    schema: RouteSchema | None = None,
+    schema: RouteSchema | None = None, val_weights: Sequence[float] | None = None,
 ) -> StructuredRun:
     """Train, write the weights into ``directory``, evaluate them as they will be served, calibrate.
 
@@ -696,7 +739,7 @@ def train_structured_student(
         model = load_structured_model(directory, manifest, device=device)
         scored = score(model, val_texts, val_answers, batch_size=cfg.eval_batch_size, progress=cfg.progress,
                        desc="validation")
-    calibrator, curve, _, metrics = evaluate_and_calibrate(scored, target=target)
+    calibrator, curve, val_confidence, metrics = evaluate_and_calibrate(scored, target=target, weights=val_weights)
     model.calibrator = calibrator
     metrics.update({
         "train_seconds": stats["seconds"], "train_steps": stats["steps"], "train_epochs": stats["epochs"],
@@ -706,7 +749,89 @@ def train_structured_student(
     })
     manifest["calibration"] = calibrator.to_json()
     manifest["metrics"] = metrics
-    return StructuredRun(manifest=manifest, metrics=metrics, curve=curve, model=model, schema=schema)
+    return StructuredRun(manifest=manifest, metrics=metrics, curve=curve, model=model, schema=schema,
+                         val_confidence=val_confidence, val_agree=scored.agree)
+
+
+def gate_structured(
+    ledger: Any, route: str, val_pairs: Sequence[Any], run: StructuredRun, cfg: StructuredConfig, *, target: float,
+    target_confidence: float | None = None, min_pairs: int = 100,
+) -> Any:
+    """The promotion gate for a structured candidate (:class:`distiller.gate.GateResult`): the live
+    version decoded on the candidate's validation pairs, so the two are compared on the same pairs,
+    each at the threshold its own validation curve gives (as the router serves it).
+
+    The validation split is the newest pairs, so a version's recorded coverage is measured on the
+    traffic of its day; in cascade mode that is mostly the previous version's escalations. Read from
+    the metrics alone, a later version validated on a harder split loses to an older one that would
+    serve even less there. Only pairs newer than the live version's data count (when at least
+    ``min_pairs`` of them, else all). A live version that cannot be loaded or decoded serves nothing:
+    a broken student must not block a working one. A live student of another kind is run through its
+    own loader.
+    """
+    from distiller import registry
+    from distiller.evaluate import agreement_vector
+    from distiller.gate import GateResult, served_at_own_threshold
+    from router.artifact import load_manifest
+    from router.lm_structured import load_structured_model
+    from router.student import load_student
+
+    row = registry.live(ledger, route)
+    seen = int(((row or {}).get("metrics") or {}).get("last_exchange_id") or 0)
+    unseen = np.array([int(p.id) > seen for p in val_pairs], dtype=bool)
+    unseen_only = row is not None and bool(unseen.all() or unseen.sum() >= min_pairs)
+    use = unseen if unseen_only else np.ones(len(val_pairs), dtype=bool)
+    picked = [p for p, u in zip(val_pairs, use) if u]
+    weights = [float(getattr(p, "weight", 1.0)) for p in picked]
+
+    def served(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
+        return served_at_own_threshold(conf, correct, own_curve, weights=weights, target=target,
+                                       target_confidence=target_confidence)
+
+    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target,
+                        live_version=row["version"] if row else None)
+    (result.candidate, result.candidate_agreement, result.candidate_served_pairs, result.candidate_raw) = served(
+        run.val_confidence[use], run.val_agree[use].astype(float), run.curve)
+    if row is None:
+        return result
+    t0 = time.monotonic()
+    try:
+        if row["kind"] == KIND:
+            model = load_structured_model(row["artifact_path"], load_manifest(row["artifact_path"],
+                                                                              expected_checksum=row["checksum"]))
+            scored = score(model, [model.template.strip(p.messages) for p in picked], [p.answer for p in picked],
+                           batch_size=cfg.eval_batch_size, progress=cfg.progress, desc=f"live v{row['version']}")
+            conf, correct = confidences(model.calibrator, scored), scored.agree.astype(float)
+            del model
+        else:
+            student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+            try:
+                outputs = [_answer_or_none(student, p.messages) for p in picked]
+            finally:
+                student.close()
+            conf = [o.confidence if o is not None else 0.0 for o in outputs]
+            correct = agreement_vector(row["kind"], [o.text if o is not None else None for o in outputs],
+                                       [p.answer for p in picked])
+    except Exception as exc:  # noqa: BLE001 - any failure means it serves nothing
+        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
+                    route, row["version"], exc)
+        result.live, result.live_raw = 0.0, 0.0
+        return result
+    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = served(conf, correct, row.get("curve"))
+    result.live_scored = True
+    log.info("route %s: live v%s decoded on %d validation pairs in %.0f s", route, row["version"], len(picked),
+             time.monotonic() - t0)
+    return result
+
+
+def _answer_or_none(student: Any, messages: Any) -> Any:
+    """A student's answer, or None where it declines (it would escalate)."""
+    from router.student import StudentError
+
+    try:
+        return student.predict(messages, {})
+    except StudentError:
+        return None
 
 
 def distill_structured_route(
@@ -735,14 +860,19 @@ def distill_structured_route(
     run = train_structured_student(
         [template.strip(p.messages) for p in train_pairs], [p.answer for p in train_pairs],
         [template.strip(p.messages) for p in val_pairs], [p.answer for p in val_pairs],
-        cfg, directory, route=route, version=version, template=template, target=target, schema=schema)
+        cfg, directory, route=route, version=version, template=template, target=target, schema=schema,
+        val_weights=[float(getattr(p, "weight", 1.0)) for p in val_pairs])
+    run.model = None  # the live version is decoded next: one model in memory at a time
+    confidence = cfg.target_confidence if cfg.target_confidence is not None else route_row["settings"].get("target_confidence")
+    result = gate_structured(ledger, route, val_pairs, run, cfg, target=target, target_confidence=confidence)
     run.metrics["last_exchange_id"] = max(int(p.id) for p in pairs)
+    run.metrics["gate"] = result.to_dict()
     run.manifest["metrics"] = run.metrics
     checksum = write_manifest(directory, run.manifest)
     row = register_student(
         ledger, route=route, version=version, kind=KIND, train_pairs=run.metrics["train_pairs"],
         val_pairs=len(val_pairs), metrics=run.metrics, curve=run.curve, calibration=run.manifest["calibration"],
-        artifact_path=str(directory), checksum=checksum, promote=promote)
+        artifact_path=str(directory), checksum=checksum, promote=promote, gate=result)
     ledger.record_event(route, "student_trained", detail={
         "version": version, "kind": KIND, "status": row["status"],
         **{k: run.metrics[k] for k in ("agreement", "coverage_at_target", "train_seconds", "budget_limited")}})

@@ -443,6 +443,11 @@ def test_gate_wants_a_larger_share_without_a_significant_loss_of_agreement() -> 
     assert dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.5, live_raw=0.4).candidate_wins()
     assert not dataclasses.replace(won, candidate=0.0, live=0.0, candidate_raw=0.3, live_raw=0.4).candidate_wins()
     assert GateResult(candidate=0.0, live=None, pairs=50, unseen_only=False, candidate_raw=0.1).candidate_wins()
+    # a live version serving these pairs significantly below the target (here 90% of 200) is not serving
+    # what it should: its larger share counts for nothing, while one that holds up keeps it
+    miscalibrated = dataclasses.replace(won, live=0.9, live_agreement=0.90, live_served_pairs=200)
+    assert not miscalibrated.live_quality_ok() and miscalibrated.candidate_wins()
+    assert not dataclasses.replace(miscalibrated, live_agreement=0.99).candidate_wins()
     # both versions cross-fitted on the holdout: their own curves' certified shares decide, not the few
     # hundred compared pairs (where a handful of heavy checks sway the shares)
     certified = dataclasses.replace(won, candidate=0.55, live=0.6, candidate_certified=0.72, live_certified=0.64)

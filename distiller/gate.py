@@ -1,0 +1,124 @@
+"""The promotion gate's comparison, shared by every student kind: a candidate and the live version
+scored on the same validation pairs, each at the threshold the router would serve it at.
+
+:func:`distiller.pipeline.gate` (label students) and :func:`distiller.lm.structured.gate_structured`
+(structured LM students) each decide which pairs to compare on and score both versions there; the
+arithmetic and the words of the decision are here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.curve import coverage_at, coverage_curve, point_at
+from router.policy import effective_threshold, wilson_upper
+
+__all__ = ["GateResult", "served_at_own_threshold"]
+
+
+@dataclass
+class GateResult:
+    """The promotion gate's comparison of the candidate and the live version on the same validation
+    pairs: the share of them each would serve at its own threshold for the route's target (derived
+    from its own validation curve, as the router derives it), and the agreement of what it serves."""
+
+    candidate: float  # weighted share of the pairs the candidate serves at its threshold
+    live: float | None  # the same for the live version (None: there is none)
+    pairs: int
+    unseen_only: bool  # compared on the pairs the live version never trained on
+    target: float = 0.98
+    candidate_agreement: float = 1.0  # agreement of what the candidate serves there
+    live_agreement: float | None = None
+    candidate_served_pairs: int = 0  # the evidence behind candidate_agreement
+    live_served_pairs: int = 0  # the evidence behind live_agreement
+    candidate_raw: float = 0.0  # coverage at the target on the plain curve of these pairs: the
+    live_raw: float | None = None  # tie-break while neither version is certified to serve anything
+    # The share each version's own cross-fitted curve certifies (holdout split, both versions): an
+    # estimate over all the route's labelled pairs, where the compared pairs in cascade mode are a few
+    # hundred escalations and checks, a handful of checks deciding the weighted shares.
+    candidate_certified: float | None = None
+    live_certified: float | None = None
+    live_version: int | None = None  # the version compared against
+    live_scored: bool = False  # the live version was run on these pairs (False: it could not be loaded)
+
+    def quality_ok(self) -> bool:
+        """What the candidate serves here is not significantly below the target (a one-sided 95%
+        test on the pairs it serves); its threshold came from its own, larger validation split."""
+        if self.candidate_served_pairs == 0:
+            return True
+        return wilson_upper(self.candidate_agreement, self.candidate_served_pairs) >= self.target
+
+    def live_quality_ok(self) -> bool:
+        """The same test for the live version: one that serves these pairs significantly below the
+        target is not serving what it should, and its share there counts for nothing."""
+        if self.live_served_pairs == 0 or self.live_agreement is None:
+            return True
+        return wilson_upper(self.live_agreement, self.live_served_pairs) >= self.target
+
+    def decided_by_certified(self) -> bool:
+        """Both versions' own curves were cross-fitted on the holdout and one of them certifies a
+        share: those shares decide (else the shares served on the compared pairs do)."""
+        return (self.candidate_certified is not None and self.live_certified is not None
+                and (self.candidate_certified > 0 or self.live_certified > 0))
+
+    def candidate_wins(self) -> bool:
+        if not self.quality_ok():
+            return False
+        if self.decided_by_certified():
+            return self.candidate_certified > self.live_certified
+        live = ((self.live or 0.0) if self.live_quality_ok() else 0.0, self.live_raw or 0.0)
+        return (self.candidate, self.candidate_raw) > live
+
+    def where(self) -> str:
+        return f"{self.pairs} validation pairs" + (" the live version never saw" if self.unseen_only else "")
+
+    def promotion_reason(self) -> str:
+        """Why the candidate went live, in words (the registry's promotion reason)."""
+        target = f"{self.target:.0%}"
+        live_part = (f" vs {self.live or 0.0:.1%} at {self.live_agreement:.1%}" if self.live_agreement is not None else "")
+        certified = (f"; its own curve certifies {self.candidate_certified:.1%} vs {self.live_certified:.1%}"
+                     if self.candidate_certified is not None and self.live_certified is not None else "")
+        return (f"serves {self.candidate:.1%} of {self.where()} at its threshold for {target} agreement, with "
+                f"{self.candidate_agreement:.1%} agreement there{live_part} (plain curves: {self.candidate_raw:.1%} "
+                f"vs {self.live_raw or 0.0:.1%}){certified}"
+                + ("; the live version's share counts for nothing: what it serves there agrees significantly below "
+                   "the target" if not self.live_quality_ok() else ""))
+
+    def kept_reason(self) -> str:
+        """Why the candidate stays a candidate, in words."""
+        target = f"{self.target:.0%}"
+        if not self.quality_ok():
+            return f"what it serves agrees only {self.candidate_agreement:.1%}, significantly below {target}"
+        if self.decided_by_certified():
+            return (f"its own curve certifies {self.candidate_certified:.1%}, not more than the live version's "
+                    f"{self.live_certified:.1%}")
+        return f"not more than the live version's {self.live or 0.0:.1%} on the same pairs"
+
+    def kept_detail(self, version: int) -> dict[str, Any]:
+        """The ``student.kept_candidate`` event's detail."""
+        return {"version": version, "coverage": self.candidate, "live_coverage": self.live,
+                "agreement": self.candidate_agreement, "live_agreement": self.live_agreement,
+                "quality_ok": self.quality_ok(), "pairs": self.pairs, "unseen_only": self.unseen_only,
+                "certified": self.candidate_certified, "live_certified": self.live_certified}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"candidate_wins": self.candidate_wins()}
+
+
+def served_at_own_threshold(
+    confidence: Sequence[float], correct: Sequence[float], own_curve: Sequence[dict[str, float]] | None, *,
+    weights: Sequence[float] | None, target: float, target_confidence: float | None = None,
+) -> tuple[float, float, int, float]:
+    """One version on the compared pairs: the (weighted) share it serves at the threshold the router
+    derives from its own validation curve (``own_curve``, bounded at the route's confidence), the
+    agreement and number of the pairs served there, and the plain curve's coverage at ``target``."""
+    curve = coverage_curve(confidence, correct, max_points=None, weights=weights)
+    settings = {"target_agreement": target, "target_confidence": target_confidence}
+    point = point_at(curve, effective_threshold(settings, own_curve))
+    raw = coverage_at(curve, target)
+    if point is None:
+        return 0.0, 1.0, 0, raw
+    return point["coverage"], point["agreement"], int(point["pairs"]), raw

@@ -1,0 +1,115 @@
+"""The promotion gate of structured LM students compares the candidate and the live version on the
+same pairs: the live version is decoded on the candidate's validation split.
+
+On the locally built tiny base (fully fine-tuned; the real bases are what the benches measure). The
+route's traffic drifts: the first version sees only hotel requests, so its own validation split is
+easy and its recorded coverage high; the next version is validated on the newer, mixed traffic,
+where the first one gets every flight and car request wrong. Compared by recorded coverage (the gate
+before this test), the better version stayed a candidate.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import extraction
+from tests.distiller.conftest import seed_exchanges
+
+ROUTE = "travel"
+TARGET = 0.9
+
+
+@pytest.fixture(scope="module")
+def drifted(tmp_path_factory):
+    from bench.tiny import build_tiny_model
+    from distiller.lm.config import LMTrainConfig
+    from distiller.lm.train import distill_lm_route
+    from store import Ledger
+
+    root = tmp_path_factory.mktemp("lm-gate")
+    rows = extraction.pairs(520, seed=21)
+    hotel = [r for r in rows if json.loads(r["answer"])["intent"] == "book_hotel"][:100]
+    mixed = [r for r in rows if r not in hotel][:300]
+    base = build_tiny_model(root / "tiny", extraction.corpus(rows), vocab_size=600, hidden_size=96, layers=2,
+                            heads=4, intermediate_size=256)
+    config = LMTrainConfig.from_dict({
+        "base_model": str(base), "method": "full", "progress": False, "target_agreement": TARGET,
+        "structured": {"epochs": 20, "learning_rate": 3e-3, "extra_learning_rate": 1e-2, "vllm_export": False},
+    })
+    ledger = Ledger(root / "ledger.db")
+    seed_exchanges(ledger, ROUTE, hotel)
+    first = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
+    seed_exchanges(ledger, ROUTE, mixed)
+    second = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
+    yield {"ledger": ledger, "first": first, "second": second}
+    ledger.close()
+
+
+def test_the_live_version_is_decoded_on_the_candidates_validation_pairs(drifted):
+    from distiller.gate import served_at_own_threshold
+    from distiller.registry import get, live
+    from router.agreement import answers_agree
+    from router.student import StudentError, load_student
+
+    first, second, ledger = drifted["first"], drifted["second"], drifted["ledger"]
+    assert first["kind"] == second["kind"] == "lm_structured" and first["status"] == "live"
+    # the candidate is better on the same pairs and goes live, though its recorded coverage (on the
+    # harder split) need not exceed the first version's (on its easy one)
+    assert second["status"] == "live" and live(ledger, ROUTE)["version"] == second["version"]
+    assert get(ledger, ROUTE, first["version"])["status"] == "retired"
+    gate = second["metrics"]["gate"]
+    assert gate["candidate_wins"]
+    # every validation pair of the candidate is newer than the live version's data
+    assert gate["live_version"] == first["version"] and gate["live_scored"] and gate["unseen_only"]
+    assert gate["pairs"] == second["val_pairs"]
+
+    # the live share, measured again through the serving path (the loaded student, one request at a
+    # time) at the live version's own threshold: what the gate recorded
+    row = get(ledger, ROUTE, first["version"])
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    val = list(ledger.teacher_pairs(ROUTE))[-second["val_pairs"]:]
+    conf, correct = [], []
+    try:
+        for p in val:
+            try:
+                out = student.predict(p.messages, {})
+            except StudentError:
+                conf.append(0.0), correct.append(0.0)
+                continue
+            conf.append(out.confidence)
+            correct.append(1.0 if answers_agree("json", out.text, p.answer) else 0.0)
+    finally:
+        student.close()
+    share, agreement, served, _ = served_at_own_threshold(conf, correct, row["curve"], weights=None, target=TARGET)
+    assert gate["live"] == pytest.approx(share, abs=2 / len(val))
+    # the first version never saw a flight or a car: on the newer traffic it is mostly wrong
+    assert np.mean(correct) < 0.6
+    assert second["metrics"]["exact_agreement"] > np.mean(correct)
+
+
+def test_a_request_too_long_to_read_scores_as_an_escalation_and_stays_out_of_the_fit(drifted):
+    """A validation (or compared) request longer than the student reads counts as a disagreement with
+    confidence 0, as serving escalates it, and never fails the run (it used to raise StudentError)."""
+    from distiller.lm.structured import confidences, evaluate_and_calibrate, score
+    from distiller.registry import get
+    from router.artifact import load_manifest
+    from router.lm_structured import load_structured_model
+
+    row = get(drifted["ledger"], ROUTE, drifted["second"]["version"])
+    model = load_structured_model(row["artifact_path"], load_manifest(row["artifact_path"]))
+    val = list(drifted["ledger"].teacher_pairs(ROUTE))[-30:]
+    texts = [model.template.strip(p.messages) for p in val]
+    answers = [p.answer for p in val]
+    texts[3] = " ".join(["book a hotel in paris"] * 200)  # far over max_input_tokens
+    scored = score(model, texts, answers, batch_size=8)
+    assert scored.readable.tolist() == [i != 3 for i in range(30)]
+    assert not scored.agree[3] and not scored.complete[3] and scored.answers[3] == ""
+    assert len(scored.ms) == 29
+    conf = confidences(model.calibrator, scored)
+    assert conf[3] == 0.0 and (conf[scored.readable] > 0).all()
+    _, curve, oof, metrics = evaluate_and_calibrate(scored, target=TARGET)
+    assert metrics["unreadable"] == 1 and metrics["val_pairs"] == 30 and oof[3] == 0.0
+    assert curve[-1]["coverage"] == pytest.approx(1.0)
