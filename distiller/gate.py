@@ -1,8 +1,8 @@
 """The promotion gate's comparison, shared by every student kind: a candidate and the live version
 scored on the same validation pairs, each at the threshold the router would serve it at.
 
-:func:`distiller.pipeline.gate` (label students) and :func:`distiller.lm.structured.gate_structured`
-(structured LM students) each decide which pairs to compare on and score both versions there; the
+:func:`distiller.pipeline.gate` (label students) and :func:`distiller.lm.registry.gate_lm`
+(LM students, structured and free-text) each decide which pairs to compare on and score both versions there; the
 arithmetic and the words of the decision are here, once.
 """
 
@@ -78,12 +78,18 @@ class GateResult:
     def promotion_reason(self) -> str:
         """Why the candidate went live, in words (the registry's promotion reason)."""
         target = f"{self.target:.0%}"
-        live_part = (f" vs {self.live or 0.0:.1%} at {self.live_agreement:.1%}" if self.live_agreement is not None else "")
         certified = (f"; its own curve certifies {self.candidate_certified:.1%} vs {self.live_certified:.1%}"
                      if self.candidate_certified is not None and self.live_certified is not None else "")
+        plain = f"{self.candidate_raw:.1%} vs {self.live_raw or 0.0:.1%}"
+        if self.candidate_served_pairs == 0 and not self.live:
+            return (f"no version serves any of {self.where()} at its threshold for {target} agreement yet; the "
+                    f"plain curves' coverage there decides: {plain}{certified}")
+        live_part = ""
+        if self.live_agreement is not None:
+            live_part = (f" vs {self.live or 0.0:.1%} at {self.live_agreement:.1%}" if self.live_served_pairs
+                         else f" vs {self.live or 0.0:.1%}")
         return (f"serves {self.candidate:.1%} of {self.where()} at its threshold for {target} agreement, with "
-                f"{self.candidate_agreement:.1%} agreement there{live_part} (plain curves: {self.candidate_raw:.1%} "
-                f"vs {self.live_raw or 0.0:.1%}){certified}"
+                f"{self.candidate_agreement:.1%} agreement there{live_part} (plain curves: {plain}){certified}"
                 + ("; the live version's share counts for nothing: what it serves there agrees significantly below "
                    "the target" if not self.live_quality_ok() else ""))
 

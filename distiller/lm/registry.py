@@ -2,20 +2,25 @@
 
 The gate is the project's: a new version goes live only if, at the route's target agreement, it
 covers more validation traffic than the live version (or, with no live version, any traffic at all).
-Structured students pass the comparison on the same pairs (:class:`distiller.gate.GateResult`, the
-live version decoded on the candidate's validation pairs). Free-text LM students still compare
-recorded coverages (:func:`should_promote`), each measured on its own validation split.
+:func:`gate_lm` runs the live version on the candidate's validation pairs, so the two are compared
+on the same pairs (:class:`distiller.gate.GateResult`, the label students' rule); without such a
+comparison (:func:`register_student` called with no ``gate``), recorded coverages decide
+(:func:`should_promote`), each measured on its own validation split.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from distiller import registry
 from distiller.gate import GateResult
 
-__all__ = ["next_version", "live_student", "register_student", "should_promote"]
+__all__ = ["next_version", "live_student", "gate_lm", "register_student", "should_promote"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +37,97 @@ def should_promote(new_metrics: dict[str, Any], live: dict[str, Any] | None) -> 
     return coverage > live_cov, f"coverage at target {coverage:.3f} vs live v{live['version']} {live_cov:.3f}"
 
 
+def gate_lm(
+    ledger: Any, route: str, val_pairs: Sequence[Any], confidence: Sequence[float], agree: Sequence[bool],
+    curve: Sequence[dict[str, float]], *, target: float, target_confidence: float | None = None,
+    batch_size: int = 8, progress: bool = False, min_pairs: int = 100,
+) -> GateResult:
+    """The promotion gate for an LM candidate: the live version run on the candidate's validation
+    pairs (``val_pairs``, with the candidate's out-of-fold ``confidence`` and ``agree`` on them and
+    its validation ``curve``), so the two are compared on the same pairs, each at the threshold its own
+    curve gives, as the router serves it.
+
+    The validation split is the newest pairs, so a version's recorded coverage is measured on the
+    traffic of its day; in cascade mode that is mostly the previous version's escalations. Read from
+    the metrics alone, a later version validated on a harder split loses to an older one that would
+    serve even less there. Only pairs newer than the live version's data count (when at least
+    ``min_pairs`` of them, else all). A live version that cannot be loaded or run serves nothing: a
+    broken student must not block a working one. A structured live version is decoded in batches by
+    its own decoder; any other kind answers through its loader, one request at a time.
+    """
+    from distiller.gate import served_at_own_threshold
+
+    row = registry.live(ledger, route)
+    seen = int(((row or {}).get("metrics") or {}).get("last_exchange_id") or 0)
+    unseen = np.array([int(p.id) > seen for p in val_pairs], dtype=bool)
+    unseen_only = row is not None and bool(unseen.all() or unseen.sum() >= min_pairs)
+    use = unseen if unseen_only else np.ones(len(val_pairs), dtype=bool)
+    picked = [p for p, u in zip(val_pairs, use) if u]
+    weights = [float(getattr(p, "weight", 1.0)) for p in picked]
+
+    def served(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
+        return served_at_own_threshold(conf, correct, own_curve, weights=weights, target=target,
+                                       target_confidence=target_confidence)
+
+    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target,
+                        live_version=row["version"] if row else None)
+    (result.candidate, result.candidate_agreement, result.candidate_served_pairs, result.candidate_raw) = served(
+        np.asarray(confidence, dtype=np.float64)[use], np.asarray(agree, dtype=np.float64)[use], curve)
+    if row is None:
+        return result
+    t0 = time.monotonic()
+    try:
+        conf, correct = _run_live(row, picked, batch_size=batch_size, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - any failure means it serves nothing
+        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
+                    route, row["version"], exc)
+        result.live, result.live_raw = 0.0, 0.0
+        return result
+    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = served(conf, correct, row.get("curve"))
+    result.live_scored = True
+    log.info("route %s: live v%s run on %d validation pairs in %.0f s", route, row["version"], len(picked),
+             time.monotonic() - t0)
+    return result
+
+
+def _run_live(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int, progress: bool) -> tuple[Any, Any]:
+    """The live version's confidence in, and agreement of, its answer to each pair (0 and a
+    disagreement where it declines: it would escalate)."""
+    from router.agreement import agreement_kind, answers_agree
+    from router.artifact import load_manifest
+    from router.lm_structured import KIND, load_structured_model
+    from router.student import StudentError, load_student
+
+    manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
+    if row["kind"] == KIND:
+        from distiller.lm.structured import confidences, score
+
+        model = load_structured_model(row["artifact_path"], manifest)
+        scored = score(model, [model.template.strip(p.messages) for p in pairs], [p.answer for p in pairs],
+                       batch_size=batch_size, progress=progress, desc=f"live v{row['version']}")
+        return confidences(model.calibrator, scored), scored.agree.astype(float)
+    how = agreement_kind(row["kind"], manifest.get("answer_format"))
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    conf, correct = [], []
+    try:
+        for p in pairs:
+            try:
+                out = student.predict(p.messages, {})
+            except StudentError:
+                conf.append(0.0)
+                correct.append(0.0)
+                continue
+            conf.append(float(out.confidence))
+            correct.append(1.0 if answers_agree(how, out.text, p.answer) else 0.0)
+    finally:
+        student.close()
+    return conf, correct
+
+
 def register_student(ledger: Any, *, promote: bool = True, gate: GateResult | None = None, **row: Any) -> dict[str, Any]:
     """Register a candidate (``row``: the keyword arguments of :func:`distiller.registry.register`) and,
     if ``promote`` and the gate passes, make it live. ``gate``: the comparison with the live version
-    on the same pairs (:func:`distiller.lm.structured.gate_structured`); without it, the recorded
+    on the same pairs (:func:`gate_lm`); without it, the recorded
     coverages decide (:func:`should_promote`). Returns the row as stored."""
     stored = registry.register(ledger, **row)
     if promote and gate is not None:

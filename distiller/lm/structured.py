@@ -43,7 +43,7 @@ from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema, encod
 from router.lm_structured import KIND
 
 __all__ = ["StructuredConfig", "induce_schema", "eligible", "looks_like_extraction", "Example", "build_examples", "TrainableStudent", "train",
-           "write_weights", "score", "confidences", "evaluate_and_calibrate", "train_structured_student", "gate_structured",
+           "write_weights", "score", "confidences", "evaluate_and_calibrate", "train_structured_student",
            "distill_structured_route",
            "StructuredRun"]
 
@@ -753,94 +753,13 @@ def train_structured_student(
                          val_confidence=val_confidence, val_agree=scored.agree)
 
 
-def gate_structured(
-    ledger: Any, route: str, val_pairs: Sequence[Any], run: StructuredRun, cfg: StructuredConfig, *, target: float,
-    target_confidence: float | None = None, min_pairs: int = 100,
-) -> Any:
-    """The promotion gate for a structured candidate (:class:`distiller.gate.GateResult`): the live
-    version decoded on the candidate's validation pairs, so the two are compared on the same pairs,
-    each at the threshold its own validation curve gives (as the router serves it).
-
-    The validation split is the newest pairs, so a version's recorded coverage is measured on the
-    traffic of its day; in cascade mode that is mostly the previous version's escalations. Read from
-    the metrics alone, a later version validated on a harder split loses to an older one that would
-    serve even less there. Only pairs newer than the live version's data count (when at least
-    ``min_pairs`` of them, else all). A live version that cannot be loaded or decoded serves nothing:
-    a broken student must not block a working one. A live student of another kind is run through its
-    own loader.
-    """
-    from distiller import registry
-    from distiller.evaluate import agreement_vector
-    from distiller.gate import GateResult, served_at_own_threshold
-    from router.artifact import load_manifest
-    from router.lm_structured import load_structured_model
-    from router.student import load_student
-
-    row = registry.live(ledger, route)
-    seen = int(((row or {}).get("metrics") or {}).get("last_exchange_id") or 0)
-    unseen = np.array([int(p.id) > seen for p in val_pairs], dtype=bool)
-    unseen_only = row is not None and bool(unseen.all() or unseen.sum() >= min_pairs)
-    use = unseen if unseen_only else np.ones(len(val_pairs), dtype=bool)
-    picked = [p for p, u in zip(val_pairs, use) if u]
-    weights = [float(getattr(p, "weight", 1.0)) for p in picked]
-
-    def served(conf: Any, correct: Any, own_curve: Any) -> tuple[float, float, int, float]:
-        return served_at_own_threshold(conf, correct, own_curve, weights=weights, target=target,
-                                       target_confidence=target_confidence)
-
-    result = GateResult(candidate=0.0, live=None, pairs=len(picked), unseen_only=unseen_only, target=target,
-                        live_version=row["version"] if row else None)
-    (result.candidate, result.candidate_agreement, result.candidate_served_pairs, result.candidate_raw) = served(
-        run.val_confidence[use], run.val_agree[use].astype(float), run.curve)
-    if row is None:
-        return result
-    t0 = time.monotonic()
-    try:
-        if row["kind"] == KIND:
-            model = load_structured_model(row["artifact_path"], load_manifest(row["artifact_path"],
-                                                                              expected_checksum=row["checksum"]))
-            scored = score(model, [model.template.strip(p.messages) for p in picked], [p.answer for p in picked],
-                           batch_size=cfg.eval_batch_size, progress=cfg.progress, desc=f"live v{row['version']}")
-            conf, correct = confidences(model.calibrator, scored), scored.agree.astype(float)
-            del model
-        else:
-            student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
-            try:
-                outputs = [_answer_or_none(student, p.messages) for p in picked]
-            finally:
-                student.close()
-            conf = [o.confidence if o is not None else 0.0 for o in outputs]
-            correct = agreement_vector(row["kind"], [o.text if o is not None else None for o in outputs],
-                                       [p.answer for p in picked])
-    except Exception as exc:  # noqa: BLE001 - any failure means it serves nothing
-        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
-                    route, row["version"], exc)
-        result.live, result.live_raw = 0.0, 0.0
-        return result
-    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = served(conf, correct, row.get("curve"))
-    result.live_scored = True
-    log.info("route %s: live v%s decoded on %d validation pairs in %.0f s", route, row["version"], len(picked),
-             time.monotonic() - t0)
-    return result
-
-
-def _answer_or_none(student: Any, messages: Any) -> Any:
-    """A student's answer, or None where it declines (it would escalate)."""
-    from router.student import StudentError
-
-    try:
-        return student.predict(messages, {})
-    except StudentError:
-        return None
-
-
 def distill_structured_route(
     ledger: Any, route: str, pairs: Sequence[Any], cfg: StructuredConfig, *, artifacts_dir: str | Path | None,
     promote: bool = True, schema: RouteSchema | None = None, template: Any = None,
 ) -> dict[str, Any]:
     """Distil ``pairs`` (the route's usable teacher pairs, oldest first) into a structured student,
     register it and promote it if it beats the live version. Returns the run's summary."""
-    from distiller.lm.registry import next_version, register_student
+    from distiller.lm.registry import gate_lm, next_version, register_student
     from router.artifact import new_artifact_dir, write_manifest
     from router.template import learn_template
 
@@ -864,7 +783,8 @@ def distill_structured_route(
         val_weights=[float(getattr(p, "weight", 1.0)) for p in val_pairs])
     run.model = None  # the live version is decoded next: one model in memory at a time
     confidence = cfg.target_confidence if cfg.target_confidence is not None else route_row["settings"].get("target_confidence")
-    result = gate_structured(ledger, route, val_pairs, run, cfg, target=target, target_confidence=confidence)
+    result = gate_lm(ledger, route, val_pairs, run.val_confidence, run.val_agree, run.curve, target=target,
+                     target_confidence=confidence, batch_size=cfg.eval_batch_size, progress=cfg.progress)
     run.metrics["last_exchange_id"] = max(int(p.id) for p in pairs)
     run.metrics["gate"] = result.to_dict()
     run.manifest["metrics"] = run.metrics

@@ -376,7 +376,7 @@ def distill_lm_route(
 
     from distiller.lm import evaluate
     from distiller.lm.data import build_examples
-    from distiller.lm.registry import next_version, register_student
+    from distiller.lm.registry import gate_lm, next_version, register_student
     from router.artifact import new_artifact_dir, write_manifest
 
     if not config.base_model:
@@ -421,8 +421,13 @@ def distill_lm_route(
             Path(ledger.path).resolve().parent / "artifacts" if ledger.path else Path("artifacts").resolve())
         directory = new_artifact_dir(root, route, version)
         weights = save_student_weights(result, config, directory)
+        result.model = None  # the live version is run next: one model in memory at a time
+        gate = gate_lm(ledger, route, val_pairs, report.confidence, report.agree, report.curve, target=target,
+                       target_confidence=route_row["settings"].get("target_confidence"),
+                       batch_size=config.eval_batch_size, progress=config.progress)
         metrics = {
             **report.metrics,
+            "gate": gate.to_dict(),
             "train_seconds": round(result.seconds, 3),
             "train_steps": result.steps,
             "distillation": result.distillation,
@@ -460,6 +465,7 @@ def distill_lm_route(
             artifact_path=str(directory),
             checksum=checksum,
             promote=promote,
+            gate=gate,
         )
         ledger.record_event(route, "student_trained", detail={"version": version, "kind": "lm", "status": row["status"], **{k: metrics[k] for k in ("agreement", "coverage_at_target", "distillation")}})
         return {

@@ -33,7 +33,7 @@ def distilled(tmp_path_factory):
     synthetic.seed_ledger(ledger, ROUTE, train)
     config = LMTrainConfig.from_dict({"base_model": str(base), "progress": False}, preset_name="tiny-cpu")
     summary = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
-    return {"root": root, "summary": summary, "ledger": ledger}
+    return {"root": root, "summary": summary, "ledger": ledger, "base": base}
 
 
 def test_the_route_is_distilled_registered_and_promoted(distilled):
@@ -132,3 +132,24 @@ def test_the_student_answers_through_the_gateway_with_logprobs(distilled, make_g
     assert resp.choices[0].message.content == ex.answer
     content = resp.choices[0].logprobs.content
     assert "".join(c.token for c in content) == ex.answer and len(content[0].top_logprobs) == 2
+
+
+def test_a_new_version_is_compared_with_the_live_one_on_its_own_validation_pairs(distilled):
+    """The free-text gate runs the live version on the candidate's validation pairs (through its
+    loader): a candidate of a few steps serves none of them, the live one most, and it stays a
+    candidate on that comparison, recorded in its metrics."""
+    from distiller.lm.config import LMTrainConfig
+    from distiller.lm.train import distill_lm_route
+    from distiller.registry import live
+
+    ledger, first = distilled["ledger"], distilled["summary"]
+    synthetic.seed_ledger(ledger, ROUTE, synthetic.examples(240, seed=7))
+    config = LMTrainConfig.from_dict({"base_model": str(distilled["base"]), "progress": False, "max_steps": 2, "max_pairs": 400},
+                                     preset_name="tiny-cpu")
+    second = distill_lm_route(distilled["root"] / "ledger.db", ROUTE, config, artifacts_dir=distilled["root"] / "artifacts")
+    gate = second["metrics"]["gate"]
+    assert gate["live_version"] == first["version"] and gate["live_scored"] and gate["unseen_only"]
+    assert gate["pairs"] == second["val_pairs"] == 80
+    assert gate["live_raw"] > 0.5  # the trained version, on pairs it never saw
+    assert gate["candidate"] == 0.0 and gate["candidate_raw"] < gate["live_raw"] and not gate["candidate_wins"]
+    assert second["status"] == "candidate" and live(ledger, ROUTE)["version"] == first["version"]
