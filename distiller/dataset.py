@@ -33,6 +33,7 @@ __all__ = [
     "build_dataset",
     "load_route_dataset",
     "route_examples",
+    "weighted_pairs",
     "examples_from_jsonl",
     "normalize_prompt",
     "holdout_share",
@@ -228,9 +229,7 @@ def route_examples(ledger: Any, route: str) -> tuple[list[Example], dict[str, in
     stripping and deduplication), and the count of unusable ones by reason."""
     examples: list[Example] = []
     dropped: dict[str, int] = {}
-    pairs = _weigh_checks_by_probability(list(ledger.teacher_pairs(route, shadow_checks=True)),
-                                         ledger.check_probabilities(route))
-    for pair in pairs:
+    for pair in weighted_pairs(ledger, route):
         reason = unusable_reason(pair.answer, pair.finish_reason)
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
@@ -240,6 +239,15 @@ def route_examples(ledger: Any, route: str) -> tuple[list[Example], dict[str, in
                     weight=pair.weight)
         )
     return examples, dropped
+
+
+def weighted_pairs(ledger: Any, route: str) -> list[Any]:
+    """The route's teacher pairs with its shadow checks, oldest first, each weighted by the served
+    requests it stands for (:meth:`store.Ledger.teacher_pairs`, then by each check's probability):
+    in cascade mode the teacher-answered pairs alone are the live version's escalations, the
+    requests it declined, and a curve or a gate read off them describes those, not the traffic."""
+    return _weigh_checks_by_probability(list(ledger.teacher_pairs(route, shadow_checks=True)),
+                                        ledger.check_probabilities(route))
 
 
 def _weigh_checks_by_probability(pairs: list[Any], probabilities: dict[int, tuple[int | None, float]]) -> list[Any]:

@@ -245,7 +245,9 @@ def evaluate_student(
         confidence = calibrator.predict(features[is_greedy], None if embeddings is None else embeddings[is_greedy])
     else:
         confidence = oof[is_greedy]
-    curve = coverage_curve(confidence, agree.astype(float), max_points=None)
+    # shadow checks stand for the served requests they sampled (distiller.dataset.weighted_pairs)
+    curve = coverage_curve(confidence, agree.astype(float), max_points=None,
+                           weights=[float(getattr(p, "weight", 1.0)) for p in val_pairs])
     coverage, threshold = at_target(curve, target)
     metrics: dict[str, Any] = {
         "agreement": float(agree.mean()),

@@ -374,6 +374,7 @@ def distill_lm_route(
     """
     from store import Ledger
 
+    from distiller.dataset import weighted_pairs
     from distiller.lm import evaluate
     from distiller.lm.data import build_examples
     from distiller.lm.registry import gate_lm, next_version, register_student
@@ -382,7 +383,8 @@ def distill_lm_route(
     if not config.base_model:
         raise ValueError("LMTrainConfig.base_model is empty: name a Hugging Face model id or a local path.")
     ledger = Ledger(ledger_path)
-    pairs = [p for p in ledger.teacher_pairs(route) if _usable(p)]
+    # shadow checks included and weighted, so validation, the curve and the gate stand for the traffic
+    pairs = [p for p in weighted_pairs(ledger, route) if _usable(p)]
     if config.max_pairs:
         pairs = pairs[-config.max_pairs :]
     pairs.sort(key=lambda p: (p.ts, p.id))

@@ -44,7 +44,7 @@ def drifted(tmp_path_factory):
     first = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
     seed_exchanges(ledger, ROUTE, mixed)
     second = distill_lm_route(root / "ledger.db", ROUTE, config, artifacts_dir=root / "artifacts")
-    yield {"ledger": ledger, "first": first, "second": second}
+    yield {"ledger": ledger, "first": first, "second": second, "base": base, "config": config}
     ledger.close()
 
 
@@ -113,3 +113,33 @@ def test_a_request_too_long_to_read_scores_as_an_escalation_and_stays_out_of_the
     _, curve, oof, metrics = evaluate_and_calibrate(scored, target=TARGET)
     assert metrics["unreadable"] == 1 and metrics["val_pairs"] == 30 and oof[3] == 0.0
     assert curve[-1]["coverage"] == pytest.approx(1.0)
+
+
+def test_shadow_checks_join_validation_weighted_so_it_stands_for_the_traffic(drifted, tmp_path):
+    """In cascade mode the teacher-answered pairs are the live version's escalations; the teacher's
+    answers to shadow checks of served requests join the LM route's pairs, each standing for the
+    requests it sampled (as for label students), so the curve and the gate describe the traffic."""
+    from distiller.lm.train import distill_lm_route
+    from store import Ledger
+    from tests.sql import sql_rows
+
+    rows = extraction.pairs(200, seed=33)
+    ledger = Ledger(tmp_path / "l.db")
+    seed_exchanges(ledger, ROUTE, rows[:150])
+    served = [{**r, "served_by": "student", "answer": "{}"} for r in rows[150:190]]
+    seed_exchanges(ledger, ROUTE, served)
+    with ledger.conn:
+        ledger.conn.execute("UPDATE exchanges SET student_version = 1 WHERE served_by = 'student'")
+        uids = [r["uid"] for r in sql_rows(ledger, "SELECT uid FROM exchanges WHERE served_by = 'student' ORDER BY id DESC LIMIT 4")]
+        for uid, r in zip(uids, rows[186:190][::-1]):
+            ledger.conn.execute(
+                "INSERT INTO shadow_checks (ts, route, exchange_uid, student_version, student_answer, teacher_answer, agree)"
+                " VALUES (?, ?, ?, 1, '{}', ?, 0)", (1.8e9, ROUTE, uid, r["answer"]))
+    out = distill_lm_route(tmp_path / "l.db", ROUTE, drifted["config"], artifacts_dir=tmp_path / "artifacts")
+    assert out["val_pairs"] == 31 and out["train_pairs"] == 123  # 20% of the 150 pairs and 4 checks
+    curve = sql_rows(ledger, "SELECT curve FROM students WHERE route = ?", (ROUTE,))[0]["curve"]
+    points = json.loads(curve)
+    # each check stands for 10 served requests (40 served, 4 checked): coverage counts their weight
+    assert points[-1]["coverage"] == pytest.approx(1.0) and points[-1]["pairs"] == 31
+    assert any(abs(p["coverage"] - p["pairs"] / 31) > 0.05 for p in points)
+    ledger.close()
