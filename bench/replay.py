@@ -600,7 +600,7 @@ def score_versions(
     ledger: Any, route: str, rows: list[dict[str, Any]], target: float, *, limit: int = 1000, progress: bool = False,
     confidence: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Every registered label/structured version of ``route``, scored on ``rows``' own answers.
+    """Every registered version of ``route`` (label, structured, LM), scored on ``rows``' own answers.
 
     A replay knows what the teacher would have said to every request, which production never does:
     this says whether the promotion gate kept a better version out. Per version: its agreement, the
@@ -622,7 +622,7 @@ def score_versions(
     out = []
     from store import registry
 
-    versions = [v for v in reversed(registry.list_students(ledger, route)) if v["kind"] in ("label", "structured")]
+    versions = list(reversed(registry.list_students(ledger, route)))
     for v in tqdm(versions, desc="scoring versions", unit="version", disable=not progress):
         try:
             student = load_student(v["artifact_path"], expected_checksum=v["checksum"])
@@ -630,12 +630,13 @@ def score_versions(
             out.append({"version": v["version"], "status": v["status"], "error": str(exc)})
             continue
         try:
-            outputs = student.predict_batch([r["messages"] for r in sample])
+            outputs = _answers(student, [r["messages"] for r in sample])
         finally:
             student.close()
-        conf = np.array([o.confidence for o in outputs], dtype=np.float64)
+        # a request the student declines (too long, unfinished) would escalate: confidence 0, no agreement
+        conf = np.array([o.confidence if o is not None else 0.0 for o in outputs], dtype=np.float64)
         kind = stream_answer_kind(rows)
-        correct = np.array([answers_agree(kind, o.text, r["answer"]) for o, r in zip(outputs, sample)],
+        correct = np.array([o is not None and answers_agree(kind, o.text, r["answer"]) for o, r in zip(outputs, sample)],
                            dtype=np.float64)
         curve = coverage_curve(conf, correct, max_points=None)
         own = effective_threshold({"target_agreement": target, "target_confidence": confidence}, v["curve"] or [])
@@ -650,6 +651,27 @@ def score_versions(
             "requests": len(sample),
         })
     return out
+
+
+def _answers(student: Any, requests: list[Any]) -> list[Any]:
+    """A student's answers to ``requests`` (None where it declines): in one batch where it has one
+    (label students), else concurrently, so an LM student's micro-batcher decodes them together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from router.student import StudentError
+
+    batch = getattr(student, "predict_batch", None)
+    if batch is not None:
+        return batch(requests)
+
+    def one(messages: Any) -> Any:
+        try:
+            return student.predict(messages, {})
+        except StudentError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, requests))
 
 
 def version_scores_by_route(

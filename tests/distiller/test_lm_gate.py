@@ -143,3 +143,18 @@ def test_shadow_checks_join_validation_weighted_so_it_stands_for_the_traffic(dri
     assert points[-1]["coverage"] == pytest.approx(1.0) and points[-1]["pairs"] == 31
     assert any(abs(p["coverage"] - p["pairs"] / 31) > 0.05 for p in points)
     ledger.close()
+
+
+def test_replay_score_versions_scores_lm_versions_too(drifted):
+    """``kdgate bench replay --score-versions`` scores structured LM versions on the stream's answers
+    (it scored label students only, and reported nothing for an LM route)."""
+    from bench.replay import score_versions
+
+    rows = extraction.pairs(520, seed=21)
+    hotel = [r for r in rows if json.loads(r["answer"])["intent"] == "book_hotel"][:100]
+    later = [r for r in rows if r not in hotel][300:360]  # mixed traffic neither version trained on
+    scores = {s["version"]: s for s in score_versions(drifted["ledger"], ROUTE, later, TARGET)}
+    first, second = scores[drifted["first"]["version"]], scores[drifted["second"]["version"]]
+    assert first["requests"] == second["requests"] == 60 and "error" not in first and "error" not in second
+    assert first["status"] == "retired" and second["status"] == "live"
+    assert second["agreement"] > first["agreement"] + 0.2  # the first never saw a flight or a car
