@@ -615,7 +615,7 @@ def score_versions(
     from router.agreement import answers_agree
     from router.curve import coverage_at, coverage_curve, point_at
     from router.policy import effective_threshold
-    from router.student import load_student
+    from router.student import answer_all, load_student
 
     step = max(1, len(rows) // limit)
     sample = rows[::step][:limit]
@@ -630,7 +630,7 @@ def score_versions(
             out.append({"version": v["version"], "status": v["status"], "error": str(exc)})
             continue
         try:
-            outputs = _answers(student, [r["messages"] for r in sample])
+            outputs = answer_all(student, [r["messages"] for r in sample])
         finally:
             student.close()
         # a request the student declines (too long, unfinished) would escalate: confidence 0, no agreement
@@ -651,27 +651,6 @@ def score_versions(
             "requests": len(sample),
         })
     return out
-
-
-def _answers(student: Any, requests: list[Any]) -> list[Any]:
-    """A student's answers to ``requests`` (None where it declines): in one batch where it has one
-    (label students), else concurrently, so an LM student's micro-batcher decodes them together."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from router.student import StudentError
-
-    batch = getattr(student, "predict_batch", None)
-    if batch is not None:
-        return batch(requests)
-
-    def one(messages: Any) -> Any:
-        try:
-            return student.predict(messages, {})
-        except StudentError:
-            return None
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, requests))
 
 
 def version_scores_by_route(

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from router.artifact import load_manifest
 
-__all__ = ["StudentOutput", "Student", "register_kind", "load_student", "StudentError"]
+__all__ = ["StudentOutput", "Student", "register_kind", "load_student", "StudentError", "answer_all"]
 
 
 class StudentError(Exception):
@@ -79,3 +79,24 @@ def _import_builtin_kinds() -> None:
             importlib.import_module(module)
         except ImportError:
             pass
+
+
+def answer_all(student: Student, requests: list[list[dict[str, Any]]], *, workers: int = 8) -> list[StudentOutput | None]:
+    """A student's answers to many requests, None where it declines one (it would escalate): in one
+    ``predict_batch`` call where the student has one (label students), else ``workers`` requests at a
+    time, so a student that batches concurrent calls itself (the LM students' micro-batcher) decodes
+    them together. For offline scoring (the distiller's gate, the benches), not the serving path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = getattr(student, "predict_batch", None)
+    if batch is not None:
+        return batch(requests)
+
+    def one(messages: list[dict[str, Any]]) -> StudentOutput | None:
+        try:
+            return student.predict(messages, {})
+        except StudentError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, requests))

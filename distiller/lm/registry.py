@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from distiller import registry
-from distiller.gate import GateResult
+from distiller.gate import GateResult, served_at_own_threshold
 
 __all__ = ["next_version", "live_student", "gate_lm", "register_student", "should_promote"]
 
@@ -53,10 +53,8 @@ def gate_lm(
     serve even less there. Only pairs newer than the live version's data count (when at least
     ``min_pairs`` of them, else all). A live version that cannot be loaded or run serves nothing: a
     broken student must not block a working one. A structured live version is decoded in batches by
-    its own decoder; any other kind answers through its loader, one request at a time.
+    its own decoder; any other kind answers through its loader (:func:`router.student.answer_all`).
     """
-    from distiller.gate import served_at_own_threshold
-
     row = registry.live(ledger, route)
     seen = int(((row or {}).get("metrics") or {}).get("last_exchange_id") or 0)
     unseen = np.array([int(p.id) > seen for p in val_pairs], dtype=bool)
@@ -96,7 +94,7 @@ def _run_live(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int, pro
     from router.agreement import agreement_kind, answers_agree
     from router.artifact import load_manifest
     from router.lm_structured import KIND, load_structured_model
-    from router.student import StudentError, load_student
+    from router.student import answer_all, load_student
 
     manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
     if row["kind"] == KIND:
@@ -108,19 +106,12 @@ def _run_live(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int, pro
         return confidences(model.calibrator, scored), scored.agree.astype(float)
     how = agreement_kind(row["kind"], manifest.get("answer_format"))
     student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
-    conf, correct = [], []
     try:
-        for p in pairs:
-            try:
-                out = student.predict(p.messages, {})
-            except StudentError:
-                conf.append(0.0)
-                correct.append(0.0)
-                continue
-            conf.append(float(out.confidence))
-            correct.append(1.0 if answers_agree(how, out.text, p.answer) else 0.0)
+        outputs = answer_all(student, [p.messages for p in pairs])
     finally:
         student.close()
+    conf = [float(o.confidence) if o is not None else 0.0 for o in outputs]
+    correct = [1.0 if o is not None and answers_agree(how, o.text, p.answer) else 0.0 for o, p in zip(outputs, pairs)]
     return conf, correct
 
 
@@ -130,18 +121,16 @@ def register_student(ledger: Any, *, promote: bool = True, gate: GateResult | No
     on the same pairs (:func:`gate_lm`); without it, the recorded
     coverages decide (:func:`should_promote`). Returns the row as stored."""
     stored = registry.register(ledger, **row)
-    if promote and gate is not None:
+    if not promote:
+        return stored
+    if gate is not None:
         ok = gate.candidate_wins()
         why = gate.promotion_reason() if ok else gate.kept_reason()
-        log.info("route %s: lm student v%d %s (%s)", row["route"], row["version"], "promoted" if ok else "kept as candidate", why)
-        if ok:
-            stored = registry.promote(ledger, row["route"], row["version"], reason=why)
-        else:
-            ledger.record_event(row["route"], "student.kept_candidate", actor="distiller",
-                                detail=gate.kept_detail(row["version"]))
-    elif promote:
+    else:
         ok, why = should_promote(row["metrics"], registry.live(ledger, row["route"]))
-        log.info("route %s: lm student v%d %s (%s)", row["route"], row["version"], "promoted" if ok else "kept as candidate", why)
-        if ok:
-            stored = registry.promote(ledger, row["route"], row["version"], reason=why)
+    log.info("route %s: lm student v%d %s (%s)", row["route"], row["version"], "promoted" if ok else "kept as candidate", why)
+    if ok:
+        stored = registry.promote(ledger, row["route"], row["version"], reason=why)
+    elif gate is not None:
+        ledger.record_event(row["route"], "student.kept_candidate", actor="distiller", detail=gate.kept_detail(row["version"]))
     return stored
