@@ -46,7 +46,7 @@ from gateway.vllm_backend import (
     shut_down,
 )
 from router.lm_confidence import Calibrator
-from router.lm_decode import Decision, Result, max_steps_for
+from router.lm_decode import Decision, Result, max_steps_for, take_forced
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
 from router.lm_structured import KIND, confidence_of, register_backend
 from router.student import StudentError, StudentOutput
@@ -146,12 +146,9 @@ class VLLMStructuredStudent:
         res = Result(prompt_tokens=len(fed))
         budget, steps, t0 = max_steps_for(s, req), 0, time.perf_counter()
         while True:
-            allowed = g.allowed(st)
-            while len(allowed) == 1 and st.phase != "done":  # forced: appended, not asked
-                fed.append(allowed[0])
-                g.advance(st, allowed[0])
-                res.completion_tokens += 1
-                allowed = g.allowed(st)
+            allowed, taken = take_forced(g, st, fed, budget - steps)  # forced: appended, not asked
+            steps += taken
+            res.completion_tokens += taken
             if st.phase == "done" or steps >= budget:
                 break
             served = [self.to_served.get(i, i) for i in allowed]

@@ -32,7 +32,7 @@ from typing import Any
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
 
 __all__ = ["Decision", "Result", "KVCache", "FastLlama", "FastGemma", "HFDecoder", "build_engine", "decode_batch",
-           "bf16_packing_available", "embed_scale", "max_steps_for"]
+           "bf16_packing_available", "embed_scale", "max_steps_for", "take_forced"]
 
 
 @dataclass
@@ -442,8 +442,23 @@ class _Run:
 
 
 def max_steps_for(schema: RouteSchema, req: Request) -> int:
-    """The step budget of one decode: enough for every request token to be copied and keyed."""
+    """The token budget of one decode, forced tokens included: enough for every request token to be
+    copied and keyed. A decode that reaches it ends unfinished (an escalation)."""
     return 2 * len(req.ids) + len(schema.keys) + 8
+
+
+def take_forced(grammar: Grammar, st: GrammarState, out: list[int], room: int) -> tuple[list[int], int]:
+    """Append to ``out`` the ids the grammar forces (one allowed id), at most ``room`` of them; returns
+    what is allowed next and how many were taken. Forced tokens are written like any other, so they
+    count against the budget: an undertrained student copying the request over and over is mostly
+    forced tokens."""
+    allowed, taken = grammar.allowed(st), 0
+    while len(allowed) == 1 and st.phase != "done" and taken < room:
+        out.append(allowed[0])
+        grammar.advance(st, allowed[0])
+        taken += 1
+        allowed = grammar.allowed(st)
+    return allowed, taken
 
 
 def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], *, max_draft: int = 4) -> list[Result]:
@@ -463,16 +478,15 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
         feeds = []
         for run in active:
             g, st = run.grammar, run.state
-            allowed = g.allowed(st)
-            while len(allowed) == 1 and st.phase != "done":
-                run.pending.append(allowed[0])
-                g.advance(st, allowed[0])
-                run.result.completion_tokens += 1
-                allowed = g.allowed(st)
+            allowed, taken = take_forced(g, st, run.pending, run.max_steps - run.steps)
+            run.steps += taken
+            run.result.completion_tokens += taken
             if st.phase == "done" or run.steps >= run.max_steps:
                 continue
             run.allowed = allowed
-            run.draft = g.draft(st, max_draft) if max_draft else []
+            # a pass writes its accepted draft and one more token: all within the budget
+            room = min(max_draft, run.max_steps - run.steps - 1)
+            run.draft = g.draft(st, room) if room > 0 else []
             run.base = run.cache.len
             feeds.append(run)
         if not feeds:
