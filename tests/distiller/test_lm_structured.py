@@ -69,6 +69,9 @@ def test_the_artifact_records_the_base_its_hash_the_adapter_and_the_grammar(trai
     assert manifest["template"]["slots"][0]["static"] == extraction.SYSTEM  # the student reads what varies
     assert manifest["metrics"]["train_steps"] >= 1 and manifest["metrics"]["device"] == "cpu"
     assert manifest["metrics"]["decoder"] == "FastLlama"
+    from router.lm_decode import bf16_packing_available  # bf16 only where this CPU has the kernels
+
+    assert manifest["metrics"]["train_dtype"] == ("bfloat16" if bf16_packing_available() else "float32")
     kinds = [e["kind"] for e in trained["ledger"].events(ROUTE)]
     assert "distill.lm_kind" in kinds and "student_trained" in kinds
 
