@@ -16,7 +16,7 @@ from typing import Any
 from router.curve import coverage_at, coverage_curve, point_at
 from router.policy import effective_threshold, wilson_upper
 
-__all__ = ["GateResult", "served_at_own_threshold"]
+__all__ = ["GateResult", "served_at_own_threshold", "live_scores"]
 
 
 @dataclass
@@ -128,3 +128,34 @@ def served_at_own_threshold(
     if point is None:
         return 0.0, 1.0, 0, raw
     return point["coverage"], point["agreement"], int(point["pairs"]), raw
+
+
+def live_scores(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int = 8, progress: bool = False) -> tuple[Any, Any]:
+    """The live version's (``row``, a registry row) confidence in, and agreement of, its answer to each
+    pair (``.messages``, ``.answer``): 0 and a disagreement where it declines (it would escalate).
+    Agreement by the artifact's own answer format. A structured LM version is decoded in batches by
+    its own decoder; any other kind answers through its loader (:func:`router.student.answer_all`).
+    Raises whatever loading or running it raises: the callers count a broken live version as serving
+    nothing."""
+    from router.agreement import agreement_kind, answers_agree
+    from router.artifact import load_manifest
+    from router.lm_structured import KIND, load_structured_model
+    from router.student import answer_all, load_student
+
+    manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
+    if row["kind"] == KIND:
+        from distiller.lm.structured import confidences, score
+
+        model = load_structured_model(row["artifact_path"], manifest)
+        scored = score(model, [model.template.strip(p.messages) for p in pairs], [p.answer for p in pairs],
+                       batch_size=batch_size, progress=progress, desc=f"live v{row['version']}")
+        return confidences(model.calibrator, scored), scored.agree.astype(float)
+    how = agreement_kind(row["kind"], manifest.get("answer_format"))
+    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
+    try:
+        outputs = answer_all(student, [p.messages for p in pairs])
+    finally:
+        student.close()
+    conf = [float(o.confidence) if o is not None else 0.0 for o in outputs]
+    correct = [1.0 if o is not None and answers_agree(how, o.text, p.answer) else 0.0 for o, p in zip(outputs, pairs)]
+    return conf, correct

@@ -23,8 +23,7 @@ import numpy as np
 from distiller import registry
 from distiller.config import DistillerConfig
 from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
-from distiller.evaluate import agreement_vector
-from distiller.gate import GateResult, served_at_own_threshold
+from distiller.gate import GateResult, live_scores, served_at_own_threshold
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import artifact_dir, new_artifact_dir, write_manifest
 from store import registry as store_registry
@@ -115,7 +114,7 @@ def gate(
     The live version was refit on its own newest pairs, which are part of this candidate's
     validation split; scored there it would look better than it is. So both are compared on the
     pairs newer than the live version's data, when there are at least ``min_pairs`` of them (all
-    validation pairs otherwise). A live version that cannot be loaded serves nothing: a broken
+    validation pairs otherwise). A live version that cannot be loaded or run serves nothing: a broken
     student must not block a working one.
     """
     row = registry.live(ledger, route)
@@ -145,23 +144,14 @@ def gate(
         result.candidate = result.candidate_raw = float(cand.metrics["coverage_at_target"])
     if row is None:
         return result
-    from router.student import load_student
-
     try:
-        student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
-    except Exception as exc:  # any failure to load means it serves nothing
-        log.warning("route %s: live version %s cannot be loaded (%s); treating its coverage as 0", route,
-                    row["version"], exc)
+        conf, correct = live_scores(row, picked)
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means it serves nothing
+        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); treating its coverage as 0",
+                    route, row["version"], exc)
         result.live, result.live_raw = 0.0, 0.0
         return result
-    try:
-        requests = [e.messages for e in picked]
-        batch = getattr(student, "predict_batch", None)
-        outputs = batch(requests) if batch else [student.predict(m, {}) for m in requests]
-    finally:
-        student.close()
-    correct = agreement_vector(row["kind"], [o.text for o in outputs], [e.answer for e in picked])
-    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = run([o.confidence for o in outputs], correct, row.get("curve"))
+    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = run(conf, correct, row.get("curve"))
     result.live_scored = True
     return result
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from distiller import registry
-from distiller.gate import GateResult, served_at_own_threshold
+from distiller.gate import GateResult, live_scores, served_at_own_threshold
 
 __all__ = ["next_version", "live_student", "gate_lm", "register_student", "should_promote"]
 
@@ -75,7 +75,7 @@ def gate_lm(
         return result
     t0 = time.monotonic()
     try:
-        conf, correct = _run_live(row, picked, batch_size=batch_size, progress=progress)
+        conf, correct = live_scores(row, picked, batch_size=batch_size, progress=progress)
     except Exception as exc:  # noqa: BLE001 - any failure means it serves nothing
         log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
                     route, row["version"], exc)
@@ -86,33 +86,6 @@ def gate_lm(
     log.info("route %s: live v%s run on %d validation pairs in %.0f s", route, row["version"], len(picked),
              time.monotonic() - t0)
     return result
-
-
-def _run_live(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int, progress: bool) -> tuple[Any, Any]:
-    """The live version's confidence in, and agreement of, its answer to each pair (0 and a
-    disagreement where it declines: it would escalate)."""
-    from router.agreement import agreement_kind, answers_agree
-    from router.artifact import load_manifest
-    from router.lm_structured import KIND, load_structured_model
-    from router.student import answer_all, load_student
-
-    manifest = load_manifest(row["artifact_path"], expected_checksum=row["checksum"])
-    if row["kind"] == KIND:
-        from distiller.lm.structured import confidences, score
-
-        model = load_structured_model(row["artifact_path"], manifest)
-        scored = score(model, [model.template.strip(p.messages) for p in pairs], [p.answer for p in pairs],
-                       batch_size=batch_size, progress=progress, desc=f"live v{row['version']}")
-        return confidences(model.calibrator, scored), scored.agree.astype(float)
-    how = agreement_kind(row["kind"], manifest.get("answer_format"))
-    student = load_student(row["artifact_path"], expected_checksum=row["checksum"])
-    try:
-        outputs = answer_all(student, [p.messages for p in pairs])
-    finally:
-        student.close()
-    conf = [float(o.confidence) if o is not None else 0.0 for o in outputs]
-    correct = [1.0 if o is not None and answers_agree(how, o.text, p.answer) else 0.0 for o, p in zip(outputs, pairs)]
-    return conf, correct
 
 
 def register_student(ledger: Any, *, promote: bool = True, gate: GateResult | None = None, **row: Any) -> dict[str, Any]:

@@ -158,3 +158,31 @@ def test_replay_score_versions_scores_lm_versions_too(drifted):
     assert first["requests"] == second["requests"] == 60 and "error" not in first and "error" not in second
     assert first["status"] == "retired" and second["status"] == "live"
     assert second["agreement"] > first["agreement"] + 0.2  # the first never saw a flight or a car
+
+
+def test_a_label_candidate_is_gated_against_a_live_lm_version_run_by_its_own_decoder(drifted):
+    """The label distiller's gate runs the live version through :func:`distiller.gate.live_scores`, as
+    the LM gate does: a structured LM live version is decoded in batches, and a request it declines
+    (here: longer than it reads) counts as an escalation. The gate asked it one request at a time
+    through ``predict`` and the StudentError failed the whole distillation run."""
+    from distiller.config import DistillerConfig
+    from distiller.gate import live_scores
+    from distiller.pipeline import distill_route
+    from distiller.registry import live
+
+    ledger = drifted["ledger"]
+    row = live(ledger, ROUTE)
+    long = [{"messages": [{"role": "system", "content": extraction.SYSTEM},
+                          {"role": "user", "content": " ".join([f"book a hotel in paris {i}"] * 120)}],
+             "answer": json.dumps({"intent": "book_hotel", "city": "paris"})} for i in range(4)]
+    seed_exchanges(ledger, ROUTE, long)
+    newest = list(ledger.teacher_pairs(ROUTE))[-4:]
+    conf, correct = live_scores(row, newest)
+    assert list(conf) == [0.0] * 4 and list(correct) == [0.0] * 4  # escalations, not an error
+
+    report = distill_route(ledger, ROUTE, DistillerConfig(finetune="never", min_pairs=50, val_split="newest"),
+                           promote=False)  # the fixture's live version stays live for the other tests
+    assert report.status == "trained", report.message
+    gate = report.gate
+    assert gate.live_version == row["version"] and gate.live_scored and gate.live is not None
+    assert live(ledger, ROUTE)["version"] == row["version"]
