@@ -128,6 +128,7 @@ def _structured_point(train: Sequence[Any], val: Sequence[Any], test: Sequence[A
         "tokens_per_second": m["tokens_per_second"],
         "budget_limited": m["budget_limited"],
         "device": m["device"],
+        "train_dtype": m["train_dtype"],
         "decoder": m["decoder"],
         "decoder_weights": m["decoder_weights"],
     }

@@ -227,6 +227,7 @@ def test_the_lm_curve_bench_on_a_small_stream(tmp_path):
         assert p["kind"] == "lm_structured" and p["complete"] == 1.0
         assert {"exact_agreement", "coverage", "train_seconds", "p50_ms"} <= set(p)
         assert set(p["coverage"]) == {"0.95", "0.98"} and 0.0 <= p["exact_agreement"] <= 1.0 and p["p50_ms"] > 0
+        assert p["train_dtype"] == "float32"  # full fine-tuning of the tiny base
     assert doc["points"][1]["exact_agreement"] >= 0.8, doc["points"]  # the fixture is easy once trained
     assert "| 200 | lm_structured |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "kept" / "n200" / "manifest.json").is_file()
