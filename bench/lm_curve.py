@@ -258,9 +258,21 @@ def run_lm_curve(
         "test_pairs": len(test),
         "targets": [float(t) for t in targets],
         "threads": threads,
+        "cpu": cpu_info(),
         "config": cfg.to_dict(),
         "points": points,
     }
+
+
+def cpu_info() -> dict[str, Any]:
+    """What the figures depend on: torch's CPU kernel level (``AVX2``, ``AVX512``, ...), whether the CPU
+    has bf16 kernels (without them training and decoding run in float32, and slower), and the cores."""
+    import torch
+
+    from router.lm_decode import bf16_packing_available
+
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_kernels": bf16_packing_available(),
+            "cores": os.cpu_count()}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -268,7 +280,9 @@ def format_table(result: dict[str, Any]) -> str:
     keys = [f"{t:g}" for t in result["targets"]]
     lines = [
         f"lm-curve: {result['base_model']} on {result['dataset']['train']} -> {result['dataset']['test']} "
-        f"({result['test_pairs']} test pairs, {result['threads']} thread(s))",
+        f"({result['test_pairs']} test pairs, {result['threads']} thread(s)"
+        + (f", CPU {result['cpu']['capability']}{'' if result['cpu']['bf16_kernels'] else ' without bf16 kernels'}"
+           if result.get("cpu") else "") + ")",
         "",
         "| N | kind | exact agreement | " + " | ".join(f"cov@{float(k) * 100:g} (val thr: served / agreement)" for k in keys)
         + " | train s | epochs | p50 / p95 ms |",

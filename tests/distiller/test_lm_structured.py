@@ -223,6 +223,9 @@ def test_the_lm_curve_bench_on_a_small_stream(tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["base_model"] == str(base) and [p["n"] for p in doc["points"]] == [80, 200]
+    from router.lm_decode import bf16_packing_available
+
+    assert doc["cpu"]["capability"] and doc["cpu"]["bf16_kernels"] == bf16_packing_available() and doc["cpu"]["cores"] >= 1
     for p in doc["points"]:
         assert p["kind"] == "lm_structured" and p["complete"] == 1.0
         assert {"exact_agreement", "coverage", "train_seconds", "p50_ms"} <= set(p)
