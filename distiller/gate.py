@@ -9,14 +9,18 @@ arithmetic and the words of the decision are here, once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from router.curve import coverage_at, coverage_curve, point_at
 from router.policy import effective_threshold, wilson_upper
 
-__all__ = ["GateResult", "served_at_own_threshold", "live_scores"]
+__all__ = ["GateResult", "served_at_own_threshold", "live_scores", "score_live"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,3 +163,23 @@ def live_scores(row: dict[str, Any], pairs: Sequence[Any], *, batch_size: int = 
     conf = [float(o.confidence) if o is not None else 0.0 for o in outputs]
     correct = [1.0 if o is not None and answers_agree(how, o.text, p.answer) else 0.0 for o, p in zip(outputs, pairs)]
     return conf, correct
+
+
+def score_live(result: GateResult, row: dict[str, Any], pairs: Sequence[Any], served: Callable[..., tuple[float, float, int, float]],
+               *, route: str, batch_size: int = 8, progress: bool = False) -> GateResult:
+    """Fill in ``result``'s live side: the live version (``row``) run on the compared ``pairs``
+    (:func:`live_scores`) and ``served(confidence, correct, own_curve)`` at its own threshold. A live
+    version that cannot be loaded or run serves nothing: a broken student must not block a working one."""
+    t0 = time.monotonic()
+    try:
+        conf, correct = live_scores(row, pairs, batch_size=batch_size, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means it serves nothing
+        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
+                    route, row["version"], exc)
+        result.live, result.live_raw = 0.0, 0.0
+        return result
+    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = served(conf, correct, row.get("curve"))
+    result.live_scored = True
+    log.info("route %s: live v%s run on %d validation pairs in %.0f s", route, row["version"], len(pairs),
+             time.monotonic() - t0)
+    return result

@@ -23,7 +23,7 @@ import numpy as np
 from distiller import registry
 from distiller.config import DistillerConfig
 from distiller.dataset import Example, NotEnoughData, RouteDataset, load_route_dataset
-from distiller.gate import GateResult, live_scores, served_at_own_threshold
+from distiller.gate import GateResult, score_live, served_at_own_threshold
 from distiller.train import Candidate, ReusedEncoder, UnsupportedRoute, train_candidate
 from router.artifact import artifact_dir, new_artifact_dir, write_manifest
 from store import registry as store_registry
@@ -144,16 +144,7 @@ def gate(
         result.candidate = result.candidate_raw = float(cand.metrics["coverage_at_target"])
     if row is None:
         return result
-    try:
-        conf, correct = live_scores(row, picked)
-    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means it serves nothing
-        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); treating its coverage as 0",
-                    route, row["version"], exc)
-        result.live, result.live_raw = 0.0, 0.0
-        return result
-    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = run(conf, correct, row.get("curve"))
-    result.live_scored = True
-    return result
+    return score_live(result, row, picked, run, route=route)
 
 
 def _held_out_from(live_metrics: dict[str, Any], dataset: RouteDataset) -> bool:

@@ -11,14 +11,13 @@ comparison (:func:`register_student` called with no ``gate``), recorded coverage
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from distiller import registry
-from distiller.gate import GateResult, live_scores, served_at_own_threshold
+from distiller.gate import GateResult, score_live, served_at_own_threshold
 
 __all__ = ["next_version", "live_student", "gate_lm", "register_student", "should_promote"]
 
@@ -73,19 +72,7 @@ def gate_lm(
         np.asarray(confidence, dtype=np.float64)[use], np.asarray(agree, dtype=np.float64)[use], curve)
     if row is None:
         return result
-    t0 = time.monotonic()
-    try:
-        conf, correct = live_scores(row, picked, batch_size=batch_size, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - any failure means it serves nothing
-        log.warning("route %s: live version %s cannot be run on the validation pairs (%s); its coverage counts as 0",
-                    route, row["version"], exc)
-        result.live, result.live_raw = 0.0, 0.0
-        return result
-    result.live, result.live_agreement, result.live_served_pairs, result.live_raw = served(conf, correct, row.get("curve"))
-    result.live_scored = True
-    log.info("route %s: live v%s run on %d validation pairs in %.0f s", route, row["version"], len(picked),
-             time.monotonic() - t0)
-    return result
+    return score_live(result, row, picked, served, route=route, batch_size=batch_size, progress=progress)
 
 
 def register_student(ledger: Any, *, promote: bool = True, gate: GateResult | None = None, **row: Any) -> dict[str, Any]:

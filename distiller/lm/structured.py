@@ -515,7 +515,8 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
     seconds = time.monotonic() - t0
     return {"steps": step, "planned_steps": planned, "epochs": round(step / per_epoch, 3), "seconds": round(seconds, 2),
             "tokens": tokens, "tokens_per_second": round(tokens / max(seconds, 1e-9), 1),
-            "budget_limited": step < planned, "final_loss": round(float(np.mean(losses[-25:])), 5)}
+            "budget_limited": step < planned, "final_loss": round(float(np.mean(losses[-25:])), 5),
+            "dtype": student.dtype}
 
 
 # --------------------------------------------------------------------------------------------
@@ -734,7 +735,6 @@ def train_structured_student(
     with torch_threads(cfg.threads):
         student = TrainableStudent(base.path, schema, tokenizer, cfg, device)
         stats = train(student, examples, cfg)
-        stats["dtype"] = student.dtype
         weights = write_weights(student, tokenizer, directory)
         del student
         vllm = _export_for_vllm(cfg, weights, directory, base.path, schema, tokenizer, examples, val_texts)
