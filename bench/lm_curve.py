@@ -129,6 +129,9 @@ def _structured_point(train: Sequence[Any], val: Sequence[Any], test: Sequence[A
         "budget_limited": m["budget_limited"],
         "device": m["device"],
         "train_dtype": m["train_dtype"],
+        "epoch_checks": m["epoch_checks"],
+        "kept_step": m["kept_step"],
+        "stopped_early": m["stopped_early"],
         "decoder": m["decoder"],
         "decoder_weights": m["decoder_weights"],
     }
@@ -298,8 +301,18 @@ def format_table(result: dict[str, Any]) -> str:
             agree = f"{s['agreement']:.1%}" if s["agreement"] is not None else "-"
             cells.append(f"{p['coverage'][k]:.1%} ({s['coverage']:.1%} / {agree})")
         lines.append(f"| {p['n']} | {p['kind']} | {p['exact_agreement']:.1%} | " + " | ".join(cells)
-                     + f" | {p['train_seconds']:.0f} | {p.get('train_epochs', '-')} | {p['p50_ms']:.0f} / {p['p95_ms']:.0f} |")
+                     + f" | {p['train_seconds']:.0f} | {_epochs(p)} | {p['p50_ms']:.0f} / {p['p95_ms']:.0f} |")
     return "\n".join(lines)
+
+
+def _epochs(point: dict[str, Any]) -> str:
+    """The epochs trained, and the one whose weights were kept where the held-out check chose another."""
+    trained = point.get("train_epochs")
+    checks = point.get("epoch_checks") or []
+    kept = next((c["epoch"] for c in checks if c["step"] == point.get("kept_step")), None)
+    if trained is None:
+        return "-"
+    return f"{trained:g}" if kept is None or kept == trained else f"{trained:g} (kept {kept:g})"
 
 
 def write_results(result: dict[str, Any], out: Path) -> Path:
