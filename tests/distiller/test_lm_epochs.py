@@ -86,7 +86,7 @@ def _scripted(monkeypatch, checks):
 def test_training_keeps_the_best_epochs_weights_and_stops_when_the_check_stops_improving(route, monkeypatch):
     from distiller.lm.structured import train
 
-    student, cfg = _student(route, epochs=8, patience=2, batch_size=20)
+    student, cfg = _student(route, epochs=8, select_epoch=True, patience=2, batch_size=20)
     n = len(route["held_out"])
     # epoch 2 is the best; epochs 3 and 4 beat neither its agreement nor the lowest loss (epoch 2's)
     snapshots = _scripted(monkeypatch, [(0.3, 0.9), (0.6, 0.5), (0.5, 0.6), (0.55, 0.7), (0.9, 0.1)])
@@ -103,7 +103,7 @@ def test_training_keeps_the_best_epochs_weights_and_stops_when_the_check_stops_i
 def test_a_plateau_with_a_falling_loss_goes_on_and_a_tie_keeps_the_lower_loss(route, monkeypatch):
     from distiller.lm.structured import train
 
-    student, cfg = _student(route, epochs=5, patience=2, batch_size=20)
+    student, cfg = _student(route, epochs=5, select_epoch=True, patience=2, batch_size=20)
     # no gain in agreement for four epochs, but the loss falls: a slow start, not memorising
     _scripted(monkeypatch, [(0.0, 2.0), (0.0, 1.5), (0.0, 1.2), (0.4, 1.4), (0.4, 1.3)])
     stats = train(student, route["train"], cfg, held_out=route["held_out"], held_out_pairs=len(route["held_out"]))
@@ -114,7 +114,7 @@ def test_a_plateau_with_a_falling_loss_goes_on_and_a_tie_keeps_the_lower_loss(ro
 def test_a_pair_the_grammar_cannot_express_counts_against_the_check(route):
     from distiller.lm.structured import train
 
-    student, cfg = _student(route, epochs=1)
+    student, cfg = _student(route, epochs=1, select_epoch=True)
     stats = train(student, route["train"], cfg, held_out=route["held_out"][:10], held_out_pairs=20)
     assert stats["epoch_checks"][-1]["held_out_loss"] > 0
     check = stats["epoch_checks"][-1]
@@ -134,3 +134,49 @@ def test_an_lm_curve_point_reports_its_epoch_checks(route, tmp_path):
     assert "| 4 (kept 2) |" in format_table(doc)
     point["kept_step"] = 40
     assert "| 4 |" in format_table(json.loads(json.dumps(doc)))
+
+
+def test_the_time_budget_reserves_the_epoch_checks_still_to_come():
+    """The plan made at step 10 knows a step's cost but not a check's; after the first check the schedule
+    is shortened to what fits with one check at every epoch's end and one at the last step."""
+    from distiller.lm.structured import _steps_that_fit
+
+    # 100 steps an epoch, 2 s a step, 40 s a check, at step 100 with 1,000 s left: 400 steps (800 s) and
+    # the checks at 200, 300, 400 and 500 (160 s) fit; one step more would need a fifth check
+    assert _steps_that_fit(1000, 100, 800, per_step=2, per_check=40, per_epoch=100) == 500
+    assert _steps_that_fit(1001, 100, 800, per_step=2, per_check=40, per_epoch=100) == 500
+    # ending mid-epoch costs a check too: 350 steps (700 s) and the checks at 200, 300, 400, 450
+    assert _steps_that_fit(860, 100, 800, per_step=2, per_check=40, per_epoch=100) == 450
+    assert _steps_that_fit(10**6, 100, 800, per_step=2, per_check=40, per_epoch=100) == 800  # never lengthened
+    assert _steps_that_fit(1, 100, 800, per_step=2, per_check=40, per_epoch=100) == 100  # nothing fits: stop here
+
+
+def test_a_route_trained_with_the_epoch_check_records_it_and_its_check_is_the_decoded_validation(tmp_path):
+    """Through the LM distiller (``lm_settings.structured.select_epoch``): the artifact's metrics carry
+    every epoch's check, and the check of the kept epoch equals the exact agreement the serving decoder
+    then measures on the same validation pairs."""
+    from bench.tiny import build_tiny_model
+    from distiller.lm.config import LMTrainConfig
+    from distiller.lm.train import distill_lm_route
+    from store import Ledger
+    from tests.distiller.conftest import seed_exchanges
+
+    rows = extraction.pairs(200, seed=41)
+    base = build_tiny_model(tmp_path / "tiny", extraction.corpus(rows), vocab_size=600, hidden_size=96, layers=2,
+                            heads=4, intermediate_size=256)
+    config = LMTrainConfig.from_dict({
+        "base_model": str(base), "method": "full", "progress": False, "target_agreement": 0.9,
+        "structured": {"epochs": 4, "learning_rate": 3e-3, "extra_learning_rate": 1e-2, "vllm_export": False,
+                       "select_epoch": True, "patience": 3},
+    })
+    ledger = Ledger(tmp_path / "l.db")
+    seed_exchanges(ledger, "travel", rows)
+    out = distill_lm_route(tmp_path / "l.db", "travel", config, artifacts_dir=tmp_path / "artifacts")
+    ledger.close()
+    metrics = out["metrics"]
+    checks = metrics["epoch_checks"]
+    assert [c["epoch"] for c in checks] == [1.0, 2.0, 3.0, 4.0] and not metrics["stopped_early"]
+    kept = next(c for c in checks if c["step"] == metrics["kept_step"])
+    assert kept["exact"] == max(c["exact"] for c in checks)
+    assert 0.0 < kept["exact"] < 1.0 and metrics["val_pairs"] == 40  # some validation answers wrong
+    assert metrics["exact_agreement"] == pytest.approx(kept["exact"], abs=1e-4)
