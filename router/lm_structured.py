@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 KIND = "lm_structured"
 
 
+def readable(req: Request, max_input_tokens: int) -> bool:
+    """Whether a student that reads at most ``max_input_tokens`` reads ``req`` (longer ones escalate)."""
+    return len(req.ids) <= max_input_tokens
+
+
 @dataclass
 class StructuredModel:
     """A loaded structured student: decoder, grammar, tokenizer, template and calibrator."""
@@ -61,7 +66,7 @@ class StructuredModel:
 
     def request(self, text: str) -> Request:
         req = Request.make(self.tokenizer, text)
-        if len(req.ids) > self.max_input_tokens:
+        if not readable(req, self.max_input_tokens):
             raise StudentError(f"The request is {len(req.ids)} tokens long; this student reads at most "
                                f"{self.max_input_tokens}.")
         return req

@@ -40,7 +40,7 @@ import numpy as np
 from distiller.lm.config import ConfigError, check_known
 from router.agreement import answers_agree
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema, encode_answer, value_text
-from router.lm_structured import KIND
+from router.lm_structured import KIND, readable
 
 __all__ = ["StructuredConfig", "induce_schema", "eligible", "looks_like_extraction", "Example", "build_examples", "TrainableStudent", "train_dtype", "train",
            "write_weights", "score", "confidences", "evaluate_and_calibrate", "train_structured_student",
@@ -554,7 +554,7 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(base_params + extra, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -607,8 +607,6 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
             break
     bar.close()
     if best["state"] is not None and best["step"] != step:
-        import torch
-
         with torch.no_grad():
             for p, saved in zip(trained, best["state"]):
                 p.copy_(saved)
@@ -675,7 +673,7 @@ def score(model: Any, texts: Sequence[str], teachers: Sequence[str], *, batch_si
     from router.lm_confidence import DECISION_FEATURES, decision_features
     from router.student import StudentError
 
-    def readable(text: str) -> bool:
+    def can_read(text: str) -> bool:
         try:
             model.request(text)
             return True
@@ -686,7 +684,7 @@ def score(model: Any, texts: Sequence[str], teachers: Sequence[str], *, batch_si
     bar = tqdm(total=len(texts), desc=desc, unit="req", disable=not progress, leave=False)
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start:start + batch_size])
-        can = [readable(t) for t in chunk]
+        can = [can_read(t) for t in chunk]
         decoded = iter(model.decode([t for t, c in zip(chunk, can) if c]))
         for c, teacher in zip(can, teachers[start:start + batch_size]):
             ok.append(c)
@@ -834,9 +832,9 @@ def train_structured_student(
     # the epoch check reads the held-back pairs as serving will: the served grammar, the requests it can read
     held_out: list[Example] = []
     if cfg.select_epoch:
-        readable = [(t, a) for t, a in zip(val_texts, val_answers)
-                    if len(Request.make(tokenizer, t).ids) <= cfg.max_input_tokens]
-        held_out = build_examples(schema, tokenizer, [t for t, _ in readable], [a for _, a in readable])
+        read = [(t, a) for t, a in zip(val_texts, val_answers)
+                if readable(Request.make(tokenizer, t), cfg.max_input_tokens)]
+        held_out = build_examples(schema, tokenizer, [t for t, _ in read], [a for _, a in read])
     device = _device(cfg.device)
     log.info("route %s: %d keys (%d enum), grammar covers %.1f%%; %d examples, %.1f tokens, %.1f decisions each",
              route, len(schema.keys), len(schema.enum_values), 100 * schema.coverage, len(examples),
