@@ -134,6 +134,7 @@ def _structured_point(train: Sequence[Any], val: Sequence[Any], test: Sequence[A
         "stopped_early": m["stopped_early"],
         "decoder": m["decoder"],
         "decoder_weights": m["decoder_weights"],
+        "decoder_packed": m["decoder_packed"],
     }
 
 
@@ -269,13 +270,14 @@ def run_lm_curve(
 
 def cpu_info() -> dict[str, Any]:
     """What the figures depend on: torch's CPU kernel level (``AVX2``, ``AVX512``, ...), whether the CPU
-    has bf16 kernels (without them training and decoding run in float32, and slower), and the cores."""
+    has bf16 kernels (without them training and decoding run in float32, and slower), whether the
+    decoder's float32 layers are packed for oneDNN, and the cores."""
     import torch
 
-    from router.lm_decode import bf16_packing_available
+    from router.lm_decode import bf16_packing_available, fp32_packing_available
 
     return {"capability": torch.backends.cpu.get_cpu_capability(), "bf16_kernels": bf16_packing_available(),
-            "cores": os.cpu_count()}
+            "fp32_packing": fp32_packing_available(), "cores": os.cpu_count()}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -315,9 +317,11 @@ def _epochs(point: dict[str, Any]) -> str:
     return f"{trained:g}" if kept is None or kept == trained else f"{trained:g} (kept {kept:g})"
 
 
-def write_results(result: dict[str, Any], out: Path) -> Path:
-    """Write the JSON to ``out`` and the table beside it (same name, ``.md``)."""
+def write_results(result: dict[str, Any], out: Path, table: Any = None) -> Path:
+    """Write the JSON to ``out`` and the table beside it (same name, ``.md``; ``table``: the function
+    that formats it, :func:`format_table` unless another bench passes its own)."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(format_table(result) + "\n")
+    out.with_suffix(".md").write_text((table or format_table)(result) + "\n")
     return out

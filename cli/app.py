@@ -4,7 +4,7 @@
     kdgate keys create|list|limit|revoke          kdgate routes list|show|set|create|rename
     kdgate stats                                  kdgate distill / distill-lm
     kdgate demo                                   kdgate bench overhead|replay|learning-curve|lm-student|
-    kdgate db migrate|copy|check                               lm-curve|gpu-check|soak|crash|dashboard
+    kdgate db migrate|copy|check                               lm-curve|lm-serving|gpu-check|soak|crash|dashboard
 
 One module per resource (:mod:`cli.serve`, :mod:`cli.keys`, :mod:`cli.routes`, :mod:`cli.stats`,
 :mod:`cli.distill`, :mod:`cli.bench`); each command imports what it drives when it runs, so

@@ -1,4 +1,5 @@
-"""``kdgate bench lm-curve``: an LM student on a real pretrained base model, as the route's data grows.
+"""``kdgate bench lm-curve``: an LM student on a real pretrained base model, as the route's data grows;
+``kdgate bench lm-serving``: one such student served by each in-process decoder, side by side.
 
 Registered on the ``kdgate bench`` app (:mod:`cli.bench`); the bench module and what it pulls in
 (torch, transformers) are imported only when the command runs.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json as jsonlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,7 +17,7 @@ from cli.bench import app
 from cli.common import Json, dataset_paths
 from cli.output import fail, print_json
 
-__all__ = ["lm_curve"]
+__all__ = ["lm_curve", "lm_serving"]
 
 
 @app.command("lm-curve", context_settings={"allow_extra_args": True})
@@ -75,8 +76,44 @@ def lm_curve(
                               keep_artifacts=keep_artifacts)
     except (ConfigError, StudentError) as exc:
         fail(str(exc), 2)
+    _report(result, out, json, write_results, format_table)
+
+
+@app.command("lm-serving")
+def lm_serving(
+    artifact: Annotated[Path, typer.Option(
+        help="a structured LM student's artifact directory (bench lm-curve --keep-artifacts DIR keeps DIR/nN)")],
+    dataset: Annotated[Path, typer.Option(metavar="TEST.jsonl", help="the requests ({\"messages\", \"answer\"} per line)")],
+    out: Annotated[Path, typer.Option(help="where the JSON goes (a .md table is written beside it)")],
+    options: Annotated[str | None, typer.Option(
+        help="comma-separated serving options: lean, lean-plain, lean-bf16, hf (default: all this machine runs)")] = None,
+    requests: Annotated[int, typer.Option(help="TEST requests, each answered by every option in turn")] = 150,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 2,
+    json: Json = False,
+) -> None:
+    """Time one structured LM student under each in-process decoder on the same requests."""
+    if not (artifact / "manifest.json").is_file():
+        fail(f"no student artifact (manifest.json) in {artifact}", 2)
+    if not dataset.is_file():
+        fail(f"no such file: {dataset}", 2)
+    if requests < 1:
+        fail("--requests must be at least 1", 2)
+    from bench.lm_serving import format_table, run_lm_serving, write_results
+    from router.artifact import ArtifactError
+    from router.student import StudentError
+
+    names = [o.strip() for o in options.split(",") if o.strip()] if options else None
+    try:
+        result = run_lm_serving(artifact, dataset, options=names, requests=requests, threads=threads or None)
+    except (ValueError, ArtifactError, StudentError) as exc:
+        fail(str(exc), 2)
+    _report(result, out, json, write_results, format_table)
+
+
+def _report(result: dict, out: Path, as_json: bool, write_results: Any, format_table: Any) -> None:
+    """Write a bench's JSON and table, then print the JSON or the table and where both went."""
     write_results(result, out)
-    if json:
+    if as_json:
         print_json(result)
     else:
         print(format_table(result))

@@ -3,9 +3,10 @@
 Engines (one per loaded student; the LoRA adapter already merged into the weights):
 
 - :class:`FastLlama` and :class:`FastGemma`: lean forwards for the Llama (SmolLM2) and Gemma 3 text
-  layouts on CPU: fused QKV and gate/up weights, bf16 weights pre-packed for oneDNN where the CPU
-  has bf16 kernels (a pass then costs about the same for 1 row as for 16, so forced and drafted
-  tokens are nearly free), a preallocated per-request KV cache that can be rolled back, and no LM
+  layouts on CPU: fused QKV and gate/up weights pre-packed for oneDNN, in bf16 where the CPU has
+  bf16 kernels (a pass then costs about the same for 1 row as for 16, so forced and drafted tokens
+  are nearly free) and in float32 elsewhere (on an AVX2 CPU a pass of 2-8 rows then costs ~1.3x a
+  1-row pass instead of 2x, as each call no longer reorders the weights), a preallocated per-request KV cache that can be rolled back, and no LM
   head: only the ids the grammar allows are scored.
 - :class:`HFDecoder`: the same interface over any Hugging Face causal LM (other layouts, CUDA).
 
@@ -32,7 +33,7 @@ from typing import Any
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
 
 __all__ = ["Decision", "Result", "KVCache", "FastLlama", "FastGemma", "HFDecoder", "build_engine", "decode_batch",
-           "bf16_packing_available", "embed_scale", "max_steps_for", "take_forced"]
+           "bf16_packing_available", "fp32_packing_available", "linear_for", "WEIGHTS", "embed_scale", "max_steps_for", "take_forced"]
 
 
 @dataclass
@@ -77,27 +78,47 @@ def bf16_packing_available() -> bool:
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(8, 16).to(torch.bfloat16), 1)
-        torch.ops.mkldnn._linear_pointwise(torch.randn(1, 16).to(torch.bfloat16), w, None, "none", [], "")
-        return True
     except Exception:  # noqa: BLE001 - any failure means: use float32
+        return False
+    return _packing_works("bfloat16")
+
+
+@functools.cache
+def fp32_packing_available() -> bool:
+    """Whether oneDNN's packed float32 linear runs here. It does wherever PyTorch is built with
+    oneDNN (x86 wheels): packing once spares the per-call reordering of the weights that made a pass
+    of 2-8 rows cost twice a 1-row pass on an AVX2 CPU; results are the same."""
+    return _packing_works("float32")
+
+
+def _packing_works(dtype: str) -> bool:
+    import torch
+
+    try:
+        x = torch.randn(2, 16)
+        w = torch.randn(8, 16)
+        packed = _packed_linear(w, dtype)
+        return bool(torch.allclose(packed(x), x @ w.t(), atol=0.1 if dtype == "bfloat16" else 1e-4))
+    except Exception:  # noqa: BLE001 - any failure means: plain float32 layers
         return False
 
 
-def _packed_linear(w: Any, batch_hint: int = 8) -> Any:
+def _packed_linear(w: Any, dtype: str, batch_hint: int = 8) -> Any:
     import torch
 
-    class PackedBF16Linear(torch.nn.Module):
-        """A bias-free linear layer, bf16 weights pre-packed for oneDNN; float32 in and out."""
+    class PackedLinear(torch.nn.Module):
+        """A bias-free linear layer, its weights pre-packed for oneDNN once (in ``dtype``: bf16 where
+        the CPU has the kernels, else float32); float32 in and out."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.w = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(torch.bfloat16).contiguous(), batch_hint)
+            self.dtype = getattr(torch, dtype)
+            self.w = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(self.dtype).contiguous(), batch_hint)
 
         def forward(self, x: Any) -> Any:
-            return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.w, None, "none", [], "").float()
+            return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.w, None, "none", [], "").float()
 
-    return PackedBF16Linear()
+    return PackedLinear()
 
 
 def _plain_linear(w: Any) -> Any:
@@ -106,6 +127,23 @@ def _plain_linear(w: Any) -> Any:
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = w.detach().float().contiguous().clone()
     return lin
+
+
+def linear_for(weights: str) -> tuple[str, bool, Any]:
+    """How the lean decoders build their linear layers for ``weights`` on this CPU:
+    ``(numerics, packed, factory)``. ``bf16``: packed bf16 where its kernels exist, else as ``fp32``;
+    ``fp32``: packed float32 where oneDNN runs, plain otherwise; ``fp32-plain``: plain float32 layers
+    (the reference the packed ones are measured against)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown decoder weights {weights!r} (want one of {', '.join(WEIGHTS)})")
+    if weights == "bf16" and bf16_packing_available():
+        return "bf16", True, functools.partial(_packed_linear, dtype="bfloat16")
+    if weights != "fp32-plain" and fp32_packing_available():
+        return "fp32", True, functools.partial(_packed_linear, dtype="float32")
+    return "fp32", False, _plain_linear
+
+
+WEIGHTS = ("bf16", "fp32", "fp32-plain")
 
 
 @dataclass
@@ -142,9 +180,7 @@ class _Lean:
         self.d, self.eps, self.inter = cfg.hidden_size, cfg.rms_norm_eps, cfg.intermediate_size
         self.n_layers = cfg.num_hidden_layers
         self.max_positions = min(max_positions, int(getattr(cfg, "max_position_embeddings", max_positions) or max_positions))
-        pack = weights == "bf16" and bf16_packing_available()
-        self.weights = "bf16" if pack else "fp32"
-        self._lin = _packed_linear if pack else _plain_linear
+        self.weights, self.packed, self._lin = linear_for(weights)
         with torch.no_grad():
             emb = body.embed_tokens.weight.detach().float()
             self.table_in = torch.cat([emb, extra_in.detach().float()], 0).contiguous()
@@ -413,11 +449,14 @@ def embed_scale(body: Any) -> float:
     return float(getattr(body.embed_tokens, "scalar_embed_scale", 1.0))
 
 
-def build_engine(model: Any, extra_in: Any, extra_out: Any, *, device: str = "cpu", weights: str = "bf16") -> Any:
+def build_engine(model: Any, extra_in: Any, extra_out: Any, *, device: str = "cpu", weights: str = "bf16",
+                 decoder: str = "lean") -> Any:
     """The fastest decoder for ``model`` (merged weights) on ``device``: a lean one for the Llama and
-    Gemma 3 layouts on CPU, :class:`HFDecoder` otherwise. ``weights``: ``bf16`` (packed, where the CPU
-    has the kernels) or ``fp32``."""
-    if device == "cpu":
+    Gemma 3 layouts on CPU, :class:`HFDecoder` otherwise or where ``decoder`` is ``hf``. ``weights``:
+    see :func:`linear_for`."""
+    if decoder not in ("lean", "hf"):
+        raise ValueError(f"unknown decoder {decoder!r} (want 'lean' or 'hf')")
+    if device == "cpu" and decoder == "lean":
         for lean in (FastLlama, FastGemma):
             if lean.supports(model.config):
                 return lean(model, extra_in, extra_out, weights=weights)

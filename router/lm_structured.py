@@ -100,7 +100,7 @@ def _device(requested: str | None) -> str:
 
 
 def load_structured_model(directory: str | Path, manifest: dict[str, Any], *, device: str | None = None,
-                          weights: str | None = None) -> StructuredModel:
+                          weights: str | None = None, decoder: str = "lean") -> StructuredModel:
     """Load what ``directory`` holds as ``manifest`` describes it (the manifest need not be written
     yet: the distiller evaluates the files it is about to register)."""
     import torch
@@ -130,7 +130,8 @@ def load_structured_model(directory: str | Path, manifest: dict[str, Any], *, de
 
     if device != "cpu":
         model = model.to(device, torch.bfloat16)
-    engine = build_engine(model, extra_in, extra_out, device=device, weights=weights or decoding.get("weights", "bf16"))
+    engine = build_engine(model, extra_in, extra_out, device=device, weights=weights or decoding.get("weights", "bf16"),
+                          decoder=decoder)
     tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
     schema = RouteSchema.from_dict(json.loads((directory / "schema.json").read_text()))
     calibration = manifest.get("calibration")

@@ -569,11 +569,11 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
                 log.info("time budget %.0f s: training shortened to %d of %d steps (%.2f epochs)",
                          cfg.time_budget_s, plan["total"], planned, plan["total"] / per_epoch)
             replanned = True
+        tok_s = tokens / max(elapsed - sum(c["seconds"] for c in checks), 1e-9)  # training's rate, checks apart
         bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", tok_s=f"{tok_s:.0f}")
         if step % 50 == 0:
-            log.info("step %d/%d loss %.4f %.0f tok/s %.0f s", step, plan["total"], np.mean(losses[-50:]),
-                     tokens / max(elapsed, 1e-9), elapsed)
+            log.info("step %d/%d loss %.4f %.0f tok/s %.0f s", step, plan["total"], np.mean(losses[-50:]), tok_s, elapsed)
         over_budget = bool(cfg.time_budget_s and elapsed > cfg.time_budget_s)
         if select and (not order or over_budget or step == plan["total"]):  # an epoch's end, or training's
             t_check = time.monotonic()
@@ -869,6 +869,7 @@ def train_structured_student(
         "train_dtype": stats["dtype"], "epoch_checks": stats["epoch_checks"], "kept_step": stats["kept_step"],
         "stopped_early": stats["stopped_early"],
         "decoder": type(model.engine).__name__, "decoder_weights": getattr(model.engine, "weights", None),
+        "decoder_packed": getattr(model.engine, "packed", None),
     })
     manifest["calibration"] = calibrator.to_json()
     manifest["metrics"] = metrics

@@ -234,3 +234,37 @@ def test_the_lm_curve_bench_on_a_small_stream(tmp_path):
     assert doc["points"][1]["exact_agreement"] >= 0.8, doc["points"]  # the fixture is easy once trained
     assert "| 200 | lm_structured |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "kept" / "n200" / "manifest.json").is_file()
+
+
+def test_the_lm_serving_bench_times_each_decoder_on_the_same_requests(trained, tmp_path):
+    """``kdgate bench lm-serving`` on the trained SmolLM2 student: every option answers every request,
+    packed float32 layers answer exactly as plain ones, and bad input is a clear exit 2."""
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    artifact = trained["summary"]["artifact_path"]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in extraction.pairs(6, seed=77)))
+    out = tmp_path / "serving.json"
+    result = CliRunner().invoke(app, ["bench", "lm-serving", "--artifact", artifact, "--dataset", str(test),
+                                      "--requests", "4", "--options", "lean,lean-plain,hf", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["requests"] == 4 and doc["base_model"] == "smollm2-135m"
+    rows = {r["name"]: r for r in doc["options"]}
+    assert list(rows) == ["lean", "lean-plain", "hf"]
+    assert rows["lean"]["decoder"] == "FastLlama" and rows["hf"]["decoder"] == "HFDecoder"
+    assert rows["lean-plain"]["packed"] is False and rows["lean"]["weights"] == rows["lean-plain"]["weights"] == "fp32"
+    for r in rows.values():
+        assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["passes_mean"] >= 1
+        assert 0.0 <= r["exact_agreement"] <= 1.0
+    assert rows["lean-plain"]["same_answers"] == 1.0 and rows["lean"]["p50_vs_first"] == 1.0
+    assert "| lean-plain | FastLlama | fp32 |" in out.with_suffix(".md").read_text()
+
+    bad = CliRunner().invoke(app, ["bench", "lm-serving", "--artifact", artifact, "--dataset", str(test),
+                                   "--options", "llama-cpp", "--out", str(out)])
+    assert bad.exit_code == 2 and "unknown serving option(s) llama-cpp" in bad.output
+    missing = CliRunner().invoke(app, ["bench", "lm-serving", "--artifact", str(tmp_path), "--dataset", str(test),
+                                       "--out", str(out)])
+    assert missing.exit_code == 2 and "no student artifact" in missing.output

@@ -94,3 +94,28 @@ def test_a_decode_that_never_ends_stops_within_its_budget_and_escalates(route, w
         assert json.dumps(obj["intent"]) in monotone.enum_values["intent"] and set(obj) <= set(monotone.keys)
         assert all(v in req.text for k in monotone.copy_keys if k in obj
                    for v in (obj[k] if isinstance(obj[k], list) else [obj[k]]))
+
+
+def test_packed_float32_layers_decode_exactly_what_plain_ones_do(route, monkeypatch):
+    """Where oneDNN runs, the lean decoder's float32 layers are packed once (on an AVX2 CPU a pass of
+    2-8 rows cost twice a 1-row pass when every call reordered the weights). Packing changes speed,
+    not answers: the same texts, decisions and log-probabilities as plain float32 layers."""
+    import router.lm_decode
+    from router.lm_decode import build_engine, decode_batch, fp32_packing_available
+    from router.lm_grammar import Request
+
+    tokenizer, model, schema, _, extra = route
+    if not fp32_packing_available():
+        pytest.skip("this PyTorch build has no oneDNN float32 linear")
+    packed = build_engine(model, extra, extra, weights="fp32")
+    assert packed.packed and packed.weights == "fp32"
+    monkeypatch.setattr(router.lm_decode, "fp32_packing_available", lambda: False)
+    plain = build_engine(model, extra, extra, weights="fp32")
+    assert not plain.packed and plain.weights == "fp32"
+    texts = ["fly from boston to denver next monday", "rent a car in paris", "book a hotel in rome for two nights",
+             "cheap flights to tokyo on friday", "train from lyon to nice"]
+    requests = [Request.make(tokenizer, t) for t in texts]
+    for a, b in zip(decode_batch(packed, schema, requests), decode_batch(plain, schema, requests)):
+        assert a.text == b.text and a.complete == b.complete and a.passes == b.passes
+        assert [d.token for d in a.decisions] == [d.token for d in b.decisions]
+        assert a.decisions and all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.decisions, b.decisions))
