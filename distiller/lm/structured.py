@@ -85,7 +85,7 @@ class StructuredConfig:
     min_coverage: float = 0.98  # share of the answers the grammar must express for this student kind
     max_enum: int = 64  # most distinct values of an enum key
     max_draft: int = 4  # copy speculation: request tokens fed ahead after a span's first token
-    serve_weights: str = "bf16"  # "bf16" (packed for oneDNN where the CPU has it) | "fp32"
+    serve_weights: str = "bf16"  # "bf16" where the CPU has bf16 kernels, else as "fp32" (packed for oneDNN where it runs)
     max_input_tokens: int = 512  # longer requests escalate
     vllm_export: bool = True  # also write the student as a plain LoRA adapter vLLM loads (distiller.lm.vllm_export)
     eval_batch_size: int = 8
@@ -487,6 +487,21 @@ def _epoch_batches(examples: Sequence[Example], cfg: StructuredConfig, rng: rand
     return batches
 
 
+REPLAN_EVERY = 50  # steps between the time budget's re-plans
+
+
+def budget_plan(budget_s: float, elapsed_s: float, check_s: float, n_checks: int, step: int, planned: int,
+                per_epoch: int) -> int:
+    """The steps training plans for at ``step`` (at most ``planned``, at least ``step``), ``elapsed_s``
+    into a ``budget_s`` run whose ``n_checks`` epoch checks took ``check_s`` of it: the mean pace so far,
+    and the checks still to come at the mean check's cost. A plan once shortened is lengthened again
+    when the pace picks up."""
+    per_step = (elapsed_s - check_s) / max(1, step)
+    per_check = check_s / n_checks if n_checks else 0.0
+    return _steps_that_fit(budget_s - elapsed_s, step, planned, per_step=per_step, per_check=per_check,
+                           per_epoch=per_epoch)
+
+
 def _steps_that_fit(left_s: float, step: int, total: int, *, per_step: float, per_check: float, per_epoch: int) -> int:
     """The most steps (at most ``total``, at least ``step``) whose training and epoch checks (one at each
     epoch's end and one at the last step) still fit in ``left_s`` seconds from ``step``."""
@@ -503,7 +518,8 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
     time budget shortened it, the held-out check of each epoch).
 
     The schedule (linear warmup, then linear decay to zero) is planned for ``cfg.epochs``; when the
-    first steps show that it cannot finish inside ``cfg.time_budget_s``, it is re-planned to the steps
+    pace so far shows that it cannot finish inside ``cfg.time_budget_s`` (:func:`budget_plan`, at step
+    10, every ``REPLAN_EVERY`` steps and after the first epoch check), it is re-planned to the steps
     that fit, so the learning rate still decays to zero rather than training stopping mid-schedule.
 
     With ``held_out`` examples and ``cfg.select_epoch``, every epoch ends with a check on them
@@ -540,7 +556,6 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
     t0 = time.monotonic()
     order: list[list[int]] = []
     tokens, losses, step = 0, [], 0
-    replanned = False
     select = bool(held_out) and cfg.select_epoch
     trained = base_params + extra
     checks: list[dict[str, Any]] = []
@@ -561,21 +576,14 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
         tokens += n_tokens
         losses.append(float(loss.detach()))
         elapsed = time.monotonic() - t0
-        if cfg.time_budget_s and not replanned and step == min(10, plan["total"]):
-            fits = int(cfg.time_budget_s / (elapsed / step))
-            if fits < plan["total"]:
-                plan["total"] = max(step, fits)
-                bar.total = plan["total"]
-                log.info("time budget %.0f s: training shortened to %d of %d steps (%.2f epochs)",
-                         cfg.time_budget_s, plan["total"], planned, plan["total"] / per_epoch)
-            replanned = True
         tok_s = tokens / max(elapsed - sum(c["seconds"] for c in checks), 1e-9)  # training's rate, checks apart
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", tok_s=f"{tok_s:.0f}")
         if step % 50 == 0:
             log.info("step %d/%d loss %.4f %.0f tok/s %.0f s", step, plan["total"], np.mean(losses[-50:]), tok_s, elapsed)
         over_budget = bool(cfg.time_budget_s and elapsed > cfg.time_budget_s)
-        if select and (not order or over_budget or step == plan["total"]):  # an epoch's end, or training's
+        checked = select and (not order or over_budget or step == plan["total"])  # an epoch's end, or training's
+        if checked:
             t_check = time.monotonic()
             right, held_loss = student.held_out_check(held_out, batch_size=cfg.eval_batch_size)
             exact = sum(right) / max(1, held_out_pairs or len(held_out))
@@ -589,19 +597,22 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
                 best = {"exact": exact, "loss": held_loss, "step": step, "state": [p.detach().clone() for p in trained]}
             stale = 0 if improved or held_loss < lowest_loss else stale + 1
             lowest_loss = min(lowest_loss, held_loss)
-            if cfg.time_budget_s and len(checks) == 1 and step < plan["total"]:
-                # the plan made at step 10 did not know what a check costs: reserve the checks still to come
-                train_s = time.monotonic() - t0 - checks[0]["seconds"]
-                fits = _steps_that_fit(cfg.time_budget_s - (time.monotonic() - t0), step, plan["total"],
-                                       per_step=train_s / step, per_check=checks[0]["seconds"], per_epoch=per_epoch)
-                if fits < plan["total"]:
-                    log.info("time budget %.0f s with a %.0f s check each epoch: training shortened to %d steps",
-                             cfg.time_budget_s, checks[0]["seconds"], fits)
-                    plan["total"] = bar.total = fits
-            if stale >= cfg.patience and step < plan["total"]:
-                log.info("held-out check not improved for %d epochs: stopping at step %d", stale, step)
-                stopped_early = True
-                break
+        # the budget's plan: first at step 10, again every REPLAN_EVERY steps (the first steps run slower,
+        # so a plan made on them alone undershoots) and after the first epoch check (what a check costs)
+        if (cfg.time_budget_s and not over_budget and step < plan["total"]
+                and (step == min(10, planned) or step % REPLAN_EVERY == 0 or (checked and len(checks) == 1))):
+            check_s = sum(c["seconds"] for c in checks)
+            # one more step at least: the last step is where the final check runs
+            fits = max(step + 1, budget_plan(cfg.time_budget_s, time.monotonic() - t0, check_s,
+                                             len(checks) if select else 0, step, planned, per_epoch))
+            if fits != plan["total"]:
+                log.info("time budget %.0f s: %d of %d planned steps fit (%.2f epochs)", cfg.time_budget_s, fits,
+                         planned, fits / per_epoch)
+                plan["total"] = bar.total = fits
+        if select and checked and stale >= cfg.patience and step < plan["total"]:
+            log.info("held-out check not improved for %d epochs: stopping at step %d", stale, step)
+            stopped_early = True
+            break
         if over_budget:
             log.info("time budget %.0f s reached after %d steps", cfg.time_budget_s, step)
             break

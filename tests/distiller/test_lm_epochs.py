@@ -180,3 +180,22 @@ def test_a_route_trained_with_the_epoch_check_records_it_and_its_check_is_the_de
     assert kept["exact"] == max(c["exact"] for c in checks)
     assert 0.0 < kept["exact"] < 1.0 and metrics["val_pairs"] == 40  # some validation answers wrong
     assert metrics["exact_agreement"] == pytest.approx(kept["exact"], abs=1e-4)
+
+
+def test_the_time_budget_plan_follows_the_pace_so_far_and_lengthens_again():
+    """A plan made on the first 10 steps alone undershot: they ran ~1.5x slower than the rest, and a
+    SNIPS run was cut to 476 of 500 steps that then took 1,212 of its 1,800 s. The plan is made again
+    every REPLAN_EVERY steps from the mean pace so far, and comes back up when the pace does."""
+    from distiller.lm.structured import REPLAN_EVERY, budget_plan
+
+    assert REPLAN_EVERY <= 100
+    # step 10 after 40 s (4 s a step): 1,760 s left fit 440 more steps
+    assert budget_plan(1800, 40, 0, 0, 10, 500, 100) == 450
+    # step 200 after 500 s (2.5 s a step): 1,300 s fit the 300 steps still planned, the plan comes back
+    assert budget_plan(1800, 500, 0, 0, 200, 500, 100) == 500
+    # with two checks of 50 s each in those 500 s: 2 s a step, 50 s a check; 1,300 s left fit 500 steps'
+    # training but the checks at 300, 400 and 500 too: (500 - 200) * 2 + 3 * 50 = 750 s, all of it
+    assert budget_plan(1800, 500, 100, 2, 200, 500, 100) == 500
+    # a slow pace: 6 s a step at step 100 (600 s) leaves 1,200 s, 200 more steps
+    assert budget_plan(1800, 600, 0, 0, 100, 500, 100) == 300
+    assert budget_plan(1800, 1900, 0, 0, 100, 500, 100) == 100  # past the budget: nothing more fits
