@@ -18,7 +18,6 @@ served), the passes per answer, ``exact_agreement`` with TEST's teacher answers,
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ import numpy as np
 
 from distiller.dataset import examples_from_jsonl
 from router.agreement import answers_agree
-
-log = logging.getLogger(__name__)
 
 __all__ = ["OPTIONS", "run_lm_serving", "format_table", "write_results"]
 

@@ -6,8 +6,9 @@ Engines (one per loaded student; the LoRA adapter already merged into the weight
   layouts on CPU: fused QKV and gate/up weights pre-packed for oneDNN, in bf16 where the CPU has
   bf16 kernels (a pass then costs about the same for 1 row as for 16, so forced and drafted tokens
   are nearly free) and in float32 elsewhere (on an AVX2 CPU a pass of 2-8 rows then costs ~1.3x a
-  1-row pass instead of 2x, as each call no longer reorders the weights), a preallocated per-request KV cache that can be rolled back, and no LM
-  head: only the ids the grammar allows are scored.
+  1-row pass instead of 2x, as each call no longer reorders the weights), a preallocated
+  per-request KV cache that can be rolled back, and no LM head: only the ids the grammar allows
+  are scored.
 - :class:`HFDecoder`: the same interface over any Hugging Face causal LM (other layouts, CUDA).
 
 :func:`decode_batch` runs requests in lockstep, one forward pass for all of them per step:
@@ -394,6 +395,7 @@ class HFDecoder:
     cropped back on rollback); feeds run one after another. Used for other layouts and on CUDA."""
 
     weights = "hf"
+    packed = False
 
     def __init__(self, model: Any, extra_in: Any, extra_out: Any, *, device: str = "cpu"):
         import torch

@@ -559,6 +559,7 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
     select = bool(held_out) and cfg.select_epoch
     trained = base_params + extra
     checks: list[dict[str, Any]] = []
+    check_s = 0.0  # seconds spent in checks, kept out of training's pace
     best: dict[str, Any] = {"exact": -1.0, "loss": math.inf, "step": 0, "state": None}
     lowest_loss, stale, stopped_early = math.inf, 0, False
     bar = tqdm(total=plan["total"], desc="structured lm student", unit="step", disable=not cfg.progress, leave=False)
@@ -576,7 +577,7 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
         tokens += n_tokens
         losses.append(float(loss.detach()))
         elapsed = time.monotonic() - t0
-        tok_s = tokens / max(elapsed - sum(c["seconds"] for c in checks), 1e-9)  # training's rate, checks apart
+        tok_s = tokens / max(elapsed - check_s, 1e-9)  # training's rate, checks apart
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-25:]):.4f}", tok_s=f"{tok_s:.0f}")
         if step % 50 == 0:
@@ -590,6 +591,7 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
             checks.append({"epoch": round(step / per_epoch, 3), "step": step, "exact": round(exact, 4),
                            "held_out_loss": round(held_loss, 5), "train_loss": round(float(np.mean(losses[-per_epoch:])), 5),
                            "seconds": round(time.monotonic() - t_check, 2)})
+            check_s += checks[-1]["seconds"]
             log.info("epoch %.2f: held-out exact %.1f%%, loss %.4f (%d pairs, %.1f s)", step / per_epoch, 100 * exact,
                      held_loss, held_out_pairs or len(held_out), checks[-1]["seconds"])
             improved = exact > best["exact"] or (exact == best["exact"] and held_loss < best["loss"])
@@ -601,7 +603,6 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
         # so a plan made on them alone undershoots) and after the first epoch check (what a check costs)
         if (cfg.time_budget_s and not over_budget and step < plan["total"]
                 and (step == min(10, planned) or step % REPLAN_EVERY == 0 or (checked and len(checks) == 1))):
-            check_s = sum(c["seconds"] for c in checks)
             # one more step at least: the last step is where the final check runs
             fits = max(step + 1, budget_plan(cfg.time_budget_s, time.monotonic() - t0, check_s,
                                              len(checks) if select else 0, step, planned, per_epoch))
@@ -624,7 +625,7 @@ def train(student: TrainableStudent, examples: Sequence[Example], cfg: Structure
         log.info("kept the weights of step %d (held-out exact %.1f%%)", best["step"], 100 * best["exact"])
     student.train_mode(False)
     seconds = time.monotonic() - t0
-    training_seconds = seconds - sum(c["seconds"] for c in checks)
+    training_seconds = seconds - check_s
     return {"steps": step, "planned_steps": planned, "epochs": round(step / per_epoch, 3), "seconds": round(seconds, 2),
             "tokens": tokens, "tokens_per_second": round(tokens / max(training_seconds, 1e-9), 1),
             "budget_limited": step < planned, "final_loss": round(float(np.mean(losses[-25:])), 5),
