@@ -230,7 +230,7 @@ def run_lm_curve(
 
             tokenizer = AutoTokenizer.from_pretrained(base.path)
             schema, why = eligible(tokenizer, [template.strip(e.messages) for e in train], [e.answer for e in train],
-                                   min_coverage=cfg.min_coverage, max_enum=cfg.max_enum)
+                                   min_coverage=cfg.min_coverage, max_enum=cfg.max_enum, order=cfg.answer_order)
             log.info("n=%d: %s", n, why)
             work = Path(tempfile.mkdtemp(prefix=f"kdgate-lm-curve-{n}-"))
             started, load_before = time.monotonic(), _load()

@@ -46,7 +46,7 @@ from gateway.vllm_backend import (
     shut_down,
 )
 from router.lm_confidence import Calibrator
-from router.lm_decode import Decision, Result, max_steps_for, take_forced
+from router.lm_decode import Decision, Result, combine_views, max_steps_for, take_forced
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
 from router.lm_structured import KIND, confidence_of, register_backend
 from router.student import StudentError, StudentOutput
@@ -138,12 +138,19 @@ class VLLMStructuredStudent:
         return req
 
     def _steps(self, req: Request) -> Generator[dict[str, Any], dict[str, Any], Result]:
-        """Greedy decoding under the grammar: yields each decision's completion body, is sent vLLM's
-        reply, returns the answer."""
+        """Greedy decoding under the grammar in each of the schema's views, one after another (a
+        student of both orders answers twice, as in-process): yields each decision's completion body,
+        is sent vLLM's reply, returns the answer (:func:`router.lm_decode.combine_views`)."""
+        results = []
+        for view in self.schema.views:
+            results.append((yield from self._view_steps(req, view)))
+        return combine_views(results)
+
+    def _view_steps(self, req: Request, view: str) -> Generator[dict[str, Any], dict[str, Any], Result]:
         s = self.schema
-        g, st = Grammar(s, req), GrammarState()
-        fed = [*s.prefix_ids, *req.ids, s.sep_id]
-        res = Result(prompt_tokens=len(fed))
+        g, st = Grammar(s, req, view), GrammarState()
+        fed = s.prompt(req, view)
+        res = Result(prompt_tokens=len(fed), view=view)
         budget, steps, t0 = max_steps_for(s, req), 0, time.perf_counter()
         while True:
             allowed, taken = take_forced(g, st, fed, budget - steps)  # forced: appended, not asked
@@ -176,6 +183,7 @@ class VLLMStructuredStudent:
         return StudentOutput(text=res.text, confidence=conf, version=self.version, prompt_tokens=res.prompt_tokens,
                              completion_tokens=res.completion_tokens,
                              extra={"backend": "vllm", "model": self.adapter, "decisions": len(res.decisions),
+                                    "calls": len(res.decisions) + len(res.alt_decisions), "views_agree": res.views_agree,
                                     "passes": res.passes, "decode_ms": round(res.ms, 2)})
 
     def predict(self, messages: list[dict[str, Any]], params: dict[str, Any] | None = None) -> StudentOutput:

@@ -20,7 +20,11 @@ Engines (one per loaded student; the LoRA adapter already merged into the weight
   from that same pass.
 
 Every decision's log-probability is soft-maxed over the allowed ids only (:class:`Decision`); those
-are the confidence features (:func:`router.lm_confidence.decision_features`).
+are the confidence features (:func:`router.lm_confidence.answer_features`).
+
+A schema with both answer orders (:attr:`router.lm_grammar.RouteSchema.views`) decodes each request
+once per view, the views side by side in the same passes; :func:`combine_views` keeps the likelier
+complete answer and records whether the views agreed.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 
 from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema
 
-__all__ = ["Decision", "Result", "KVCache", "FastLlama", "FastGemma", "HFDecoder", "build_engine", "decode_batch",
+__all__ = ["Decision", "Result", "KVCache", "FastLlama", "FastGemma", "HFDecoder", "build_engine", "decode_batch", "combine_views",
            "bf16_packing_available", "fp32_packing_available", "linear_for", "WEIGHTS", "embed_scale", "max_steps_for", "take_forced"]
 
 
@@ -54,7 +58,9 @@ class Decision:
 class Result:
     """A decoded answer: the JSON text (valid and of the route's shape whenever ``complete``), the
     object, its decisions, and counters. ``complete`` is False when the step budget ran out: such an
-    answer must be escalated, never served."""
+    answer must be escalated, never served. Where the schema has two views: ``views_agree`` (both
+    complete with the same object) and the other view's decisions (``alt_decisions``); None and empty
+    otherwise. Counters are the kept view's, but ``passes``, which counts the passes the request took."""
 
     text: str = ""
     obj: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +72,9 @@ class Result:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ms: float = 0.0
+    view: str = ""
+    views_agree: bool | None = None
+    alt_decisions: list[Decision] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,8 +493,10 @@ class _Run:
 
 def max_steps_for(schema: RouteSchema, req: Request) -> int:
     """The token budget of one decode, forced tokens included: enough for every request token to be
-    copied and keyed. A decode that reaches it ends unfinished (an escalation)."""
-    return 2 * len(req.ids) + len(schema.keys) + 8
+    copied and keyed (key first: keyed and ended). A decode that reaches it ends unfinished (an
+    escalation)."""
+    per_token = 3 if schema.end_id is not None else 2  # key first writes a key and an end per span
+    return per_token * len(req.ids) + len(schema.keys) + 8
 
 
 def take_forced(grammar: Grammar, st: GrammarState, out: list[int], room: int) -> tuple[list[int], int]:
@@ -502,18 +513,35 @@ def take_forced(grammar: Grammar, st: GrammarState, out: list[int], room: int) -
     return allowed, taken
 
 
+def combine_views(results: Sequence[Result]) -> Result:
+    """One request's answer from its views' decodes: the complete one with the highest summed
+    log-probability of its decisions (the first view on a tie; the first view when none is complete),
+    with ``views_agree`` and the other view's decisions. A single view is returned as it is."""
+    if len(results) == 1:
+        return results[0]
+    done = [r for r in results if r.complete]
+    best = max(done, key=lambda r: sum(d.logprob for d in r.decisions)) if done else results[0]
+    other = next(r for r in results if r is not best)
+    best.views_agree = len(done) == len(results) and all(r.obj == best.obj for r in done)
+    best.alt_decisions = other.decisions
+    best.passes = max(r.passes for r in results)
+    return best
+
+
 def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], *, max_draft: int = 4) -> list[Result]:
-    """Greedy constrained decoding of ``requests`` in lockstep (see the module docstring)."""
+    """Greedy constrained decoding of ``requests`` in lockstep, each in every view of the schema
+    (see the module docstring); one :class:`Result` per request."""
     import torch
 
     t0 = time.perf_counter()
     runs = []
     for req in requests:
-        prompt = list(schema.prefix_ids) + list(req.ids) + [schema.sep_id]
-        budget = max_steps_for(schema, req)
-        run = _Run(Grammar(schema, req), GrammarState(), engine.new_cache(len(prompt) + budget + max_draft + 2),
-                   prompt, budget, Result(prompt_tokens=len(prompt)))
-        runs.append(run)
+        for view in schema.views:
+            prompt = schema.prompt(req, view)
+            budget = max_steps_for(schema, req)
+            run = _Run(Grammar(schema, req, view), GrammarState(), engine.new_cache(len(prompt) + budget + max_draft + 2),
+                       prompt, budget, Result(prompt_tokens=len(prompt), view=view))
+            runs.append(run)
     active = list(runs)
     while active:
         feeds = []
@@ -569,4 +597,5 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
         res.obj = run.grammar.to_obj(run.state)
         res.text = run.grammar.to_json(run.state)
         res.ms = ms
-    return [run.result for run in runs]
+    n = len(schema.views)
+    return [combine_views([run.result for run in runs[i:i + n]]) for i in range(0, len(runs), n)]

@@ -34,7 +34,7 @@ import numpy as np
 
 from router.batching import MicroBatcher
 from router.lm_base import check_base, resolve_base
-from router.lm_confidence import Calibrator, decision_features
+from router.lm_confidence import Calibrator, answer_features
 from router.lm_grammar import Request, RouteSchema
 from router.student import Student, StudentError, StudentOutput, register_kind
 from router.template import Template
@@ -85,7 +85,9 @@ class StructuredModel:
 def confidence_of(calibrator: Calibrator | None, results: Sequence[Any]) -> np.ndarray:
     """Calibrated probabilities that each decoded answer (its ``decisions``) agrees with the teacher's;
     the same for every backend that decodes under the grammar (in-process, vLLM)."""
-    feats = np.vstack([decision_features(r.decisions) for r in results]) if results else np.zeros((0, 9))
+    if not results:
+        return np.zeros(0)
+    feats = np.vstack([answer_features(r) for r in results])
     if calibrator is None:
         return np.exp(feats[:, 0]) if len(feats) else np.zeros(0)  # uncalibrated: the weakest decision
     return calibrator.predict(feats)
@@ -224,7 +226,8 @@ class StructuredLMStudent:
             p.future.set_result(StudentOutput(
                 text=res.text, confidence=float(conf), version=self.version, prompt_tokens=res.prompt_tokens,
                 completion_tokens=res.completion_tokens,
-                extra={"backend": "embedded", "decisions": len(res.decisions), "passes": res.passes,
+                extra={"backend": "embedded", "decisions": len(res.decisions), "views_agree": res.views_agree,
+                       "passes": res.passes,
                        "batch_size": len(ready), "decode_ms": round(res.ms, 2)}))
 
 

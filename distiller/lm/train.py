@@ -512,7 +512,7 @@ def _distill_structured_if_eligible(
     template = learn_template([p.messages for p in train_pairs])
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(cfg.base_model).path)
     schema, why = structured.eligible(tokenizer, [template.strip(p.messages) for p in train_pairs], answers,
-                                      min_coverage=cfg.min_coverage, max_enum=cfg.max_enum)
+                                      min_coverage=cfg.min_coverage, max_enum=cfg.max_enum, order=cfg.answer_order)
     ledger.record_event(route, "distill.lm_kind", actor="distiller",
                         detail={"kind": structured.KIND if schema is not None else "lm", "reason": why})
     if schema is None:

@@ -77,7 +77,7 @@ def test_the_artifact_records_the_base_its_hash_the_adapter_and_the_grammar(trai
 
 
 def test_calibration_reaches_the_registry_and_the_served_confidence(trained, student):
-    from router.lm_confidence import Calibrator, decision_features
+    from router.lm_confidence import Calibrator, answer_features
 
     row = sql_rows(trained["ledger"], "SELECT * FROM students WHERE route = ?", (ROUTE,))[0]
     calibration = json.loads(row["calibration"])
@@ -94,7 +94,7 @@ def test_calibration_reaches_the_registry_and_the_served_confidence(trained, stu
     # the rows of a pass, so a lockstep batch's log-probabilities differ by ~1e-2 (its answers do not)
     results = [model.decode([t])[0] for t in texts]
     assert [r.text for r in model.decode(texts)] == [r.text for r in results]
-    expected = Calibrator.from_json(calibration).predict(np.vstack([decision_features(r.decisions) for r in results]))
+    expected = Calibrator.from_json(calibration).predict(np.vstack([answer_features(r) for r in results]))
     for r, row_, want in zip(results, rows, expected):
         out = student.predict(row_["messages"], {})
         assert out.text == r.text and out.confidence == pytest.approx(float(want), abs=1e-9)

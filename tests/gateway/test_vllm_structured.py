@@ -103,7 +103,8 @@ def test_through_vllm_the_answers_and_confidences_are_the_in_process_ones(studen
             differ += a.text != b.text
             assert abs(a.confidence - b.confidence) < 1e-3, (a.confidence, b.confidence)
             assert b.extra["decisions"] == a.extra["decisions"] and b.completion_tokens == a.completion_tokens
-            calls += b.extra["decisions"]
+            assert b.extra["views_agree"] == a.extra["views_agree"] is not None  # both orders, both backends
+            calls += b.extra["calls"]  # one call per decision, in each of the two orders
         assert differ == 0
         bodies = [b for b in state.requests if "allowed_token_ids" in b]
         assert len(bodies) == calls and all(b["model"] == "travel-v1" and len(b["allowed_token_ids"]) >= 2 for b in bodies)

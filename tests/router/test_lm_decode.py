@@ -23,8 +23,8 @@ from tests import extraction
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@pytest.fixture(scope="module")
-def route(tmp_path_factory):
+@pytest.fixture(scope="module", params=["both", "key_first", "value_first"])
+def route(tmp_path_factory, request):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +39,8 @@ def route(tmp_path_factory):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     template = learn_template([r["messages"] for r in rows])
-    schema = induce_schema(tokenizer, [template.strip(r["messages"]) for r in rows], [r["answer"] for r in rows])
+    schema = induce_schema(tokenizer, [template.strip(r["messages"]) for r in rows], [r["answer"] for r in rows],
+                           order=request.param)
     assert schema.list_keys == {"city"} and schema.monotone
     # spans may start anywhere again, so the list key can take the same words as often as it likes
     loose = RouteSchema.from_dict({**schema.to_dict(), "monotone": False})
@@ -119,3 +120,41 @@ def test_packed_float32_layers_decode_exactly_what_plain_ones_do(route, monkeypa
         assert a.text == b.text and a.complete == b.complete and a.passes == b.passes
         assert [d.token for d in a.decisions] == [d.token for d in b.decisions]
         assert a.decisions and all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.decisions, b.decisions))
+
+
+def test_a_student_of_both_orders_keeps_the_likelier_answer_and_says_whether_they_agreed(route):
+    """Each request is decoded in both views in the same passes; the answer kept is the complete one
+    whose decisions are likelier, the other's decisions ride along, and agreement is recorded."""
+    from router.lm_decode import build_engine, decode_batch
+    from router.lm_grammar import Request
+
+    tokenizer, model, schema, _, extra = route
+    engine = build_engine(model, extra, extra, weights="fp32")
+    texts = ["fly from boston to denver next monday", "rent a car in paris", "book a hotel in rome for two nights"]
+    for res in decode_batch(engine, schema, [Request.make(tokenizer, t) for t in texts]):
+        assert res.view in schema.views
+        if len(schema.views) == 1:  # one order: nothing to combine
+            assert res.views_agree is None and not res.alt_decisions
+            continue
+        assert isinstance(res.views_agree, bool) and res.alt_decisions
+        if res.views_agree:
+            assert sum(d.logprob for d in res.decisions) >= sum(d.logprob for d in res.alt_decisions)
+
+
+def test_combine_views_picks_the_likelier_complete_answer():
+    from router.lm_decode import Decision, Result, combine_views
+
+    def result(view, obj, lps, complete=True):
+        return Result(text=json.dumps(obj), obj=obj, complete=complete, view=view, passes=len(lps),
+                      decisions=[Decision("first", 1, lp, 2, 0.1) for lp in lps])
+
+    kf, vf = result("key_first", {"a": "x"}, [-0.1, -0.9]), result("value_first", {"a": "x"}, [-0.2, -0.3, -0.1])
+    best = combine_views([kf, vf])
+    assert best is vf and best.views_agree is True and best.alt_decisions == kf.decisions and best.passes == 3
+    kf, vf = result("key_first", {"a": "x"}, [-0.1]), result("value_first", {"a": "y"}, [-0.01], complete=False)
+    best = combine_views([kf, vf])
+    assert best is kf and best.views_agree is False  # an unfinished view is never kept over a finished one
+    kf, vf = result("key_first", {"a": "x"}, [-0.5]), result("value_first", {"a": "x"}, [-0.5])
+    assert combine_views([kf, vf]) is kf  # a tie goes to the first view
+    single = result("key_first", {"a": "x"}, [-0.5])
+    assert combine_views([single]) is single and single.views_agree is None

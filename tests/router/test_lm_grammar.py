@@ -27,8 +27,8 @@ def tokenizer(tmp_path_factory):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-@pytest.fixture(scope="module")
-def route(tokenizer):
+@pytest.fixture(scope="module", params=["both", "key_first", "value_first"])
+def route(tokenizer, request):
     from distiller.lm.structured import induce_schema
     from router.template import learn_template
 
@@ -36,7 +36,7 @@ def route(tokenizer):
     template = learn_template([r["messages"] for r in rows])
     texts = [template.strip(r["messages"]) for r in rows]
     answers = [r["answer"] for r in rows]
-    return induce_schema(tokenizer, texts, answers), texts, answers
+    return induce_schema(tokenizer, texts, answers, order=request.param), texts, answers
 
 
 def test_the_schema_is_learned_from_the_answers(route):
@@ -56,13 +56,14 @@ def test_every_answer_walks_back_to_the_teachers_exact_text(tokenizer, route):
     schema = RouteSchema.from_dict(json.loads(json.dumps(schema.to_dict())))  # as the artifact ships it
     for text, answer in zip(texts, answers):
         req = Request.make(tokenizer, text)
-        ids, in_order = encode_answer(schema, req, answer)
-        assert in_order and ids[-1] == schema.eos_id
-        g, st = Grammar(schema, req), GrammarState()
-        for tok in ids:
-            assert tok in g.allowed(st), (text, answer)
-            g.advance(st, tok)
-        assert st.phase == "done" and g.to_json(st) == answer
+        for view in schema.views:
+            ids, in_order = encode_answer(schema, req, answer, view)
+            assert in_order and ids[-1] == schema.eos_id
+            g, st = Grammar(schema, req, view), GrammarState()
+            for tok in ids:
+                assert tok in g.allowed(st), (text, answer, view)
+                g.advance(st, tok)
+            assert st.phase == "done" and g.to_json(st) == answer
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -73,9 +74,9 @@ def test_any_walk_the_grammar_allows_is_valid_json_of_the_routes_shape(tokenizer
     schema, texts, _ = route
     rng = random.Random(seed)
     odd = ["", "paris paris paris", "réserver un hôtel à paris", "a b c d e f g h i j k l m n o p", "?!", "  x  "]
-    for text in odd + texts[:60]:
+    for text, view in [(t, v) for t in odd + texts[:60] for v in schema.views]:
         req = Request.make(tokenizer, text)
-        g, st = Grammar(schema, req), GrammarState()
+        g, st = Grammar(schema, req, view), GrammarState()
         steps = 0
         while st.phase != "done":
             allowed = g.allowed(st)
@@ -144,8 +145,72 @@ def test_after_the_intent_only_its_own_keys_are_allowed(tokenizer, route):
             {k: v for k, v in schema.to_dict().items() if k != "keys_given"}), set(schema.copy_keys))):
         g, st = Grammar(s, req), GrammarState()
         g.advance(st, s.enum_id[("intent", '"rent_car"')])
-        g.advance(st, req.ids[req.starts.index(True, 1)])  # a span's first token: which keys may end it?
-        while st.phase == "copy" and not any(t in s.id_key for t in g.allowed(st)):
-            g.advance(st, next(t for t in g.allowed(st) if t < s.base_vocab))
-        keys = {s.id_key[t] for t in g.allowed(st) if t in s.id_key}
+        if s.order == "value_first":  # a span's first token: which keys may end it?
+            g.advance(st, req.ids[req.starts.index(True, 1)])
+            while st.phase == "copy" and not any(t in s.id_key for t in g.allowed(st)):
+                g.advance(st, next(t for t in g.allowed(st) if t < s.base_vocab))
+        keys = {s.id_key[t] for t in g.allowed(st) if t in s.id_key}  # key first: which keys may open one?
         assert keys == allowed_keys & set(s.copy_keys), keys
+
+
+def test_key_first_writes_each_key_before_its_span_and_ends_the_span(tokenizer):
+    """Key first: ``[V:intent] [K:city] 'paris' [END] EOS``; after a copy key only span starts are
+    allowed, inside a span only its continuations and [END] (never another key), and a schema shipped
+    without ``order`` (older artifacts) reads as value first."""
+    from distiller.lm.structured import induce_schema
+    from router.lm_grammar import Grammar, GrammarState, Request, RouteSchema, encode_answer
+
+    rows = extraction.pairs(300, seed=3)
+    texts = [r["messages"][-1]["content"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    s = induce_schema(tokenizer, texts, answers, order="key_first")
+    assert s.end_id == s.eos_id + 1 and s.n_extra == s.end_id + 1 - s.base_vocab
+    assert s.extra_token_names()[-2:] == ["<eos>", "<end>"]
+    text = next(t for t, a in zip(texts, answers) if json.loads(a)["intent"] == "book_hotel")
+    answer = answers[texts.index(text)]
+    req = Request.make(tokenizer, text)
+    ids, _ = encode_answer(s, req, answer)
+    obj = json.loads(answer)
+    copied = [k for k in obj if k in s.copy_keys]
+    assert ids.count(s.end_id) == len(copied) and ids[-1] == s.eos_id
+    for k in copied:  # the key's id comes right before its span, [END] right after
+        at = ids.index(s.key_id[k])
+        span = req.find_span(obj[k])
+        assert ids[at + 1:at + 1 + span[1] - span[0]] == req.ids[span[0]:span[1]]
+        assert ids[at + 1 + span[1] - span[0]] == s.end_id
+    g, st = Grammar(s, req), GrammarState()
+    for tok in ids:
+        allowed = g.allowed(st)
+        assert tok in allowed
+        if st.phase == "first":
+            assert all(t < s.base_vocab for t in allowed)
+        if st.phase == "copy":
+            assert not any(t in s.id_key for t in allowed)
+        g.advance(st, tok)
+    assert st.phase == "done" and g.to_json(st) == answer
+    old = {k: v for k, v in s.to_dict().items() if k != "order"}
+    assert RouteSchema.from_dict(old).order == "value_first" and RouteSchema.from_dict(old).end_id is None
+    assert RouteSchema.from_dict(json.loads(json.dumps(s.to_dict()))).end_id == s.end_id
+
+
+def test_a_schema_of_both_orders_has_two_views_told_apart_by_the_end_of_the_prompt(tokenizer):
+    """``both``: one extra token more than key first ([KF]); key first is asked for by ending the prompt
+    with it, value first by SEP; each view encodes the same answer in its own order."""
+    from distiller.lm.structured import induce_schema
+    from router.lm_grammar import Grammar, Request, encode_answer
+
+    rows = extraction.pairs(300, seed=3)
+    texts = [r["messages"][-1]["content"] for r in rows]
+    answers = [r["answer"] for r in rows]
+    both = induce_schema(tokenizer, texts, answers, order="both")
+    key_first = induce_schema(tokenizer, texts, answers, order="key_first")
+    assert both.views == ["key_first", "value_first"] and key_first.views == ["key_first"]
+    assert both.n_extra == key_first.n_extra + 1 and both.key_first_id == both.end_id + 1
+    assert both.extra_token_names()[-1] == "<key-first>"
+    req = Request.make(tokenizer, texts[0])
+    assert both.prompt(req, "key_first")[-1] == both.key_first_id and both.prompt(req, "value_first")[-1] == both.sep_id
+    assert key_first.prompt(req)[-1] == key_first.sep_id
+    assert encode_answer(both, req, answers[0], "key_first") == encode_answer(key_first, req, answers[0])
+    assert both.end_id not in encode_answer(both, req, answers[0], "value_first")[0]
+    with pytest.raises(ValueError, match="no 'value_first' view"):
+        Grammar(key_first, req, "value_first")
