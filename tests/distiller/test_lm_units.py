@@ -113,6 +113,29 @@ def test_logprob_features_are_length_aware():
     assert logprob_features([float("-inf")])[1] == -50.0
 
 
+def test_an_answer_in_two_orders_adds_their_agreement_and_the_other_orders_weakest_decision():
+    from router.lm_confidence import answer_feature_names, answer_features, decision_features
+    from router.lm_decode import Decision, Result
+
+    decisions = [Decision("label", 1, -0.1, 3, 1.0), Decision("first", 2, -0.7, 5, 0.2)]
+    one = Result(decisions=decisions, complete=True)
+    assert answer_features(one).tolist() == decision_features(decisions).tolist()
+    assert len(answer_feature_names(1)) == len(answer_features(one))
+    two = Result(decisions=decisions, complete=True, views_agree=False,
+                 alt_decisions=[Decision("key", 3, -2.5, 4, 0.1), Decision("end", 4, -0.3, 2, 0.5)])
+    feats = answer_features(two)
+    assert len(feats) == len(answer_feature_names(2)) == len(decision_features(decisions)) + 2
+    assert feats[-2:].tolist() == [0.0, -2.5]
+
+
+def test_structured_settings_name_an_answer_order():
+    from distiller.lm.structured import StructuredConfig
+
+    assert StructuredConfig().answer_order == "both" and StructuredConfig().epochs == 3.0
+    with pytest.raises(ConfigError, match="answer_order must be one of key_first, value_first, both"):
+        StructuredConfig.from_dict({"answer_order": "keys_first"})
+
+
 def test_calibrator_separates_and_round_trips_through_json():
     from distiller.lm.evaluate import auroc, fit_calibrator
     from router.lm_student import Calibrator, logprob_features
