@@ -771,19 +771,21 @@ def format_table(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def distiller_overrides(text: str | None) -> dict[str, Any]:
-    """``--config-json``: distiller settings for the replayed gateway, checked before anything starts
-    by the distiller itself (its worker's ``--check-config``, in a process of its own, as the gateway
-    runs it): an unknown key would otherwise stop the distiller after the replay began, and the run
-    would measure a teacher-only gateway. Raises ValueError naming what is wrong."""
-    if not text:
+def distiller_overrides(text: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--config-json`` (and ``extra``, settings given by their own flags, which win): distiller
+    settings for the replayed gateway, checked before anything starts by the distiller itself (its
+    worker's ``--check-config``, in a process of its own, as the gateway runs it): an unknown key would
+    otherwise stop the distiller after the replay began, and the run would measure a teacher-only
+    gateway. Raises ValueError naming what is wrong."""
+    if not text and not extra:
         return {}
     try:
-        overrides = json.loads(text)
+        overrides = json.loads(text) if text else {}
     except ValueError as exc:
         raise ValueError(f"--config-json is not JSON: {exc}") from None
     if not isinstance(overrides, dict):
         raise ValueError("--config-json must be a JSON object")
+    overrides.update(extra or {})
     check = subprocess.run([sys.executable, "-m", "distiller.worker", "--check-config", "--config-json", json.dumps(overrides)],
                            env=child_env(), capture_output=True, text=True, timeout=120)
     if check.returncode != 0:

@@ -278,25 +278,40 @@ def demo(
                           "pays the teacher for every request that arrives meanwhile)")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="stop the gateway after the table instead of leaving it running")] = False,
     directory: Annotated[Path, typer.Option("--dir", help="where the demo's ledger and students go")] = Path("kdgate-demo"),
+    dataset: Annotated[Path | None, typer.Option(
+        metavar="STREAM.jsonl", help="replay this stream ({messages, answer} per line) instead of the bundled banking77")] = None,
+    lm_base_model: Annotated[str | None, typer.Option(
+        help="distiller.lm_base_model: extraction routes get an LM student on this base (smollm2-135m, gemma3-270m, "
+             "a hub id or a local path); the stream then waits while it trains")] = None,
+    target_agreement: Annotated[float, typer.Option(help="the route's target agreement")] = 0.98,
+    config_json: ConfigJson = None,
     json: Json = False,
 ) -> None:
-    """Replay the bundled banking77 stream through a local gateway, then leave it running."""
+    """Replay the bundled banking77 stream (or --dataset) through a local gateway, then leave it running."""
     import secrets
     import time
 
-    from bench.replay import demo_stream, format_table, run_replay
+    from bench.replay import demo_stream, distiller_overrides, format_table, load_stream, run_replay
 
+    if not 0.5 <= target_agreement < 1.0:
+        fail("--target-agreement must be at least 0.5 and below 1", 2)
+    try:
+        distiller = distiller_overrides(config_json, {"lm_base_model": lm_base_model} if lm_base_model else None)
+        rows = load_stream(dataset, limit) if dataset else demo_stream(limit)
+    except (OSError, ValueError) as exc:
+        fail(str(exc), 2)
     info = sys.stderr if json else sys.stdout
-    rows = demo_stream(limit)
     admin_key = secrets.token_hex(16)
-    from bench.replay import pacing_text
+    from bench.replay import pacing_text, stream_name
 
-    paced = False if unpaced else "heads"
-    print(f"kdgate demo: {len(rows)} banking77 requests through a local gateway; the teacher is a stand-in "
+    # an LM student trains for minutes, not seconds: hold the stream for the whole of its training
+    paced: bool | str = False if unpaced else (True if distiller.get("lm_base_model") else "heads")
+    what = f"{dataset} ({stream_name(dataset)})" if dataset else "banking77"
+    print(f"kdgate demo: {len(rows)} {what} requests through a local gateway; the teacher is a stand-in "
           f"that replays the data set's answers at gpt-4o prices. Pacing: {pacing_text(paced, rate)}.", file=info)
-    metrics, stack = run_replay(rows, name="demo-banking77", rate=rate, port=port, workdir=directory.resolve(),
-                                keep_running=not no_wait, admin_key=admin_key, route_settings={"target_agreement": 0.98},
-                                paced=paced)
+    metrics, stack = run_replay(rows, name=f"demo-{stream_name(dataset) if dataset else 'banking77'}", rate=rate, port=port,
+                                workdir=directory.resolve(), keep_running=not no_wait, admin_key=admin_key,
+                                route_settings={"target_agreement": target_agreement}, distiller=distiller, paced=paced)
     print_json(metrics) if json else print(format_table(metrics))
     if stack is None:
         return

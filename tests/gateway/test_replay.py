@@ -316,3 +316,56 @@ def test_sigterm_of_the_demo_mid_stream_stops_everything_it_started(tmp_path):
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_the_demo_refuses_a_bad_stream_or_setting_before_anything_starts(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    missing = CliRunner().invoke(app, ["demo", "--dataset", str(tmp_path / "none.jsonl"), "--dir", str(tmp_path / "d"), "--no-wait"])
+    assert missing.exit_code == 2 and "none.jsonl" in missing.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    refused = CliRunner().invoke(app, ["demo", "--dataset", str(bad), "--dir", str(tmp_path / "d"), "--no-wait"])
+    assert refused.exit_code == 2 and "'messages' and 'answer'" in refused.output
+    setting = CliRunner().invoke(app, ["demo", "--lm-base-model", "smollm2-135m", "--config-json", '{"no_such": 1}',
+                                       "--dir", str(tmp_path / "d"), "--no-wait"])
+    assert setting.exit_code == 2 and "no_such" in setting.output
+    assert not (tmp_path / "d").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_the_demo_replays_an_extraction_stream_onto_an_lm_student(tmp_path):
+    """`kdgate demo --dataset STREAM --lm-base-model BASE`: the issue's demo path. The stream waits
+    while the distiller trains the route's LM student (the tiny random-init base, the real ones take
+    minutes), which then answers through the gateway."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from bench.tiny import build_tiny_model
+    from tests import extraction
+
+    rows = extraction.pairs(420, seed=5)
+    stream = tmp_path / "travel.jsonl"
+    stream.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = build_tiny_model(tmp_path / "tiny", extraction.corpus(rows), vocab_size=600, hidden_size=96, layers=2, heads=4,
+                            intermediate_size=256)
+    settings = {"lm_preset": "tiny-cpu", "min_pairs": 250, "retrain_after_pairs": 100000,
+                "lm_settings": {"structured": {"epochs": 40, "learning_rate": 3e-3, "extra_learning_rate": 1e-2,
+                                               "batch_size": 16}}}
+    demo = subprocess.run([sys.executable, "-m", "cli", "demo", "--dataset", str(stream), "--lm-base-model", str(base),
+                           "--config-json", json.dumps(settings), "--target-agreement", "0.9", "--rate", "20",
+                           "--port", "0", "--dir", str(tmp_path / "demo"), "--no-wait", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "held while the distiller trains" in demo.stderr  # not only while heads retrain
+    metrics = json.loads(demo.stdout)
+    assert metrics["requests"] == 420 and metrics["lost"] == 0
+    assert metrics["paced"]["holds"] >= 1, metrics["paced"]
+    with sqlite3.connect(tmp_path / "demo" / "kdgate.db") as db:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM students")]
+        served = db.execute("SELECT COUNT(*) FROM exchanges WHERE served_by = 'student'").fetchone()[0]
+    assert kinds and set(kinds) == {"lm_structured"}, kinds
+    assert metrics["overall"]["student_share"] > 0 and served > 0
