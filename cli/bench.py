@@ -311,7 +311,8 @@ def demo(
           f"that replays the data set's answers at gpt-4o prices. Pacing: {pacing_text(paced, rate)}.", file=info)
     metrics, stack = run_replay(rows, name=f"demo-{stream_name(dataset) if dataset else 'banking77'}", rate=rate, port=port,
                                 workdir=directory.resolve(), keep_running=not no_wait, admin_key=admin_key,
-                                route_settings={"target_agreement": target_agreement}, distiller=distiller, paced=paced)
+                                route_settings={"target_agreement": target_agreement}, distiller=distiller, paced=paced,
+                                results_dir=directory.resolve())  # beside its ledger, not in the caller's folder
     print_json(metrics) if json else print(format_table(metrics))
     if stack is None:
         return

@@ -369,3 +369,4 @@ def test_the_demo_replays_an_extraction_stream_onto_an_lm_student(tmp_path):
         served = db.execute("SELECT COUNT(*) FROM exchanges WHERE served_by = 'student'").fetchone()[0]
     assert kinds and set(kinds) == {"lm_structured"}, kinds
     assert metrics["overall"]["student_share"] > 0 and served > 0
+    assert json.loads((tmp_path / "demo" / "replay-demo-travel.json").read_text())["requests"] == 420  # beside its ledger
