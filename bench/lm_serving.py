@@ -9,9 +9,7 @@ all options alike. Options (those this machine can run):
   layers packed once for oneDNN;
 - ``lean-plain``: the same with plain float32 ``Linear`` layers (what it ran before packing);
 - ``lean-bf16``: packed bf16 layers, only where the CPU has bf16 kernels;
-- ``hf``: the transformers model itself with its ``DynamicCache`` (:class:`router.lm_decode.HFDecoder`);
-- ``lean-unshared``, ``lean-bf16-unshared`` (asked for by name only): ``lean`` / ``lean-bf16`` with each
-  view of a both-orders student prefilling the prompt on its own, as before the views shared it.
+- ``hf``: the transformers model itself with its ``DynamicCache`` (:class:`router.lm_decode.HFDecoder`).
 
 For each: ``p50_ms`` and ``p95_ms`` (template stripping to calibrated confidence, as a request is
 served), the passes per answer, ``exact_agreement`` with TEST's teacher answers, and
@@ -31,14 +29,12 @@ from router.agreement import answers_agree
 
 __all__ = ["OPTIONS", "run_lm_serving", "format_table", "write_results"]
 
-# name: (decoder, weights, whether the views share the prompt's prefill)
-OPTIONS: dict[str, tuple[str, str, bool]] = {
-    "lean": ("lean", "fp32", True),
-    "lean-plain": ("lean", "fp32-plain", True),
-    "lean-bf16": ("lean", "bf16", True),
-    "hf": ("hf", "fp32", True),
-    "lean-unshared": ("lean", "fp32", False),
-    "lean-bf16-unshared": ("lean", "bf16", False),
+# name: (decoder, weights)
+OPTIONS: dict[str, tuple[str, str]] = {
+    "lean": ("lean", "fp32"),
+    "lean-plain": ("lean", "fp32-plain"),
+    "lean-bf16": ("lean", "bf16"),
+    "hf": ("hf", "fp32"),
 }
 
 
@@ -81,10 +77,9 @@ def run_lm_serving(artifact: str | Path, test_path: str | Path, *, options: list
     try:
         models, loaded = {}, {}
         for name in names:
-            decoder, weights, share = OPTIONS[name]
+            decoder, weights = OPTIONS[name]
             t0 = time.perf_counter()
             models[name] = load_structured_model(artifact, manifest, device="cpu", weights=weights, decoder=decoder)
-            models[name].share_prompt = share
             loaded[name] = round(time.perf_counter() - t0, 1)
         texts = [models[names[0]].template.strip(e.messages) for e in test[:3]]
         for m in models.values():  # warm up
@@ -110,8 +105,7 @@ def run_lm_serving(artifact: str | Path, test_path: str | Path, *, options: list
             engine = models[name].engine
             rows.append({
                 "name": name, "decoder": type(engine).__name__, "weights": getattr(engine, "weights", None),
-                "packed": getattr(engine, "packed", None), "share_prompt": models[name].share_prompt,
-                "load_seconds": loaded[name],
+                "packed": getattr(engine, "packed", None), "load_seconds": loaded[name],
                 "p50_ms": round(float(np.median(ms[name])), 1), "p95_ms": round(float(np.percentile(ms[name], 95)), 1),
                 "passes_mean": float(np.mean(passes[name])),
                 "exact_agreement": float(np.mean([bool(a) and answers_agree("json", a, e.answer)
@@ -139,7 +133,6 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     for r in result["options"]:
         weights = f"{r['weights']}{' packed' if r['packed'] else ''}" if r["weights"] != "hf" else "model's own"
-        weights += "" if r.get("share_prompt", True) else ", prompt per view"
         lines.append(f"| {r['name']} | {r['decoder']} | {weights} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
                      f"{r['p50_vs_first']:.2f}x | {r['passes_mean']:.2f} | {r['exact_agreement']:.1%} | "
                      f"{r['same_answers']:.1%} |")

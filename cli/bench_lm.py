@@ -86,8 +86,7 @@ def lm_serving(
     dataset: Annotated[Path, typer.Option(metavar="TEST.jsonl", help="the requests ({\"messages\", \"answer\"} per line)")],
     out: Annotated[Path, typer.Option(help="where the JSON goes (a .md table is written beside it)")],
     options: Annotated[str | None, typer.Option(
-        help="comma-separated serving options: lean, lean-plain, lean-bf16, hf (default: all this machine runs); "
-             "lean-unshared, lean-bf16-unshared: each view prefills the prompt on its own")] = None,
+        help="comma-separated serving options: lean, lean-plain, lean-bf16, hf (default: all this machine runs)")] = None,
     requests: Annotated[int, typer.Option(help="TEST requests, each answered by every option in turn")] = 150,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default)")] = 2,
     json: Json = False,

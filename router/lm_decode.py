@@ -24,10 +24,7 @@ are the confidence features (:func:`router.lm_confidence.answer_features`).
 
 A schema with both answer orders (:attr:`router.lm_grammar.RouteSchema.views`) decodes each request
 once per view, the views side by side in the same passes; :func:`combine_views` keeps the likelier
-complete answer and records whether the views agreed. The views' prompts differ only in their last
-token, so the prompt is prefilled once: the first view (key first, the one that takes more passes)
-reads all of it in the first pass, and the others start one pass later from a copy of its cache
-(:meth:`_Lean.fork`), feeding only their own last token.
+complete answer and records whether the views agreed.
 """
 
 from __future__ import annotations
@@ -212,13 +209,6 @@ class _Lean:
             raise ValueError(f"a request of {length} tokens is longer than this decoder's {self.max_positions}")
         return KVCache([torch.zeros(self.nkv, length, self.hd) for _ in range(self.n_layers)],
                        [torch.zeros(self.nkv, length, self.hd) for _ in range(self.n_layers)], length)
-
-    def fork(self, src: KVCache, dst: KVCache, n: int) -> None:
-        """Start ``dst`` from the first ``n`` positions of ``src`` (a shared prompt prefix)."""
-        for layer in range(self.n_layers):
-            dst.k[layer][:, :n] = src.k[layer][:, :n]
-            dst.v[layer][:, :n] = src.v[layer][:, :n]
-        dst.len = n
 
     def _fused(self, attn: Any, mlp: Any) -> dict[str, Any]:
         """A layer's projections packed for one matmul each: q, k and v together; gate and up together."""
@@ -436,14 +426,6 @@ class HFDecoder:
 
         return KVCache([DynamicCache(config=self.model.config)], [], length)
 
-    def fork(self, src: KVCache, dst: KVCache, n: int) -> None:
-        """Start ``dst`` from the first ``n`` positions of ``src``: a copy of its cache, cropped to ``n``
-        by the next :meth:`forward`."""
-        import copy
-
-        dst.k[0] = copy.deepcopy(src.k[0])
-        dst.len = n
-
     def forward(self, feeds: Sequence[tuple[Sequence[int], KVCache]]) -> list[Any]:
         import torch
 
@@ -507,8 +489,6 @@ class _Run:
     allowed: list[int] = field(default_factory=list)
     draft: list[int] = field(default_factory=list)
     base: int = 0
-    lead: "_Run | None" = None  # waits for this run's first pass, then starts from its cache's first `shared` positions
-    shared: int = 0
 
 
 def max_steps_for(schema: RouteSchema, req: Request) -> int:
@@ -548,35 +528,24 @@ def combine_views(results: Sequence[Result]) -> Result:
     return best
 
 
-def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], *, max_draft: int = 4,
-                 share_prompt: bool = True) -> list[Result]:
+def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], *, max_draft: int = 4) -> list[Result]:
     """Greedy constrained decoding of ``requests`` in lockstep, each in every view of the schema
-    (see the module docstring); one :class:`Result` per request. ``share_prompt``: prefill a request's
-    prompt once for all its views where the engine can fork a cache (the answers are the same)."""
+    (see the module docstring); one :class:`Result` per request."""
     import torch
 
     t0 = time.perf_counter()
-    share = share_prompt and hasattr(engine, "fork")
     runs = []
     for req in requests:
-        lead = None
         for view in schema.views:
             prompt = schema.prompt(req, view)
             budget = max_steps_for(schema, req)
             run = _Run(Grammar(schema, req, view), GrammarState(), engine.new_cache(len(prompt) + budget + max_draft + 2),
                        prompt, budget, Result(prompt_tokens=len(prompt), view=view))
-            if lead is None:
-                lead = run
-            elif share:
-                run.shared = _common_prefix(lead.pending, prompt)
-                run.lead = lead if run.shared else None
             runs.append(run)
     active = list(runs)
     while active:
         feeds = []
         for run in active:
-            if run.lead is not None:  # waits for its lead's prompt
-                continue
             g, st = run.grammar, run.state
             allowed, taken = take_forced(g, st, run.pending, run.max_steps - run.steps)
             run.steps += taken
@@ -589,7 +558,9 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
             run.draft = g.draft(st, room) if room > 0 else []
             run.base = run.cache.len
             feeds.append(run)
-        hidden = engine.forward([(run.pending + run.draft, run.cache) for run in feeds]) if feeds else []
+        if not feeds:
+            break
+        hidden = engine.forward([(run.pending + run.draft, run.cache) for run in feeds])
         for run, h in zip(feeds, hidden):
             g, st, res = run.grammar, run.state, run.result
             res.passes += 1
@@ -618,16 +589,7 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
                 run.cache.len = run.base + len(run.pending) + k  # drop the draft tokens after the disagreement
                 break
             run.pending = nxt
-        released = []
-        for run in active:
-            if run.lead is None:
-                continue
-            if run.lead.cache.len >= run.shared:  # the lead's prompt is in its cache: start from there
-                engine.fork(run.lead.cache, run.cache, run.shared)
-                run.pending = run.pending[run.shared:]
-            run.lead = None  # a lead that never ran (answered by forced tokens alone) leaves the whole prompt
-            released.append(run)
-        active = [run for run in feeds if run.state.phase != "done"] + released
+        active = [run for run in feeds if run.state.phase != "done"]
     ms = (time.perf_counter() - t0) * 1000
     for run in runs:
         res = run.result
@@ -637,14 +599,3 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
         res.ms = ms
     n = len(schema.views)
     return [combine_views([run.result for run in runs[i:i + n]]) for i in range(0, len(runs), n)]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids ``a`` and ``b`` share, short of the whole of ``b`` (its last id is always fed,
-    so that its pass has a position to decide from)."""
-    n = 0
-    for x, y in zip(a, b[:-1]):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -63,7 +63,6 @@ class StructuredModel:
     calibrator: Calibrator | None
     max_draft: int = 4
     max_input_tokens: int = 512
-    share_prompt: bool = True  # views of one request prefill its prompt once (see router.lm_decode)
 
     def request(self, text: str) -> Request:
         req = Request.make(self.tokenizer, text)
@@ -76,8 +75,7 @@ class StructuredModel:
         """Greedy constrained answers (:class:`router.lm_decode.Result`) to already stripped texts."""
         from router.lm_decode import decode_batch
 
-        return decode_batch(self.engine, self.schema, [self.request(t) for t in texts], max_draft=self.max_draft,
-                            share_prompt=self.share_prompt)
+        return decode_batch(self.engine, self.schema, [self.request(t) for t in texts], max_draft=self.max_draft)
 
     def confidence(self, results: Sequence[Any]) -> np.ndarray:
         """Calibrated probabilities that each answer agrees with the teacher's."""

@@ -248,21 +248,18 @@ def test_the_lm_serving_bench_times_each_decoder_on_the_same_requests(trained, t
     test.write_text("".join(json.dumps(r) + "\n" for r in extraction.pairs(6, seed=77)))
     out = tmp_path / "serving.json"
     result = CliRunner().invoke(app, ["bench", "lm-serving", "--artifact", artifact, "--dataset", str(test),
-                                      "--requests", "4", "--options", "lean,lean-plain,hf,lean-unshared", "--out", str(out)])
+                                      "--requests", "4", "--options", "lean,lean-plain,hf", "--out", str(out)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["requests"] == 4 and doc["base_model"] == "smollm2-135m"
     rows = {r["name"]: r for r in doc["options"]}
-    assert list(rows) == ["lean", "lean-plain", "hf", "lean-unshared"]
+    assert list(rows) == ["lean", "lean-plain", "hf"]
     assert rows["lean"]["decoder"] == "FastLlama" and rows["hf"]["decoder"] == "HFDecoder"
     assert rows["lean-plain"]["packed"] is False and rows["lean"]["weights"] == rows["lean-plain"]["weights"] == "fp32"
     for r in rows.values():
         assert r["p50_ms"] > 0 and r["p95_ms"] >= r["p50_ms"] and r["passes_mean"] >= 1
         assert 0.0 <= r["exact_agreement"] <= 1.0
     assert rows["lean-plain"]["same_answers"] == 1.0 and rows["lean"]["p50_vs_first"] == 1.0
-    # the views' shared prefill changes the work, not the answers
-    assert rows["lean"]["share_prompt"] and not rows["lean-unshared"]["share_prompt"]
-    assert rows["lean-unshared"]["same_answers"] == 1.0
     assert "| lean-plain | FastLlama | fp32 |" in out.with_suffix(".md").read_text()
 
     bad = CliRunner().invoke(app, ["bench", "lm-serving", "--artifact", artifact, "--dataset", str(test),

@@ -141,41 +141,6 @@ def test_a_student_of_both_orders_keeps_the_likelier_answer_and_says_whether_the
             assert sum(d.logprob for d in res.decisions) >= sum(d.logprob for d in res.alt_decisions)
 
 
-@pytest.mark.parametrize("decoder", ["lean", "hf"])
-def test_the_views_share_one_prefill_of_the_prompt_and_answer_as_if_each_had_its_own(route, decoder):
-    """The views' prompts differ only in their last token: the first view prefills the prompt and the
-    others start from a copy of its cache one pass later. The answers, decisions and log-probabilities
-    are those of decoding each view from its own prefill; only the work changes."""
-    from router.lm_decode import build_engine, decode_batch
-    from router.lm_grammar import Request
-
-    tokenizer, model, schema, _, extra = route
-    engine = build_engine(model, extra, extra, weights="fp32", decoder=decoder)
-    fed = []
-    forward = engine.forward
-
-    def counting(feeds):
-        fed.append(sum(len(ids) for ids, _ in feeds))
-        return forward(feeds)
-
-    engine.forward = counting
-    texts = ["fly from boston to denver next monday", "rent a car in paris", "book a hotel in rome for two nights",
-             "cheap flights to tokyo on friday", "train from lyon to nice"]
-    requests = [Request.make(tokenizer, t) for t in texts]
-    shared = decode_batch(engine, schema, requests)
-    fed_shared, fed[:] = sum(fed), []
-    alone = decode_batch(engine, schema, requests, share_prompt=False)
-    for a, b in zip(shared, alone):
-        assert a.text == b.text and a.complete == b.complete and a.view == b.view and a.views_agree == b.views_agree
-        assert [d.token for d in a.decisions] == [d.token for d in b.decisions]
-        assert [d.token for d in a.alt_decisions] == [d.token for d in b.alt_decisions]
-        assert a.decisions and all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.decisions, b.decisions))
-    if len(schema.views) == 1:
-        assert fed_shared == sum(fed)  # nothing to share
-    else:  # each request's prompt but its last token was fed once instead of twice
-        assert sum(fed) - fed_shared == sum(len(schema.prompt(r)) - 1 for r in requests)
-
-
 def test_combine_views_picks_the_likelier_complete_answer():
     from router.lm_decode import Decision, Result, combine_views
 
