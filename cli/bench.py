@@ -306,8 +306,7 @@ def demo(
 
     # an LM student trains for minutes, not seconds: hold the stream for the whole of its training
     paced: bool | str = False if unpaced else (True if distiller.get("lm_base_model") else "heads")
-    what = f"{dataset} ({stream_name(dataset)})" if dataset else "banking77"
-    print(f"kdgate demo: {len(rows)} {what} requests through a local gateway; the teacher is a stand-in "
+    print(f"kdgate demo: {len(rows)} {dataset or 'banking77'} requests through a local gateway; the teacher is a stand-in "
           f"that replays the data set's answers at gpt-4o prices. Pacing: {pacing_text(paced, rate)}.", file=info)
     metrics, stack = run_replay(rows, name=f"demo-{stream_name(dataset) if dataset else 'banking77'}", rate=rate, port=port,
                                 workdir=directory.resolve(), keep_running=not no_wait, admin_key=admin_key,
