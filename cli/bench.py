@@ -291,7 +291,7 @@ def demo(
     import secrets
     import time
 
-    from bench.replay import demo_stream, distiller_overrides, format_table, load_stream, run_replay
+    from bench.replay import demo_stream, distiller_overrides, format_table, load_stream, pacing_text, run_replay, stream_name
 
     if not 0.5 <= target_agreement < 1.0:
         fail("--target-agreement must be at least 0.5 and below 1", 2)
@@ -302,8 +302,6 @@ def demo(
         fail(str(exc), 2)
     info = sys.stderr if json else sys.stdout
     admin_key = secrets.token_hex(16)
-    from bench.replay import pacing_text, stream_name
-
     # an LM student trains for minutes, not seconds: hold the stream for the whole of its training
     paced: bool | str = False if unpaced else (True if distiller.get("lm_base_model") else "heads")
     print(f"kdgate demo: {len(rows)} {dataset or 'banking77'} requests through a local gateway; the teacher is a stand-in "

@@ -536,9 +536,9 @@ def decode_batch(engine: Any, schema: RouteSchema, requests: Sequence[Request], 
     t0 = time.perf_counter()
     runs = []
     for req in requests:
+        budget = max_steps_for(schema, req)
         for view in schema.views:
             prompt = schema.prompt(req, view)
-            budget = max_steps_for(schema, req)
             run = _Run(Grammar(schema, req, view), GrammarState(), engine.new_cache(len(prompt) + budget + max_draft + 2),
                        prompt, budget, Result(prompt_tokens=len(prompt), view=view))
             runs.append(run)

@@ -89,7 +89,7 @@ def confidence_of(calibrator: Calibrator | None, results: Sequence[Any]) -> np.n
         return np.zeros(0)
     feats = np.vstack([answer_features(r) for r in results])
     if calibrator is None:
-        return np.exp(feats[:, 0]) if len(feats) else np.zeros(0)  # uncalibrated: the weakest decision
+        return np.exp(feats[:, 0])  # uncalibrated: the weakest decision
     return calibrator.predict(feats)
 
 
